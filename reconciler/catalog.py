@@ -1,0 +1,305 @@
+"""The engine catalog: which models exist, how to start each, and how to recognise its processes.
+
+The catalog is the admin's file and the only source of commands: the desired state can
+name an entry but never a command, and the reconciler only ever kills processes that an
+entry recognises (or that carry our instance cookie).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from reconciler import schemas, yamlfile
+from reconciler.schemas import InvalidFile
+
+CONFIG_ENV = "AILAYER_CONFIG"
+SYSTEM_CONFIG = Path("/etc/ailayer/engines.yaml")
+LOCAL_CONFIG = Path("engines.yaml")
+
+# The seed's 45 minutes: large models on slow disks take 30-40 minutes to load.
+DEFAULT_BOOT_TIMEOUT_S = 2700.0
+# One readiness request. Short on purpose: it bounds how long one pass waits on a hung
+# engine, not how long a boot may take (that is boot_timeout_s).
+DEFAULT_PROBE_TIMEOUT_S = 5.0
+DEFAULT_PROBE_PERIOD_S = 1.0
+# After READY: how often to check the engine is alive, and how many failures in a row
+# count as "stopped answering" (a busy engine may miss one probe).
+DEFAULT_LIVENESS_PERIOD_S = 5.0
+DEFAULT_LIVENESS_FAILURES = 3
+# CrashLoopBackOff-style restart delays, as in Kubernetes (10 s doubling to 5 min).
+DEFAULT_BACKOFF_INITIAL_S = 10.0
+DEFAULT_BACKOFF_MAX_S = 300.0
+DEFAULT_RESYNC_INTERVAL_S = 5.0
+DEFAULT_GATE_LISTEN = "127.0.0.1:8080"
+DEFAULT_TOKEN_ENV = "AILAYER_TOKEN"  # noqa: S105 (a variable name, not a secret)
+# Longest silence from an engine in the middle of a response. An hour: a generation may
+# pause on a long prompt's prefill; what must never happen is a library default cutting it.
+DEFAULT_GATE_READ_TIMEOUT_S = 3600.0
+DEFAULT_GATE_CONNECT_TIMEOUT_S = 5.0
+# The reconciler writes a heartbeat every resync; three missed ones mean it is gone.
+DEFAULT_STALE_AFTER_S = 30.0
+DEFAULT_LOG_FILE = Path("/var/log/ai_layer_activity.log")
+# Extra margin given to an engine's own load timeouts over our boot budget, so the
+# engine never gives up before we do.
+ENGINE_TIMEOUT_MARGIN_S = 300
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """A request that makes the engine actually load its model (Ollama loads lazily)."""
+
+    url: str
+    method: str = "POST"
+    json: Any = None
+
+
+@dataclass(frozen=True)
+class JsonCheck:
+    """Readiness also needs ``path`` in the JSON at ``url`` to contain ``equals``."""
+
+    url: str
+    path: str
+    equals: str | int | float | bool
+
+
+@dataclass(frozen=True)
+class ReadyProbe:
+    url: str
+    status: int = 200
+    timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
+    period_s: float = DEFAULT_PROBE_PERIOD_S
+    warmup: Warmup | None = None
+    json_check: JsonCheck | None = None
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    kind: str
+    command: tuple[str, ...]
+    env: Mapping[str, str]
+    port: int
+    host: str
+    served_name: str
+    boot_timeout_s: float
+    ready: ReadyProbe
+    match: tuple[str, ...]
+    cwd: str | None = None
+    liveness_period_s: float = DEFAULT_LIVENESS_PERIOD_S
+    liveness_failures: int = DEFAULT_LIVENESS_FAILURES
+    backoff_initial_s: float = DEFAULT_BACKOFF_INITIAL_S
+    backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def url(self, path_or_url: str) -> str:
+        return path_or_url if "://" in path_or_url else self.base_url + path_or_url
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    read_timeout_s: float | None = DEFAULT_GATE_READ_TIMEOUT_S
+    connect_timeout_s: float = DEFAULT_GATE_CONNECT_TIMEOUT_S
+    stale_after_s: float = DEFAULT_STALE_AFTER_S
+
+
+@dataclass(frozen=True)
+class Catalog:
+    source: str
+    """Where it came from, e.g. '--config /etc/x.yaml' or 'built-in demo catalog'."""
+    desired_path: Path
+    state_dir: Path
+    log_file: Path
+    engines: Mapping[str, Engine]
+    gate: GateConfig = field(default_factory=GateConfig)
+    resync_interval_s: float = DEFAULT_RESYNC_INTERVAL_S
+    path: Path | None = None
+    """The catalog file, re-read by the loop when it changes; None for the demo."""
+
+    @property
+    def observed_path(self) -> Path:
+        return self.state_dir / "observed_state.json"
+
+    def names(self) -> list[str]:
+        return sorted(self.engines)
+
+
+def _kind_defaults(kind: str, served_name: str, boot_timeout_s: float) -> dict[str, Any]:
+    """What a kind supplies so a real catalog entry stays a few lines long."""
+    engine_timeout = str(int(boot_timeout_s) + ENGINE_TIMEOUT_MARGIN_S)
+    if kind == "vllm":
+        return {
+            "ready": {"url": "/health"},
+            "match": ["vllm serve", "VLLM::", "vllm.entrypoints"],
+            # vLLM gives up waiting for its engine core after 600 s by default.
+            "env": {"VLLM_ENGINE_READY_TIMEOUT_S": engine_timeout},
+        }
+    if kind == "ollama":
+        return {
+            "ready": {
+                "url": "/api/version",
+                # Ollama loads a model only when asked; keep_alive -1 keeps it loaded.
+                "warmup": {"url": "/api/generate", "json": {"model": served_name, "keep_alive": -1}},
+                "json_check": {"url": "/api/ps", "path": "models.*.name", "equals": served_name},
+            },
+            "match": ["ollama serve", "ollama runner"],
+            # OLLAMA_LOAD_TIMEOUT (default 5 min) aborts a slow load; OLLAMA_HOST sets the port.
+            "env": {"OLLAMA_LOAD_TIMEOUT": f"{engine_timeout}s", "OLLAMA_KEEP_ALIVE": "-1"},
+        }
+    if kind == "llamacpp":
+        return {"ready": {"url": "/health"}, "match": ["llama-server", "reconciler.llamacpp"]}
+    return {"ready": {"url": "/health"}, "match": []}
+
+
+def _substitute(arg: str, values: Mapping[str, str]) -> str:
+    for key, value in values.items():
+        arg = arg.replace("{" + key + "}", value)
+    return arg
+
+
+def _engine(name: str, raw: Mapping[str, Any]) -> Engine:
+    kind = raw.get("kind", "generic")
+    port = int(raw["port"])
+    host = str(raw.get("host", "127.0.0.1"))
+    served_name = str(raw.get("served_name", name))
+    boot = float(raw.get("boot_timeout_s", DEFAULT_BOOT_TIMEOUT_S))
+    defaults = _kind_defaults(kind, served_name, boot)
+    values = {"port": str(port), "host": host, "python": sys.executable, "served_name": served_name}
+    env = {k: _substitute(str(v), values) for k, v in defaults.get("env", {}).items()}
+    if kind == "ollama":
+        env["OLLAMA_HOST"] = f"{host}:{port}"
+    env.update({k: _substitute(str(v).lower() if isinstance(v, bool) else str(v), values)
+                for k, v in raw.get("env", {}).items()})
+    ready_raw = {**defaults["ready"], **raw.get("ready", {})}
+    warm = ready_raw.get("warmup")
+    check = ready_raw.get("json_check")
+    ready = ReadyProbe(
+        url=ready_raw["url"],
+        status=int(ready_raw.get("status", 200)),
+        timeout_s=float(ready_raw.get("timeout_s", DEFAULT_PROBE_TIMEOUT_S)),
+        period_s=float(ready_raw.get("period_s", DEFAULT_PROBE_PERIOD_S)),
+        warmup=Warmup(warm["url"], warm.get("method", "POST"), warm.get("json")) if warm else None,
+        json_check=JsonCheck(check["url"], check["path"], check["equals"]) if check else None,
+    )
+    live = raw.get("liveness", {})
+    backoff = raw.get("restart_backoff", {})
+    return Engine(
+        name=name,
+        kind=kind,
+        command=tuple(_substitute(a, values) for a in raw["command"]),
+        env=env,
+        port=port,
+        host=host,
+        served_name=served_name,
+        boot_timeout_s=boot,
+        ready=ready,
+        match=tuple(raw.get("match", defaults["match"])),
+        cwd=raw.get("cwd"),
+        liveness_period_s=float(live.get("period_s", DEFAULT_LIVENESS_PERIOD_S)),
+        liveness_failures=int(live.get("failure_threshold", DEFAULT_LIVENESS_FAILURES)),
+        backoff_initial_s=float(backoff.get("initial_s", DEFAULT_BACKOFF_INITIAL_S)),
+        backoff_max_s=float(backoff.get("max_s", DEFAULT_BACKOFF_MAX_S)),
+    )
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _gate(raw: Mapping[str, Any]) -> GateConfig:
+    host, port = _split_listen(raw.get("listen", DEFAULT_GATE_LISTEN))
+    token = raw.get("token") or os.environ.get(raw.get("token_env", DEFAULT_TOKEN_ENV)) or None
+    return GateConfig(
+        host=host,
+        port=port,
+        token=token,
+        read_timeout_s=raw.get("read_timeout_s", DEFAULT_GATE_READ_TIMEOUT_S),
+        connect_timeout_s=float(raw.get("connect_timeout_s", DEFAULT_GATE_CONNECT_TIMEOUT_S)),
+        stale_after_s=float(raw.get("stale_after_s", DEFAULT_STALE_AFTER_S)),
+    )
+
+
+def from_document(document: object, source: str, base: Path) -> Catalog:
+    """Validate and build. Relative paths are relative to ``base`` (the config's folder)."""
+    schemas.validate("catalog", document, source)
+    assert isinstance(document, dict)
+    engines = {name: _engine(name, raw) for name, raw in document["engines"].items()}
+
+    def path(key: str, default: Path) -> Path:
+        value = Path(document.get(key, default)).expanduser()
+        return value if value.is_absolute() else (base / value)
+
+    return Catalog(
+        source=source,
+        desired_path=path("desired_state", Path("desired_state.yaml")),
+        state_dir=path("state_dir", Path("run")),
+        log_file=path("log_file", DEFAULT_LOG_FILE),
+        engines=engines,
+        gate=_gate(document.get("gate", {})),
+        resync_interval_s=float(document.get("resync_interval_s", DEFAULT_RESYNC_INTERVAL_S)),
+    )
+
+
+def load_file(path: Path, how: str) -> Catalog:
+    try:
+        document = yamlfile.read_yaml(path)
+    except FileNotFoundError:
+        raise InvalidFile(path, "not found") from None
+    catalog = from_document(document, f"{how} {path}", path.resolve().parent)
+    return replace(catalog, path=path)
+
+
+def demo_document() -> dict[str, Any]:
+    """The embedded default: the demo engines, on ports that don't clash with real ones."""
+    return {
+        "engines": {
+            "gpt-oss": {
+                "kind": "vllm",
+                "command": ["{python}", "-m", "reconciler.demo.vllm_like", "serve",
+                            "openai/gpt-oss-20b", "--host", "{host}", "--port", "{port}"],
+                "port": 18000,
+                "served_name": "openai/gpt-oss-20b",
+                "match": ["reconciler.demo.vllm_like"],
+            },
+            "gemma2": {
+                "kind": "ollama",
+                "command": ["{python}", "-m", "reconciler.demo.ollama_like", "serve",
+                            "--host", "{host}", "--port", "{port}", "--models", "gemma2:9b"],
+                "port": 18434,
+                "served_name": "gemma2:9b",
+                "match": ["reconciler.demo.ollama_like"],
+            },
+        }
+    }
+
+
+def demo(base: Path | None = None) -> Catalog:
+    return from_document(demo_document(), "built-in demo catalog", base or Path.cwd())
+
+
+def resolve(config: Path | None, use_demo: bool = False) -> Catalog:
+    """--config, else $AILAYER_CONFIG, else ./engines.yaml, else /etc/ailayer, else the demo."""
+    if use_demo:
+        return demo()
+    if config is not None:
+        return load_file(config, "--config")
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return load_file(Path(from_env), f"${CONFIG_ENV}")
+    if LOCAL_CONFIG.is_file():
+        return load_file(LOCAL_CONFIG, "./engines.yaml")
+    if SYSTEM_CONFIG.is_file():
+        return load_file(SYSTEM_CONFIG, "system config")
+    return demo()

@@ -1,0 +1,241 @@
+"""The ``ailayer`` command line: one Typer app; ``reconcile`` is also its own script."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from reconciler import clock, desired, status
+from reconciler.catalog import Catalog, resolve
+from reconciler.logs import ActivityLog
+from reconciler.schemas import InvalidFile
+
+app = typer.Typer(
+    help="Declarative lifecycle manager for self-hosted LLM engines (vLLM, Ollama, llama.cpp).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Engine catalog (engines.yaml).")]
+DemoOpt = Annotated[bool, typer.Option("--demo", help="Use the built-in demo catalog.")]
+
+EXIT_CONVERGED, EXIT_FAILED, EXIT_WAITING = 0, 1, 2
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _catalog(config: Path | None, demo: bool) -> Catalog:
+    try:
+        catalog = resolve(config, demo)
+    except InvalidFile as exc:
+        _err(f"ailayer: invalid catalog: {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    _err(f"ailayer: using {catalog.source}")
+    return catalog
+
+
+def _exit_code(phase: status.Phase, pending: bool) -> int:
+    if phase is status.Phase.FAILED:
+        return EXIT_FAILED
+    if pending or phase not in (status.Phase.IDLE, status.Phase.READY):
+        return EXIT_WAITING
+    return EXIT_CONVERGED
+
+
+@app.command()
+def reconcile(
+    config: ConfigOpt = None,
+    demo: DemoOpt = False,
+    once: Annotated[bool, typer.Option(help="One pass; exit 0 converged, 2 waiting, 1 failed.")] = False,
+    check: Annotated[bool, typer.Option(help="Plan only: print what would change, change nothing.")] = False,
+    diff: Annotated[bool, typer.Option(help="Show desired vs observed.")] = False,
+    stop_on_exit: Annotated[bool, typer.Option(help="Kill managed engines when the loop exits.")] = False,
+) -> None:
+    """Converge engine processes to desired_state.yaml (foreground loop unless --once/--check)."""
+    from reconciler.loop import Reconciler
+
+    catalog = _catalog(config, demo)
+    log = ActivityLog(catalog.log_file, catalog.state_dir, terminal=sys.stdout)
+    rec = Reconciler(catalog, log)
+    if check or diff:
+        result = rec.step(check=True)
+        if diff:
+            _print_diff(catalog, rec, result.plan)
+        for action in result.plan.actions:
+            typer.echo(f"would change: {action.describe()}")
+        if not result.plan.actions:
+            typer.echo("ok: nothing to change")
+        typer.echo(f"phase would be {result.plan.verdict.phase.value}: {result.plan.verdict.message}")
+        raise typer.Exit(EXIT_CONVERGED if not result.plan.actions else EXIT_WAITING)
+    if once:
+        result = rec.step()
+        rec.follower.poll()
+        recap = result.status.recap if result.status else {}
+        typer.echo(f"RECAP: ok={recap.get('ok', 0)} changed={recap.get('changed', 0)} "
+                   f"failed={recap.get('failed', 0)}  phase={result.plan.verdict.phase.value}: "
+                   f"{result.plan.verdict.message}")
+        unfinished = result.outcome is not None and result.outcome.stopped_early
+        raise typer.Exit(_exit_code(result.plan.verdict.phase, unfinished))
+    stop = threading.Event()
+    _on_signals(stop, rec.wake)
+    try:
+        rec.run(stop)
+    finally:
+        if stop_on_exit:
+            log.event("stopping managed engines (--stop-on-exit)")
+            rec.stop_engines()
+        log.event("reconciler stopped")
+        log.close()
+
+
+def _on_signals(stop: threading.Event, wake: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+        wake.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _print_diff(catalog: Catalog, rec: object, plan: object) -> None:
+    try:
+        seen = status.read_raw(catalog.observed_path)
+    except (OSError, ValueError):
+        seen = {}
+    try:
+        wish = desired.read(catalog).model
+    except InvalidFile as exc:
+        wish = f"<invalid: {exc}>"
+    typer.echo(f"--- desired ({catalog.desired_path})\n+++ observed ({catalog.observed_path})")
+    typer.echo(f"-model: {wish}\n+active_model: {seen.get('active_model')}  "
+               f"phase: {seen.get('phase', 'unknown')}")
+
+
+@app.command()
+def toggle(
+    model: Annotated[str, typer.Argument(help="A catalog model name, or 'none' for IDLE.")],
+    config: ConfigOpt = None,
+    demo: DemoOpt = False,
+) -> None:
+    """Select the model to serve (atomically rewrites desired_state.yaml)."""
+    catalog = _catalog(config, demo)
+    wanted = None if model.lower() in ("none", "null", "idle", "") else model
+    try:
+        result = desired.write(catalog, wanted)
+    except desired.UnknownModel as exc:
+        _err(f"ailayer: unknown model {exc.model!r}; known models: {', '.join(exc.known)}")
+        raise typer.Exit(EXIT_FAILED) from None
+    typer.echo(f"desired model: {result.model or 'none'} (generation {result.generation}) "
+               f"written to {catalog.desired_path}")
+
+
+def _render(doc: dict[str, object]) -> str:
+    lines = [f"phase: {doc.get('phase')}  ({doc.get('message', '')})",
+             f"desired: {doc.get('desired_model')}  active: {doc.get('active_model')}  "
+             f"generation: {doc.get('observed_generation')}/{doc.get('desired_generation')}"]
+    engine = doc.get("engine")
+    if isinstance(engine, dict):
+        lines.append(f"engine: pid {engine.get('pid')} pids {engine.get('pids')} at {engine.get('url')}")
+    boot = doc.get("boot")
+    if isinstance(boot, dict):
+        lines.append(f"boot: {boot.get('elapsed_s')} s of {boot.get('budget_s')} s "
+                     f"(deadline {boot.get('deadline')}, attempt {boot.get('attempt')})")
+    if doc.get("last_log_line"):
+        lines.append(f"last log: {doc.get('last_log_line')}")
+    error = doc.get("last_error")
+    if isinstance(error, dict):
+        lines.append(f"last error: {error.get('reason')}: {error.get('message')}")
+    beat = doc.get("reconciler")
+    if isinstance(beat, dict):
+        lines.append(f"reconciler: pid {beat.get('pid')} heartbeat {beat.get('heartbeat')}")
+    return "\n".join(lines)
+
+
+@app.command("status")
+def show_status(
+    config: ConfigOpt = None,
+    demo: DemoOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the observed-state document.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Print again whenever it changes.")] = False,
+) -> None:
+    """Show the observed state written by the reconciler."""
+    catalog = _catalog(config, demo)
+    revision = None
+    while True:
+        try:
+            doc = status.read_raw(catalog.observed_path)
+        except FileNotFoundError:
+            doc = {"phase": "UNKNOWN", "message": "no observed state yet: is the reconciler running?"}
+        except (OSError, ValueError) as exc:
+            doc = {"phase": "UNKNOWN", "message": f"unreadable observed state: {exc}"}
+        if doc.get("revision") != revision or revision is None:
+            typer.echo(json.dumps(doc, indent=2) if as_json else _render(doc))
+            revision = doc.get("revision", -1)
+        if not watch:
+            break
+        clock.sleep(0.5)
+
+
+@app.command()
+def validate(
+    config: ConfigOpt = None,
+    demo: DemoOpt = False,
+) -> None:
+    """Check the catalog and desired_state.yaml against their schemas."""
+    catalog = _catalog(config, demo)
+    typer.echo(f"catalog ok: {len(catalog.engines)} engines ({', '.join(catalog.names())})")
+    try:
+        wish = desired.read(catalog)
+    except InvalidFile as exc:
+        _err(f"ailayer: invalid desired state: {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    typer.echo(f"desired state ok: model {wish.model or 'none'} ({catalog.desired_path})")
+
+
+@app.command()
+def logs(
+    config: ConfigOpt = None,
+    demo: DemoOpt = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n")] = 50,
+) -> None:
+    """Print the activity log (engine output and reconciler events)."""
+    catalog = _catalog(config, demo)
+    path = catalog.log_file
+    fallback = catalog.state_dir / "ai_layer_activity.log"
+    if not path.exists() and fallback.exists():
+        path = fallback
+    try:
+        with path.open("rb") as handle:
+            tail = handle.read().splitlines()[-lines:]
+            for raw in tail:
+                typer.echo(raw.decode("utf-8", "replace"))
+            while follow:
+                chunk = handle.readline()
+                if chunk:
+                    typer.echo(chunk.decode("utf-8", "replace").rstrip("\n"))
+                else:
+                    clock.sleep(0.2)
+    except FileNotFoundError:
+        _err(f"ailayer: no log file yet at {path}")
+        raise typer.Exit(EXIT_FAILED) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    app()
+
+
+def reconcile_main() -> None:
+    """The ``reconcile`` script: the same as ``ailayer reconcile``."""
+    sys.argv.insert(1, "reconcile")
+    app()

@@ -1,0 +1,1 @@
+"""Demo engines: stand-ins that look to the reconciler like vLLM and Ollama, with no GPU."""

@@ -1,0 +1,134 @@
+"""Carry out a plan's actions on the machine, in order, stopping at the first that cannot finish."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler import clock, killer, ports, probe
+from reconciler.catalog import Engine
+from reconciler.facts import Proc
+from reconciler.logs import ActivityLog
+from reconciler.planner import Action, AwaitPort, Kill, Start, Warmup
+from reconciler.spawn import Spawned, new_cookie, spawn
+
+# After SIGKILL the kernel releases a listening socket at once, but a foreign process can
+# be slower; wait this long inside one pass before handing back to the loop (which keeps
+# waiting with backoff, as long as the model is wanted).
+PORT_RELEASE_WAIT_S = 5.0
+PORT_POLL_S = 0.05
+
+
+@dataclass
+class Outcome:
+    changed: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    started: Spawned | None = None
+    stopped_early: bool = False
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Executor:
+    """Owns the side effects: child processes, warm-up threads, kills, port waits."""
+
+    def __init__(self, state_dir: Path, namespace: str, log: ActivityLog) -> None:
+        self.state_dir = state_dir
+        self.namespace = namespace
+        self.log = log
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.exits: dict[str, str] = {}
+        self.warmups: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def reap(self) -> None:
+        """Collect exit statuses of engines we spawned (no zombies, and we learn why they died)."""
+        for instance, child in list(self.children.items()):
+            code = child.poll()
+            if code is not None:
+                self.exits[instance] = _describe_exit(code)
+                del self.children[instance]
+
+    def warmup_state(self, instance: str | None) -> str | None:
+        with self._lock:
+            return self.warmups.get(instance) if instance else None
+
+    def run(
+        self,
+        actions: Iterable[Action],
+        engines: Mapping[str, Engine],
+        rescan: Callable[[tuple[tuple[str, str | None], ...]], Iterable[Proc]],
+    ) -> Outcome:
+        outcome = Outcome()
+        for action in actions:
+            self.log.event(f"changed: {action.describe()}")
+            ok = self._do(action, engines, rescan, outcome)
+            if ok:
+                outcome.changed += 1
+            else:
+                outcome.failed += 1
+                outcome.stopped_early = True
+                break
+        return outcome
+
+    def _do(
+        self,
+        action: Action,
+        engines: Mapping[str, Engine],
+        rescan: Callable[[tuple[tuple[str, str | None], ...]], Iterable[Proc]],
+        outcome: Outcome,
+    ) -> bool:
+        if isinstance(action, Kill):
+            result = killer.cleanup_active_processes(
+                action.targets, lambda: rescan(action.units), self.reap)
+            if not result.ok:
+                outcome.errors.append(f"KillFailed: pids {list(result.survivors)} survived SIGKILL")
+            return result.ok
+        if isinstance(action, AwaitPort):
+            deadline = clock.monotonic() + PORT_RELEASE_WAIT_S
+            while not ports.is_free(action.host, action.port):
+                if clock.monotonic() >= deadline:
+                    outcome.errors.append(f"PortBusy: {action.host}:{action.port} still in use")
+                    return False
+                clock.sleep(PORT_POLL_S)
+            return True
+        if isinstance(action, Start):
+            engine = engines[action.model]
+            cookie = new_cookie(self.namespace, engine.name, clock.now().timestamp())
+            try:
+                spawned = spawn(engine, cookie, self.state_dir)
+            except OSError as exc:
+                self.exits[cookie.instance] = f"could not be started: {exc}"
+                outcome.errors.append(f"SpawnFailed: {engine.command[0]}: {exc}")
+                outcome.started = None
+                return False
+            self.children[cookie.instance] = spawned.process
+            outcome.started = spawned
+            self.log.event(f"started {engine.name} pid {spawned.process.pid} "
+                           f"instance {cookie.instance} on port {engine.port}")
+            return True
+        if isinstance(action, Warmup):
+            self._warmup(engines[action.model], action.instance)
+            return True
+        raise TypeError(f"unknown action {action!r}")
+
+    def _warmup(self, engine: Engine, instance: str) -> None:
+        """In a thread: Ollama's preload can take as long as the boot budget allows."""
+        with self._lock:
+            self.warmups[instance] = "pending"
+
+        def send() -> None:
+            result = probe.warmup(engine, clock.real_seconds(engine.boot_timeout_s))
+            with self._lock:
+                self.warmups[instance] = result
+            self.log.event(f"warm-up of {engine.name}: {result}")
+
+        threading.Thread(target=send, name=f"warmup-{instance}", daemon=True).start()

@@ -1,0 +1,91 @@
+"""Frozen facts about the machine, gathered once per pass and never mutated.
+
+Everything here is plain data: the gatherers fill it from psutil and HTTP, tests fill it
+from tables, and the planner reads it without touching the machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+COOKIE_ENV = "AILAYER_INSTANCE"
+"""Every engine we spawn carries ``AILAYER_INSTANCE=<namespace>/<model>/<id>/<started_ms>``.
+
+Children inherit it, so it finds workers that re-parented to init or left the session;
+the namespace (a hash of the state dir) keeps two ailayer installs out of each other's way.
+"""
+
+
+@dataclass(frozen=True)
+class Cookie:
+    namespace: str
+    model: str
+    instance: str
+    started_at: float  # epoch seconds
+
+    def encode(self) -> str:
+        return f"{self.namespace}/{self.model}/{self.instance}/{int(self.started_at * 1000)}"
+
+    @classmethod
+    def decode(cls, raw: str) -> Cookie | None:
+        parts = raw.split("/")
+        if len(parts) != 4:
+            return None
+        try:
+            started = int(parts[3]) / 1000
+        except ValueError:
+            return None
+        return cls(parts[0], parts[1], parts[2], started)
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One process as seen at gather time. ``create_time`` guards against PID reuse."""
+
+    pid: int
+    ppid: int
+    create_time: float
+    cmdline: str
+    name: str = ""
+    pgid: int = 0
+    sid: int = 0
+    cookie: Cookie | None = None
+    listens: frozenset[int] = frozenset()
+    zombie: bool = False
+
+    def key(self) -> tuple[int, float]:
+        return (self.pid, self.create_time)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One readiness check of the desired engine."""
+
+    ok: bool
+    detail: str  # e.g. "200", "connection refused", "503 Loading model"
+    json_ok: bool | None = None  # None: no JSON check configured or not reached
+
+
+@dataclass(frozen=True)
+class GpuProc:
+    pid: int
+    used_mib: float
+
+
+@dataclass(frozen=True)
+class Gpu:
+    observable: bool
+    message: str
+    processes: tuple[GpuProc, ...] = ()
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: float  # epoch seconds from the clock seam
+    procs: tuple[Proc, ...]
+    port_free: dict[int, bool] = field(default_factory=dict)
+    probe: Probe | None = None
+    warmup: str | None = None  # None | "pending" | "done" | "failed: <why>"
+    exits: dict[str, str] = field(default_factory=dict)  # instance id -> how it ended
+    gpu: Gpu = Gpu(False, "not gathered")
+    self_pids: frozenset[int] = frozenset()  # the reconciler and its ancestors: never targets

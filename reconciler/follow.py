@@ -1,0 +1,161 @@
+"""Follow engines' raw output files into the activity log.
+
+Engines write to a plain file in the state dir (never to a pipe of ours), so they never
+block on their output and outlive the reconciler; a restarted reconciler resumes each file
+at the offset it had reached, kept in ``log_offsets.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconciler import clock
+from reconciler.atomicfile import write_atomic
+from reconciler.logs import ActivityLog, sanitize
+
+# How often the follower looks for new output; the terminal lags the engine by at most this.
+POLL_S = 0.2
+# A "line" without a newline is cut here: a multi-megabyte line must not sit in memory.
+MAX_LINE_BYTES = 16 * 1024
+# Read at most this much per file per poll, so one flooding engine cannot starve the others.
+READ_CHUNK = 1 << 20
+# Persist offsets at most this often (only when they moved).
+OFFSETS_EVERY_S = 1.0
+CONTINUES = b" [line continues]"
+
+
+@dataclass
+class _Tail:
+    model: str
+    pid: int | None
+    offset: int = 0
+    partial: bytes = b""
+    last_line: str | None = None
+    done: bool = False  # the instance is gone; drain and forget
+
+
+class Follower:
+    def __init__(self, log: ActivityLog, state_dir: Path) -> None:
+        self._log = log
+        self._offsets_path = state_dir / "log_offsets.json"
+        self._dir = state_dir / "engines"
+        self._tails: dict[Path, _Tail] = {}
+        self._lock = threading.Lock()
+        self._poll_lock = threading.Lock()
+        self._saved: dict[str, int] = self._load_offsets()
+        self._next_save = 0.0
+
+    def _load_offsets(self) -> dict[str, int]:
+        try:
+            data = json.loads(self._offsets_path.read_text())
+            return {str(k): int(v) for k, v in data.items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def track(self, path: Path, model: str, pid: int | None) -> None:
+        """Start (or keep) following ``path``; resumes from the saved offset if any."""
+        with self._lock:
+            tail = self._tails.get(path)
+            if tail is None:
+                self._tails[path] = _Tail(model, pid, self._saved.get(str(path), 0))
+            else:
+                tail.pid, tail.done = pid, False
+
+    def retain(self, live: set[Path]) -> None:
+        """Instances not in ``live`` are gone: drain their files, then delete them.
+
+        Files left by instances that died while no reconciler ran are found on disk.
+        """
+        try:
+            on_disk = set(self._dir.glob("*.log"))
+        except OSError:
+            on_disk = set()
+        with self._lock:
+            for path in on_disk - live - set(self._tails):
+                model = path.name.rsplit(".", 2)[0]
+                self._tails[path] = _Tail(model, None, self._saved.get(str(path), 0))
+            for path, tail in self._tails.items():
+                if path not in live:
+                    tail.done = True
+
+    def last_line(self, path: Path) -> str | None:
+        with self._lock:
+            tail = self._tails.get(path)
+            return tail.last_line if tail else None
+
+    def poll(self) -> None:
+        with self._poll_lock:  # the loop thread and the follower thread may both poll
+            self._poll()
+
+    def _poll(self) -> None:
+        with self._lock:
+            items = list(self._tails.items())
+        for path, tail in items:
+            self._read(path, tail)
+            if tail.done:
+                self._flush_partial(tail)
+                with self._lock:
+                    self._tails.pop(path, None)
+                path.unlink(missing_ok=True)  # every line of it is in the activity log now
+        self._save_offsets()
+
+    def _read(self, path: Path, tail: _Tail) -> None:
+        try:
+            with path.open("rb") as handle:
+                size = handle.seek(0, 2)
+                if size < tail.offset:  # truncated: start over
+                    tail.offset, tail.partial = 0, b""
+                handle.seek(tail.offset)
+                data = handle.read(READ_CHUNK)
+        except OSError:
+            return
+        if not data:
+            return
+        tail.offset += len(data)
+        buffer = tail.partial + data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, rest = buffer.split(b"\n")
+        while len(rest) > MAX_LINE_BYTES:  # no newline in sight: emit what we have in pieces
+            lines.append(rest[:MAX_LINE_BYTES] + CONTINUES)
+            rest = rest[MAX_LINE_BYTES:]
+        tail.partial = rest
+        for raw in lines:
+            while len(raw) > MAX_LINE_BYTES:
+                self._emit(tail, raw[:MAX_LINE_BYTES] + CONTINUES)
+                raw = raw[MAX_LINE_BYTES:]
+            self._emit(tail, raw)
+
+    def _emit(self, tail: _Tail, raw: bytes) -> None:
+        text = sanitize(raw).rstrip()
+        if text:
+            tail.last_line = text
+            self._log.write(tail.model, tail.pid, text)
+
+    def _flush_partial(self, tail: _Tail) -> None:
+        if tail.partial:
+            self._emit(tail, tail.partial)
+            tail.partial = b""
+
+    def _save_offsets(self) -> None:
+        now = clock.monotonic()
+        if now < self._next_save:
+            return
+        with self._lock:
+            offsets = {k: v for k, v in self._saved.items() if Path(k).exists()}
+            offsets.update({str(p): t.offset - len(t.partial) for p, t in self._tails.items()})
+        if offsets == self._saved:
+            return
+        self._next_save = now + OFFSETS_EVERY_S
+        try:
+            write_atomic(self._offsets_path, json.dumps(offsets))
+            self._saved = offsets
+        except OSError:
+            pass  # the state dir may be gone; the loop recreates it and says so
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.poll()
+            clock.sleep(POLL_S, stop)
+        self.poll()

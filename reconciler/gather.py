@@ -1,0 +1,86 @@
+"""Thin gathering from the live machine into frozen facts; no decisions here."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+
+import psutil
+
+from reconciler.facts import COOKIE_ENV, Cookie, Proc
+
+# environ of a process does not change after exec; cache it by (pid, create_time) so a
+# pass costs one /proc read per *new* process, not per process.
+_cookie_cache: dict[tuple[int, float], Cookie | None] = {}
+
+
+def _cookie(proc: psutil.Process, key: tuple[int, float]) -> Cookie | None:
+    if key in _cookie_cache:
+        return _cookie_cache[key]
+    try:
+        raw = proc.environ().get(COOKIE_ENV)
+    except (psutil.Error, OSError):
+        raw = None
+    cookie = Cookie.decode(raw) if raw else None
+    _cookie_cache[key] = cookie
+    return cookie
+
+
+def listeners(ports: Iterable[int]) -> dict[int, set[int]]:
+    """pid -> ports it listens on (or holds bound), among ``ports``."""
+    wanted = set(ports)
+    found: dict[int, set[int]] = {}
+    if not wanted:
+        return found
+    try:
+        conns = psutil.net_connections(kind="inet")
+    except (psutil.AccessDenied, OSError):
+        return found
+    for conn in conns:
+        if conn.pid and conn.laddr and conn.laddr.port in wanted and (
+            conn.status == psutil.CONN_LISTEN or not conn.raddr
+        ):
+            found.setdefault(conn.pid, set()).add(conn.laddr.port)
+    return found
+
+
+def processes(ports: Iterable[int]) -> tuple[Proc, ...]:
+    listen = listeners(ports)
+    seen: list[Proc] = []
+    live_keys: set[tuple[int, float]] = set()
+    attrs = ["pid", "ppid", "name", "cmdline", "create_time", "status"]
+    for proc in psutil.process_iter(attrs):
+        info = proc.info
+        if info.get("create_time") is None:
+            continue
+        pid = int(info["pid"])
+        key = (pid, float(info["create_time"]))
+        live_keys.add(key)
+        try:
+            pgid, sid = os.getpgid(pid), os.getsid(pid)
+        except OSError:
+            continue
+        seen.append(Proc(
+            pid=pid,
+            ppid=int(info["ppid"] or 0),
+            create_time=key[1],
+            cmdline=" ".join(info.get("cmdline") or []),
+            name=info.get("name") or "",
+            pgid=pgid,
+            sid=sid,
+            cookie=_cookie(proc, key),
+            listens=frozenset(listen.get(pid, ())),
+            zombie=info.get("status") == psutil.STATUS_ZOMBIE,
+        ))
+    for stale in set(_cookie_cache) - live_keys:
+        del _cookie_cache[stale]
+    return tuple(seen)
+
+
+def self_and_ancestors() -> frozenset[int]:
+    """Never targets: the reconciler, whoever started it, and its own helper threads' pids."""
+    pids = {os.getpid()}
+    with contextlib.suppress(psutil.Error):
+        pids.update(p.pid for p in psutil.Process().parents())
+    return frozenset(pids)

@@ -1,0 +1,126 @@
+"""Dual-stream activity log: every line to the terminal and to the log file, one format.
+
+``[TIMESTAMP] [MODEL_NAME] [PID] [MESSAGE]`` for engine output and for the reconciler's
+own events alike. Engine bytes are neutralised first (ANSI, control characters, invalid
+UTF-8) so no engine can forge a line that looks like another's or like ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import TextIO
+
+from reconciler import clock
+
+SELF = "ailayer"
+# Check whether logrotate moved the file at most this often: a stat per line would
+# cost more than the write under a 100,000-lines/s flood.
+ROTATE_CHECK_S = 1.0
+
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def sanitize(raw: bytes | str) -> str:
+    """Printable text only: escapes dropped, other control bytes and bad UTF-8 made visible."""
+    text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
+    text = _ANSI.sub("", text)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def format_line(model: str, pid: int | None, message: str) -> str:
+    return f"[{clock.iso()}] [{model}] [{pid if pid is not None else '-'}] {message}"
+
+
+class ActivityLog:
+    """Thread-safe tee. Survives logrotate, a full disk and an unwritable path, and says so."""
+
+    def __init__(self, path: Path, fallback_dir: Path, terminal: TextIO | None = sys.stdout) -> None:
+        self._lock = threading.Lock()
+        self._terminal = terminal
+        self._fallback = fallback_dir / "ai_layer_activity.log"
+        self.path = path
+        self._file: TextIO | None = None
+        self._inode: int | None = None
+        self._next_check = 0.0
+        self.lost_lines = 0
+        self._failing: str | None = None
+        self._open(first=True)
+
+    def _open(self, first: bool = False) -> None:
+        for candidate in (self.path, self._fallback):
+            try:
+                candidate.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(candidate, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+            except OSError as exc:
+                if candidate == self.path and first:
+                    self._say(f"cannot write log file {self.path} ({exc.strerror}); "
+                              f"falling back to {self._fallback}")
+                continue
+            self._file = os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+            self._inode = os.fstat(fd).st_ino
+            self.path = candidate
+            return
+        self._file = None
+        self._say(f"no writable log file (tried {self.path} and {self._fallback}); terminal only")
+
+    def _say(self, message: str) -> None:
+        if self._terminal is not None:
+            print(format_line(SELF, os.getpid(), message), file=self._terminal, flush=True)
+
+    def _rotated(self) -> bool:
+        now = clock.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + ROTATE_CHECK_S
+        try:
+            return os.stat(self.path).st_ino != self._inode
+        except OSError:
+            return True
+
+    def write(self, model: str, pid: int | None, message: str) -> None:
+        line = format_line(model, pid, message)
+        with self._lock:
+            if self._terminal is not None:
+                try:
+                    print(line, file=self._terminal, flush=True)
+                except (OSError, ValueError):
+                    self._terminal = None  # terminal went away (closed pipe); keep the file
+            if self._file is None or self._rotated():
+                self._reopen()
+            if self._file is None:
+                self.lost_lines += 1
+                return
+            try:
+                self._file.write(line + "\n")
+                self._file.flush()
+                if self._failing:
+                    self._say(f"log file writable again; {self.lost_lines} lines were lost")
+                    self._failing = None
+            except OSError as exc:
+                self.lost_lines += 1
+                if self._failing is None:
+                    self._failing = exc.strerror or str(exc)
+                    self._say(f"writing {self.path} failed ({self._failing}); lines are lost "
+                              "from the file until it recovers")
+
+    def _reopen(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        self._open()
+
+    def event(self, message: str) -> None:
+        """The reconciler's own events, in the same format as engine lines."""
+        self.write(SELF, os.getpid(), sanitize(message))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

@@ -1,0 +1,280 @@
+"""The control loop: re-read, re-observe, plan, apply, report; file events only wake it.
+
+Level-triggered like a Kubernetes controller: every pass starts from the files and the
+process table, never from remembered events, so a missed watchdog event costs at most one
+resync interval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from reconciler import clock, desired, gather, gpu, ports, probe, status
+from reconciler.catalog import Catalog, load_file
+from reconciler.executor import Executor, Outcome
+from reconciler.facts import Gpu, Observation, Proc
+from reconciler.follow import Follower
+from reconciler.logs import ActivityLog
+from reconciler.ownership import Unit, classify
+from reconciler.planner import Memory, Plan, backoff_delay, plan
+from reconciler.report import PassInput, compose
+from reconciler.schemas import InvalidFile
+from reconciler.spawn import raw_log_path
+from reconciler.status import Phase, Status
+
+# GPU memory is informational; sampling NVML on every 1 s boot pass is not needed.
+GPU_EVERY_S = 10.0
+
+
+def namespace_of(state_dir: Path) -> str:
+    """Cookie namespace: two installs with different state dirs never touch each other's engines."""
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class PassResult:
+    plan: Plan
+    status: Status | None
+    outcome: Outcome | None
+
+
+class CatalogSource:
+    """The catalog file, re-read when it changes; a broken edit keeps the last good catalog."""
+
+    def __init__(self, catalog: Catalog, path: Path | None) -> None:
+        self.catalog = catalog
+        self.path = path
+        self._stamp = self._stat()
+        self.error: str | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return (-1, -1, -1)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def refresh(self) -> None:
+        stamp = self._stat()
+        if self.path is None or stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            new = load_file(self.path, self.catalog.source.split(" ")[0])
+        except InvalidFile as exc:
+            self.error = f"{exc} (keeping the last good catalog)"
+            return
+        # Where files live is fixed for the life of the loop; only engines may change.
+        self.catalog = replace(self.catalog, engines=new.engines, gate=new.gate,
+                               resync_interval_s=new.resync_interval_s)
+        self.error = None
+
+
+class Reconciler:
+    def __init__(self, catalog: Catalog, log: ActivityLog) -> None:
+        self.source = CatalogSource(catalog, catalog.path)
+        self.state_dir = catalog.state_dir
+        self.namespace = namespace_of(self.state_dir)
+        self.log = log
+        self.follower = Follower(log, self.state_dir)
+        self.executor = Executor(self.state_dir, self.namespace, log)
+        self.memory = Memory()
+        self.previous: Status | None = self._load_previous()
+        self.last_good: desired.Desired | None = None
+        self._desired_counter = self.previous.desired_generation if self.previous else 0
+        self._gpu: Gpu = Gpu(False, "not sampled yet")
+        self._gpu_at = -GPU_EVERY_S
+        self.wake = threading.Event()
+        self.last_model: str | None = None
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.source.catalog
+
+    def _load_previous(self) -> Status | None:
+        try:
+            return status.from_dict(status.read_raw(self.catalog.observed_path))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    # --- one pass -----------------------------------------------------------------------
+    def _read_desired(self, errors: list[tuple[str, str]]) -> desired.Desired:
+        try:
+            wish = desired.read(self.catalog)
+        except desired.UnknownModel as exc:
+            errors.append(("UnknownModel", f"{exc}; keeping the last good desired state"))
+        except InvalidFile as exc:
+            errors.append(("InvalidDesiredState", f"{exc}; keeping the last good desired state"))
+        else:
+            if self.last_good is None or wish.model != self.last_good.model:
+                self._desired_counter += 1
+            self.last_good = wish
+        return self.last_good or desired.Desired(None)
+
+    def _observe(self, wanted: str | None) -> Observation:
+        engines = self.catalog.engines
+        procs = gather.processes({e.port for e in engines.values()})
+        obs = Observation(now=clock.now().timestamp(), procs=procs,
+                          self_pids=gather.self_and_ancestors(), exits=dict(self.executor.exits))
+        engine = engines.get(wanted) if wanted else None
+        if engine is None:
+            return obs
+        view = classify(obs, engines, self.namespace)
+        mine = view.of_model(engine.name)
+        port_free = ports.is_free(engine.host, engine.port)
+        result = probe.check(engine) if mine or not port_free else None
+        instance = next((u.instance for u in mine if u.instance), None)
+        return replace(obs, port_free={engine.port: port_free}, probe=result,
+                       warmup=self.executor.warmup_state(instance))
+
+    def _rescan(self, keys: tuple[tuple[str, str | None], ...]) -> Iterable[Proc]:
+        engines = self.catalog.engines
+        obs = Observation(now=0.0, procs=gather.processes({e.port for e in engines.values()}),
+                          self_pids=gather.self_and_ancestors())
+        view = classify(obs, engines, self.namespace)
+        return [p for u in view.units if (u.model, u.instance) in keys for p in u.procs]
+
+    def _gpu_sample(self) -> Gpu:
+        now = clock.monotonic()
+        if now - self._gpu_at >= GPU_EVERY_S:
+            self._gpu, self._gpu_at = gpu.observe(), now
+        return self._gpu
+
+    def _follow(self, units: Iterable[Unit], active: str | None) -> tuple[str | None, int | None]:
+        """Track raw output of our live instances; return the active one's last line and pid."""
+        last, leader = None, None
+        live: dict[Path, tuple[str, int]] = {}
+        for unit in units:
+            cookie = next((p.cookie for p in unit.procs if p.cookie is not None), None)
+            if unit.instance is None or cookie is None:
+                continue
+            pid = min((p.pid for p in unit.procs if p.pid == p.pgid), default=min(unit.pids))
+            live[raw_log_path(self.state_dir, cookie)] = (unit.model, pid)
+        for path, (model, pid) in live.items():
+            self.follower.track(path, model, pid)
+        self.follower.retain(set(live))
+        self.follower.poll()
+        for path, (model, pid) in live.items():
+            if model == active:
+                last, leader = self.follower.last_line(path), pid
+        return last, leader
+
+    def step(self, check: bool = False) -> PassResult:
+        """One pass. With ``check`` nothing is changed and nothing is written."""
+        errors: list[tuple[str, str]] = []
+        self.source.refresh()
+        if self.source.error:
+            errors.append(("InvalidCatalog", self.source.error))
+        wish = self._read_desired(errors)
+        self.executor.reap()
+        obs = self._observe(wish.model)
+        the_plan = plan(wish.model, self.catalog.engines, obs, self.memory, self.namespace)
+        if check:
+            return PassResult(the_plan, None, None)
+        errors.extend(("EngineRespawning", note) for note in the_plan.notes)
+        generation = wish.generation if wish.generation is not None else self._desired_counter
+        outcome = Outcome()
+
+        def report(current: Plan, units: Iterable[Unit]) -> Status:
+            active = current.active.model if current.active else None
+            last_line, leader = self._follow(units, active)
+            recap = {"ok": int(not current.actions), "changed": outcome.changed,
+                     "failed": outcome.failed + int(current.verdict.phase is Phase.FAILED)}
+            new = compose(PassInput(self.catalog, wish.model, generation, generation, current, obs,
+                                    tuple(errors), last_line, recap, leader),
+                          self.previous, self._gpu_sample())
+            self._publish(new)
+            return new
+
+        if not the_plan.actions:
+            return PassResult(the_plan, report(the_plan, classify(obs, self.catalog.engines,
+                                                                  self.namespace).units), None)
+        # Say what is about to happen before doing it: the gate stops proxying at once.
+        view_before = classify(obs, self.catalog.engines, self.namespace).units
+        report(the_plan, view_before)
+        outcome = self.executor.run(the_plan.actions, self.catalog.engines, self._rescan)
+        self.memory = self._remember(the_plan, outcome, wish.model, obs.now)
+        errors.extend((e.split(":", 1)[0], e) for e in outcome.errors)
+        after = the_plan
+        if not outcome.stopped_early and the_plan.then is not None:
+            after = replace(the_plan, verdict=the_plan.then)
+        units = classify(replace(obs, procs=gather.processes(
+            {e.port for e in self.catalog.engines.values()})), self.catalog.engines,
+            self.namespace).units
+        if outcome.started is not None:
+            cookie = outcome.started.cookie
+            fresh = Unit(cookie.model, cookie.instance, (), cookie.started_at)
+            after = replace(after, active=next(
+                (u for u in units if u.instance == cookie.instance), fresh))
+        return PassResult(after, report(after, units), outcome)
+
+    def _remember(self, the_plan: Plan, outcome: Outcome, model: str | None, now: float) -> Memory:
+        memory = the_plan.memory
+        if outcome.started is not None:
+            return replace(memory, tracked=outcome.started.cookie.instance, ready_since=None,
+                           liveness_failures=0, warmup_failed_at=None)
+        spawn_failed = [e for e in outcome.errors if e.startswith("SpawnFailed")]
+        if spawn_failed and model is not None:
+            engine = self.catalog.engines[model]
+            restarts = memory.restarts + 1
+            return replace(memory, restarts=restarts, last_failure=spawn_failed[-1],
+                           backoff_until=now + backoff_delay(engine, restarts))
+        return memory
+
+    def _publish(self, new: Status) -> None:
+        old = self.previous
+        if old is None or old.phase != new.phase or old.message != new.message:
+            self.log.event(f"phase {new.phase.value}: {new.message}")
+        if new.last_error and (old is None or old.last_error != new.last_error):
+            self.log.event(f"error {new.last_error.reason}: {new.last_error.message}")
+        try:
+            status.write(self.catalog.observed_path, new)
+        except OSError as exc:
+            self.log.event(f"cannot write {self.catalog.observed_path}: {exc}; will retry")
+        self.previous = new
+
+    # --- the loop -----------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        from reconciler.watch import watch
+
+        follower = threading.Thread(target=self.follower.run, args=(stop,), name="log-follower",
+                                    daemon=True)
+        follower.start()
+        dirs = {self.catalog.desired_path.parent}
+        if self.source.path is not None:
+            dirs.add(self.source.path.resolve().parent)
+        observer = watch(dirs, self.wake, ignore=self.state_dir)
+        self.log.event(f"reconciler started (pid {os.getpid()}, {self.catalog.source}, "
+                       f"desired state {self.catalog.desired_path}, state dir {self.state_dir})")
+        try:
+            while not stop.is_set():
+                self.wake.clear()
+                try:
+                    result = self.step()
+                    delay = min(result.plan.requeue_after, self.catalog.resync_interval_s)
+                except Exception as exc:  # the loop must outlive any single bad pass
+                    self.log.event(f"pass failed: {type(exc).__name__}: {exc}")
+                    delay = self.catalog.resync_interval_s
+                if delay > 0:
+                    clock.sleep(delay, self.wake)
+                if stop.is_set():
+                    break
+        finally:
+            observer.stop()
+            follower.join(timeout=clock.real_seconds(2.0))
+
+    def stop_engines(self) -> None:
+        """--stop-on-exit: converge to nothing before leaving."""
+        obs = Observation(now=clock.now().timestamp(),
+                          procs=gather.processes({e.port for e in self.catalog.engines.values()}),
+                          self_pids=gather.self_and_ancestors())
+        idle = plan(None, self.catalog.engines, obs, Memory(), self.namespace)
+        self.executor.run(idle.actions, self.catalog.engines, self._rescan)
+        self.follower.poll()

@@ -1,0 +1,328 @@
+"""The pure planner: (desired model, observation, memory) -> ordered actions and a verdict.
+
+No I/O and no clock reads: the observation carries ``now``. This is where every decision
+lives, so it is tested from tables of cases without a single process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from reconciler.catalog import Engine
+from reconciler.facts import Observation, Proc
+from reconciler.ownership import Unit, View, classify
+from reconciler.status import Phase
+
+# A stray that comes back this many times within the window is being restarted by
+# something else (systemd's Restart=always): we stop killing it and say so.
+RESPAWN_LIMIT = 3
+RESPAWN_WINDOW_S = 120.0
+# How often to look again at a port held by a process we may not kill. Short, so the
+# engine starts well within a second of the port being released.
+PORT_POLL_S = 0.25
+# Nothing is wanted: only the catalog's resync interval matters; this caps it.
+IDLE_RESYNC_S = 5.0
+
+
+@dataclass(frozen=True)
+class Kill:
+    targets: tuple[Proc, ...]
+    why: str
+    units: tuple[tuple[str, str | None], ...] = ()  # (model, instance) keys, to re-scan for forks
+
+    def describe(self) -> str:
+        return f"kill (SIGKILL) pids {sorted(p.pid for p in self.targets)}: {self.why}"
+
+
+@dataclass(frozen=True)
+class AwaitPort:
+    host: str
+    port: int
+    why: str
+
+    def describe(self) -> str:
+        return f"wait until {self.host}:{self.port} is free: {self.why}"
+
+
+@dataclass(frozen=True)
+class Start:
+    model: str
+    attempt: int
+    why: str
+
+    def describe(self) -> str:
+        return f"start {self.model} (attempt {self.attempt}): {self.why}"
+
+
+@dataclass(frozen=True)
+class Warmup:
+    model: str
+    instance: str
+    why: str
+
+    def describe(self) -> str:
+        return f"send warm-up request to {self.model}: {self.why}"
+
+
+Action = Kill | AwaitPort | Start | Warmup
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What the loop carries between passes. Deliberately small: the rest is re-observed."""
+
+    model: str | None = None  # the desired model this memory is about; a toggle starts afresh
+    tracked: str | None = None  # instance id of that model's engine we consider current
+    ready_since: float | None = None
+    restarts: int = 0  # consecutive failures of the desired model
+    backoff_until: float | None = None
+    last_failure: str | None = None
+    liveness_failures: int = 0
+    warmup_failed_at: float | None = None
+    stray_kills: tuple[tuple[str, float], ...] = ()  # (model, when) of killed strays
+
+
+@dataclass(frozen=True)
+class Verdict:
+    phase: Phase
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    verdict: Verdict
+    memory: Memory
+    active: Unit | None = None
+    port_holders: tuple[Proc, ...] = ()
+    requeue_after: float = 1.0
+    notes: tuple[str, ...] = field(default=())
+    then: Verdict | None = None  # the verdict once every action has succeeded
+
+
+def backoff_delay(engine: Engine, restarts: int) -> float:
+    """Kubernetes' CrashLoopBackOff: initial, doubling, capped."""
+    return float(min(engine.backoff_initial_s * 2 ** max(0, restarts - 1), engine.backoff_max_s))
+
+
+def _keeper(view: View, engine: Engine, obs: Observation, memory: Memory) -> tuple[Unit | None, bool]:
+    """The unit of the desired model we keep (and whether it is adopted rather than ours)."""
+    ours = [u for u in view.of_model(engine.name) if u.instance is not None]
+    if ours:
+        tracked = [u for u in ours if u.instance == memory.tracked]
+        return (tracked or sorted(ours, key=lambda u: u.started_at, reverse=True))[0], False
+    for unit in view.of_model(engine.name):
+        if unit.instance is None and unit.listens_on(engine.port) and obs.probe and obs.probe.ok:
+            return unit, True  # a healthy engine someone else started: adopt, never restart
+    return None, False
+
+
+def _respawning(model: str, memory: Memory, now: float) -> bool:
+    recent = [t for m, t in memory.stray_kills if m == model and now - t <= RESPAWN_WINDOW_S]
+    return len(recent) >= RESPAWN_LIMIT
+
+
+def _parent_desc(unit: Unit, obs: Observation) -> str:
+    by_pid = {p.pid: p for p in obs.procs}
+    roots = [p for p in unit.procs if p.ppid not in {q.pid for q in unit.procs}]
+    parent = by_pid.get(roots[0].ppid) if roots else None
+    if parent is None:
+        return f"parent pid {roots[0].ppid if roots else '?'}"
+    return f"parent pid {parent.pid} ({parent.cmdline or parent.name})"
+
+
+def plan(
+    desired: str | None,
+    engines: Mapping[str, Engine],
+    obs: Observation,
+    memory: Memory,
+    namespace: str,
+) -> Plan:
+    if memory.model != desired:
+        memory = Memory(model=desired, stray_kills=memory.stray_kills)
+    view = classify(obs, engines, namespace)
+    engine = engines.get(desired) if desired else None
+    keeper, adopted = _keeper(view, engine, obs, memory) if engine else (None, False)
+    now = obs.now
+
+    actions: list[Action] = []
+    notes: list[str] = []
+    surplus = [u for u in view.units if u is not keeper]
+    killable: list[Unit] = []
+    stray_kills = tuple((m, t) for m, t in memory.stray_kills if now - t <= RESPAWN_WINDOW_S)
+    respawners: list[Unit] = []
+    for unit in surplus:
+        if unit.instance is None and _respawning(unit.model, memory, now):
+            respawners.append(unit)
+            notes.append(
+                f"{unit.model} pids {unit.pids} keep coming back after SIGKILL "
+                f"({_parent_desc(unit, obs)}): another supervisor restarts them "
+                "(systemd Restart=always?); stop that service. Not killing again."
+            )
+            continue
+        killable.append(unit)
+        if unit.instance is None:
+            stray_kills += ((unit.model, now),)
+    if killable:
+        targets = tuple(p for u in killable for p in u.procs)
+        why = "; ".join(_why_surplus(u, desired) for u in killable)
+        actions.append(Kill(targets, why, tuple((u.model, u.instance) for u in killable)))
+    memory = replace(memory, stray_kills=stray_kills)
+
+    if engine is None:
+        phase = Phase.STOPPING if killable else Phase.IDLE
+        reason = "Stopping" if killable else "NoModelSelected"
+        message = ("stopping surplus engines" if killable
+                   else "no model selected; waiting for the toggle")
+        if respawners:
+            phase, reason, message = Phase.FAILED, "EngineRespawning", notes[-1]
+        idle = Verdict(Phase.IDLE, "NoModelSelected", "no model selected; waiting for the toggle")
+        return Plan(tuple(actions), Verdict(phase, reason, message), memory,
+                    requeue_after=0.0 if actions else IDLE_RESYNC_S, notes=tuple(notes),
+                    then=idle if phase is Phase.STOPPING else None)
+
+    if keeper is not None:
+        return _plan_keeper(engine, keeper, adopted, obs, memory, actions, notes)
+    return _plan_start(engine, view, obs, memory, actions, notes, killable, respawners)
+
+
+def _why_surplus(unit: Unit, desired: str | None) -> str:
+    what = f"{unit.model} instance {unit.instance}" if unit.instance else f"stray {unit.model}"
+    if unit.model == desired:
+        return f"{what} is a duplicate of the wanted engine"
+    return f"{what} is not wanted (desired: {desired or 'none'})"
+
+
+def _plan_keeper(
+    engine: Engine,
+    keeper: Unit,
+    adopted: bool,
+    obs: Observation,
+    memory: Memory,
+    actions: list[Action],
+    notes: list[str],
+) -> Plan:
+    now = obs.now
+    probe = obs.probe
+    tracked = memory.tracked == keeper.instance and keeper.instance is not None
+    if not tracked and not adopted:
+        # A running instance of ours we did not start in this process (restart, --once):
+        # continue its boot from its own start time rather than restarting it.
+        memory = replace(memory, tracked=keeper.instance, ready_since=None, liveness_failures=0)
+    warm_done = engine.ready.warmup is None or engine.ready.json_check is not None or obs.warmup == "done"
+    json_ok = probe is not None and (probe.json_ok is None or probe.json_ok)
+    ready = probe is not None and probe.ok and json_ok and warm_done
+    def done(verdict: Verdict, mem: Memory, requeue: float) -> Plan:
+        return Plan(tuple(actions), verdict, mem, active=keeper,
+                    requeue_after=0.0 if actions else requeue, notes=tuple(notes))
+
+    if ready:
+        memory = replace(memory, ready_since=memory.ready_since or now, liveness_failures=0,
+                         restarts=0, backoff_until=None, warmup_failed_at=None)
+        how = "adopted a running engine" if adopted else "engine answers its readiness probe"
+        return done(Verdict(Phase.READY, "Ready", how), memory, engine.liveness_period_s)
+
+    detail = probe.detail if probe else "not probed"
+    if memory.ready_since is not None:
+        failures = memory.liveness_failures + 1
+        if failures < engine.liveness_failures:
+            memory = replace(memory, liveness_failures=failures)
+            msg = f"readiness probe failed ({detail}), {failures}/{engine.liveness_failures}"
+            return done(Verdict(Phase.READY, "ProbeFailing", msg), memory, engine.liveness_period_s)
+        return _fail(engine, keeper, obs, memory, actions, notes, "EngineUnresponsive",
+                     f"engine stopped answering after READY: {detail}")
+
+    deadline = keeper.started_at + engine.boot_timeout_s
+    if now >= deadline:
+        return _fail(engine, keeper, obs, memory, actions, notes, "BootTimeout",
+                     f"not ready after {engine.boot_timeout_s:.0f} s boot budget ({detail})")
+    if (
+        probe is not None and probe.ok and engine.ready.warmup is not None
+        and keeper.instance is not None and obs.warmup != "pending"
+        and (obs.warmup is None or (memory.warmup_failed_at or 0) + engine.backoff_initial_s <= now)
+        and not (probe.json_ok or obs.warmup == "done")
+    ):
+        actions.append(Warmup(engine.name, keeper.instance, "engine is up; ask it to load the model"))
+    if obs.warmup and obs.warmup.startswith("failed") and memory.warmup_failed_at is None:
+        memory = replace(memory, warmup_failed_at=now)
+    message = f"loading: {detail}" if obs.warmup is None else f"loading: warm-up {obs.warmup}"
+    return done(Verdict(Phase.LOADING, "Loading", message), memory, engine.ready.period_s)
+
+
+def _fail(
+    engine: Engine,
+    keeper: Unit,
+    obs: Observation,
+    memory: Memory,
+    actions: list[Action],
+    notes: list[str],
+    reason: str,
+    message: str,
+) -> Plan:
+    restarts = memory.restarts + 1
+    delay = backoff_delay(engine, restarts)
+    actions.append(Kill(keeper.procs, f"{reason}: {message}", ((keeper.model, keeper.instance),)))
+    memory = replace(memory, tracked=None, ready_since=None, liveness_failures=0,
+                     restarts=restarts, backoff_until=obs.now + delay,
+                     last_failure=f"{reason}: {message}")
+    verdict = Verdict(Phase.FAILED, reason, f"{message}; restart {restarts} in {delay:.0f} s")
+    return Plan(tuple(actions), verdict, memory, requeue_after=0.0, notes=tuple(notes))
+
+
+def _plan_start(
+    engine: Engine,
+    view: View,
+    obs: Observation,
+    memory: Memory,
+    actions: list[Action],
+    notes: list[str],
+    killable: list[Unit],
+    respawners: list[Unit],
+) -> Plan:
+    now = obs.now
+    if memory.tracked is not None:
+        # The instance we were running is gone without us killing it: it crashed.
+        how = obs.exits.get(memory.tracked, "exited")
+        phase_was = "while ready" if memory.ready_since else "while loading"
+        restarts = memory.restarts + 1
+        memory = replace(memory, tracked=None, ready_since=None, liveness_failures=0,
+                         restarts=restarts,
+                         backoff_until=now + backoff_delay(engine, restarts),
+                         last_failure=f"EngineExited: {engine.name} {how} {phase_was}")
+    def plan_of(verdict: Verdict, requeue: float, holders: tuple[Proc, ...] = (),
+                then: Verdict | None = None) -> Plan:
+        return Plan(tuple(actions), verdict, memory, port_holders=holders,
+                    requeue_after=0.0 if actions else requeue, notes=tuple(notes), then=then)
+
+    if memory.backoff_until is not None and now < memory.backoff_until:
+        wait = memory.backoff_until - now
+        message = f"{memory.last_failure}; restart {memory.restarts} in {wait:.0f} s"
+        return plan_of(Verdict(Phase.FAILED, "CrashLoopBackOff", message), wait)
+
+    blockers = [u for u in respawners if u.listens_on(engine.port)]
+    if blockers:
+        return plan_of(Verdict(Phase.FAILED, "EngineRespawning", notes[-1]), PORT_POLL_S * 4,
+                       blockers[0].procs)
+    foreign = view.foreign_listeners.get(engine.port, ())
+    if foreign:
+        who = ", ".join(f"pid {p.pid} ({p.name})" for p in foreign)
+        message = f"port {engine.port} is held by {who}, not an engine we manage; waiting for it"
+        return plan_of(Verdict(Phase.WAITING_PORT, "PortHeldByForeignProcess", message),
+                       PORT_POLL_S, foreign)
+    port_free = obs.port_free.get(engine.port, True)
+    if not port_free and not killable:
+        message = f"port {engine.port} is busy and its holder is not visible to us; waiting"
+        return plan_of(Verdict(Phase.WAITING_PORT, "PortBusy", message), PORT_POLL_S)
+    if killable or not port_free:
+        actions.append(AwaitPort(engine.host, engine.port, "the old engine must release it first"))
+    attempt = memory.restarts + 1
+    why = "desired model is not running" if memory.restarts == 0 else f"retry after {memory.last_failure}"
+    actions.append(Start(engine.name, attempt, why))
+    loading = Verdict(Phase.LOADING, "Starting", f"starting {engine.name} on port {engine.port}")
+    if killable:
+        stopping = Verdict(Phase.STOPPING, "Switching",
+                           f"stopping the old engine, then starting {engine.name}")
+        return plan_of(stopping, engine.ready.period_s, then=loading)
+    return plan_of(loading, engine.ready.period_s)

@@ -1,0 +1,140 @@
+"""Turn one pass (plan, outcome, facts) into the observed-state document and a recap."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from reconciler import __version__, clock
+from reconciler.catalog import Catalog
+from reconciler.facts import Gpu, Observation
+from reconciler.planner import Plan
+from reconciler.status import (
+    BootInfo,
+    Condition,
+    EngineInfo,
+    ErrorInfo,
+    Holder,
+    Phase,
+    Status,
+    with_revision,
+)
+
+
+@dataclass(frozen=True)
+class PassInput:
+    catalog: Catalog
+    desired_model: str | None
+    desired_generation: int
+    observed_generation: int
+    plan: Plan
+    obs: Observation
+    errors: tuple[tuple[str, str], ...]  # (reason, message), most important first
+    last_log_line: str | None
+    recap: dict[str, int]
+    leader_pid: int | None
+
+
+def _iso(epoch: float) -> str:
+    return clock.iso(datetime.fromtimestamp(epoch, UTC))
+
+
+def _conditions(p: PassInput, previous: Status | None) -> list[Condition]:
+    verdict = p.plan.verdict
+    reasons = dict(p.errors)
+    desired_bad = next(((r, m) for r, m in p.errors if r in ("InvalidDesiredState", "UnknownModel")),
+                       None)
+    catalog_bad = reasons.get("InvalidCatalog")
+    port_blocked = verdict.phase is Phase.WAITING_PORT
+    converged = not p.plan.actions and verdict.phase in (Phase.IDLE, Phase.READY)
+    rows = [
+        ("DesiredValid", desired_bad is None,
+         desired_bad[0] if desired_bad else "Valid",
+         desired_bad[1] if desired_bad else "desired_state.yaml parsed and names a catalog entry"),
+        ("CatalogValid", catalog_bad is None, "InvalidCatalog" if catalog_bad else "Valid",
+         catalog_bad or f"using {p.catalog.source}"),
+        ("PortAvailable", not port_blocked, verdict.reason if port_blocked else "Free",
+         verdict.message if port_blocked else "no foreign process holds the engine port"),
+        ("Ready", verdict.phase is Phase.READY, verdict.reason, verdict.message),
+        ("Converged", converged, "Converged" if converged else "Progressing",
+         "observed matches desired" if converged else verdict.message),
+    ]
+    before = {c.type: c for c in previous.conditions} if previous else {}
+    now = clock.iso()
+    out = []
+    for ctype, ok, reason, message in rows:
+        status = "True" if ok else "False"
+        old = before.get(ctype)
+        since = old.last_transition_time if old and old.status == status else now
+        out.append(Condition(ctype, status, reason, message, since))
+    return out
+
+
+def compose(p: PassInput, previous: Status | None, gpu: Gpu) -> Status:
+    plan, obs, catalog = p.plan, p.obs, p.catalog
+    verdict = plan.verdict
+    active = plan.active
+    engine_info = None
+    boot = None
+    if active is not None:
+        engine = catalog.engines.get(active.model)
+        if engine is not None:
+            engine_info = EngineInfo(
+                model=active.model,
+                served_name=engine.served_name,
+                instance=active.instance,
+                pid=p.leader_pid,
+                pids=active.pids,
+                port=engine.port,
+                url=engine.base_url,
+                started_at=_iso(active.started_at),
+                adopted=active.instance is None,
+            )
+            if verdict.phase is Phase.LOADING:
+                boot = BootInfo(
+                    started_at=_iso(active.started_at),
+                    elapsed_s=round(obs.now - active.started_at, 1),
+                    budget_s=engine.boot_timeout_s,
+                    deadline=_iso(active.started_at + engine.boot_timeout_s),
+                    attempt=plan.memory.restarts + 1,
+                )
+    phase_since = (previous.phase_since if previous and previous.phase == verdict.phase
+                   else clock.iso())
+    last_error = None
+    if p.errors:
+        reason, message = p.errors[0]
+        keep = previous and previous.last_error and previous.last_error.message == message
+        at = previous.last_error.at if keep and previous and previous.last_error else clock.iso()
+        last_error = ErrorInfo(reason, message, at)
+    elif plan.memory.last_failure and verdict.phase is not Phase.READY:
+        reason, _, message = plan.memory.last_failure.partition(": ")
+        last_error = ErrorInfo(reason, message, clock.iso())
+        if previous and previous.last_error and previous.last_error.message == message:
+            last_error = previous.last_error
+    holders = [Holder(h.pid, h.name, h.cmdline[:300], ours=False) for h in plan.port_holders]
+    backoff = plan.memory.backoff_until
+    status = Status(
+        phase=verdict.phase,
+        phase_since=phase_since,
+        desired_model=p.desired_model,
+        active_model=active.model if active is not None else None,
+        message=verdict.message if not plan.notes else f"{verdict.message} | {plan.notes[-1]}",
+        engine=engine_info,
+        boot=boot,
+        last_log_line=p.last_log_line,
+        conditions=_conditions(p, previous),
+        last_error=last_error,
+        desired_generation=p.desired_generation,
+        observed_generation=p.observed_generation,
+        port_holders=holders,
+        restarts=plan.memory.restarts,
+        next_retry_at=_iso(backoff) if backoff and backoff > obs.now else None,
+        gpu={"observable": gpu.observable, "message": gpu.message,
+             "processes": [{"pid": g.pid, "used_mib": g.used_mib} for g in gpu.processes]},
+        recap=p.recap,
+        reconciler={"pid": os.getpid(), "heartbeat": clock.iso(), "version": __version__,
+                    "resync_interval_s": catalog.resync_interval_s},
+        config=catalog.source,
+    )
+    return with_revision(status, previous)

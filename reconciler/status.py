@@ -1,0 +1,167 @@
+"""The observed-state file: what the reconciler saw and did, for the gate, UIs and monitoring.
+
+Shaped like a Kubernetes object's status: a phase (the seed's ``CURRENT_AI_STATE``),
+conditions with reason and message, and observed vs desired generation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from reconciler.atomicfile import write_atomic
+
+SCHEMA_VERSION = 1
+
+
+class Phase(StrEnum):
+    IDLE = "IDLE"  # no model selected; inference gets 428
+    STOPPING = "STOPPING"  # killing surplus engine processes
+    WAITING_PORT = "WAITING_PORT"  # the wanted port is held by a process we may not kill
+    LOADING = "LOADING"  # engine started, not ready yet (up to its boot budget)
+    READY = "READY"  # engine answers its readiness probe; the gate proxies
+    FAILED = "FAILED"  # bad input, crash loop, boot timeout; retried with backoff
+
+    @property
+    def serving(self) -> bool:
+        return self is Phase.READY
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str
+    last_transition_time: str
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    served_name: str
+    instance: str | None
+    pid: int | None
+    pids: list[int]
+    port: int
+    url: str
+    started_at: str | None
+    adopted: bool
+
+
+@dataclass(frozen=True)
+class BootInfo:
+    started_at: str
+    elapsed_s: float
+    budget_s: float
+    deadline: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    reason: str
+    message: str
+    at: str
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    name: str
+    cmdline: str
+    ours: bool
+
+
+@dataclass(frozen=True)
+class Status:
+    phase: Phase
+    phase_since: str
+    desired_model: str | None
+    active_model: str | None
+    message: str
+    engine: EngineInfo | None = None
+    boot: BootInfo | None = None
+    last_log_line: str | None = None
+    conditions: list[Condition] = field(default_factory=list)
+    last_error: ErrorInfo | None = None
+    desired_generation: int = 0
+    observed_generation: int = 0
+    revision: int = 0
+    port_holders: list[Holder] = field(default_factory=list)
+    restarts: int = 0
+    next_retry_at: str | None = None
+    gpu: dict[str, Any] = field(default_factory=dict)
+    recap: dict[str, int] = field(default_factory=dict)
+    reconciler: dict[str, Any] = field(default_factory=dict)
+    config: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def significant(self) -> dict[str, Any]:
+        """Everything but the clock-driven fields; a change here bumps the revision."""
+        data = self.to_dict()
+        for volatile in ("revision", "reconciler", "recap"):
+            data.pop(volatile)
+        if data["boot"]:
+            data["boot"] = {k: v for k, v in data["boot"].items() if k != "elapsed_s"}
+        return data
+
+
+def with_revision(new: Status, previous: Status | None) -> Status:
+    """Carry the revision forward, bumping it only when something a watcher cares about moved."""
+    if previous is None:
+        return replace(new, revision=1)
+    same = previous.significant() == new.significant()
+    return replace(new, revision=previous.revision + (0 if same else 1))
+
+
+def write(path: Path, status: Status) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, status.to_json())
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    """The file as a dict (for the gate and the CLI); raises OSError/ValueError on trouble."""
+    with path.open(encoding="utf-8") as handle:
+        data = json.load(handle)
+    if not isinstance(data, dict) or "phase" not in data:
+        raise ValueError(f"{path}: not an observed-state document")
+    return data
+
+
+def from_dict(data: dict[str, Any]) -> Status:
+    """Rebuild a Status (used to carry revision and generation across reconciler restarts)."""
+    def opt(cls: Any, key: str) -> Any:
+        return cls(**data[key]) if data.get(key) else None
+
+    return Status(
+        phase=Phase(data["phase"]),
+        phase_since=data["phase_since"],
+        desired_model=data.get("desired_model"),
+        active_model=data.get("active_model"),
+        message=data.get("message", ""),
+        engine=opt(EngineInfo, "engine"),
+        boot=opt(BootInfo, "boot"),
+        last_log_line=data.get("last_log_line"),
+        conditions=[Condition(**c) for c in data.get("conditions", [])],
+        last_error=opt(ErrorInfo, "last_error"),
+        desired_generation=int(data.get("desired_generation", 0)),
+        observed_generation=int(data.get("observed_generation", 0)),
+        revision=int(data.get("revision", 0)),
+        port_holders=[Holder(**h) for h in data.get("port_holders", [])],
+        restarts=int(data.get("restarts", 0)),
+        next_retry_at=data.get("next_retry_at"),
+        gpu=data.get("gpu", {}),
+        recap=data.get("recap", {}),
+        reconciler=data.get("reconciler", {}),
+        config=data.get("config", ""),
+    )
