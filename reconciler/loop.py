@@ -193,6 +193,7 @@ class Reconciler:
             self._publish(new)
             return new
 
+        self.memory = the_plan.memory
         if not the_plan.actions:
             return PassResult(the_plan, report(the_plan, classify(obs, self.catalog.engines,
                                                                   self.namespace).units), None)

@@ -225,6 +225,10 @@ def _plan_keeper(
         return done(Verdict(Phase.READY, "Ready", how), memory, engine.liveness_period_s)
 
     detail = probe.detail if probe else "not probed"
+    if keeper.instance is not None and keeper.instance in obs.exits:
+        # Its main process is gone (we reaped it); orphaned workers are not an engine.
+        return _fail(engine, keeper, obs, memory, actions, notes, "EngineExited",
+                     f"main process {obs.exits[keeper.instance]}; its workers are killed too")
     if memory.ready_since is not None:
         failures = memory.liveness_failures + 1
         if failures < engine.liveness_failures:

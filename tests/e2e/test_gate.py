@@ -1,0 +1,771 @@
+"""The gate end to end: a real gate process, real demo engines, real HTTP.
+
+The reconciler is played by ``FakeReconciler``, which writes the observed-state file
+exactly as the real one does (atomically, with a heartbeat), so each test puts the gate
+in any phase at once, points it at a demo engine it started itself, and checks what
+clients see. Fixtures live here rather than in a conftest so that nothing depends on
+how pytest names conftest modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import ollama
+import openai
+import psutil
+import pytest
+import yaml
+
+from reconciler import clock, status
+from reconciler.demo.common import free_port
+from reconciler.status import Phase
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-0123456789abcdef"
+VLLM_SERVED = "openai/gpt-oss-20b"
+OLLAMA_SERVED = "gemma2:9b"
+# Per-token delay of the demo engines: long enough that chunk arrival times are
+# distinguishable, short enough that a whole test stream takes well under a second.
+TOKEN_DELAY_MS = 30
+# Deadlines for conditions; generous because a loaded CI box is slow, never slept through.
+START_DEADLINE_S = 20.0
+CONDITION_DEADLINE_S = 10.0
+STOP_GRACE_S = 5.0
+
+T = TypeVar("T")
+
+
+def poll_until(
+    check: Callable[[], T | None], what: str, timeout: float = CONDITION_DEADLINE_S,
+    interval: float = 0.01,
+) -> T:
+    """Return ``check()``'s first truthy value; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except (OSError, httpx.HTTPError, ValueError) as exc:
+            last_error = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                                 + (f" (last error: {last_error!r})" if last_error else ""))
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Processes:
+    """Starts processes and, at the end, kills their whole trees and proves none is left."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Path:
+        """Start ``argv`` with output to ``logdir/name.log``; returns the log path."""
+        log = self.logdir / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+        self.started.append(proc)
+        return log
+
+    def tree(self) -> list[psutil.Process]:
+        procs: list[psutil.Process] = []
+        for popen in self.started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                parent = psutil.Process(popen.pid)
+                procs += [parent, *parent.children(recursive=True)]
+        return procs
+
+    def stop_all(self) -> None:
+        procs = self.tree()  # collected before any kill, so orphans are still known
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=STOP_GRACE_S)
+        for popen in self.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=STOP_GRACE_S)
+        left = [p for p in procs if _alive(p)]
+        assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@dataclass
+class DemoEngine:
+    url: str
+    log: Path
+
+    def stats(self) -> dict[str, int]:
+        data: dict[str, int] = httpx.get(self.url + "/demo/stats", timeout=2.0).json()
+        return data
+
+
+def start_vllm(procs: Processes, served: str = VLLM_SERVED) -> DemoEngine:
+    port = free_port()
+    log = procs.start("vllm", [
+        sys.executable, "-m", "reconciler.demo.vllm_like", "serve", served,
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served,
+        "--boot-seconds", "0", "--token-delay-ms", str(TOKEN_DELAY_MS), "--vram-mb", "1",
+    ])  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    poll_until(lambda: _http_ok(url + "/health"), "the vLLM-like engine", START_DEADLINE_S)
+    return DemoEngine(url, log)
+
+
+def start_ollama(procs: Processes, model: str = OLLAMA_SERVED) -> DemoEngine:
+    port = free_port()
+    log = procs.start("ollama", [
+        sys.executable, "-m", "reconciler.demo.ollama_like", "serve",
+        "--host", "127.0.0.1", "--port", str(port), "--models", model,
+        "--load-seconds", "0", "--token-delay-ms", str(TOKEN_DELAY_MS), "--vram-mb", "1",
+    ])  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    poll_until(lambda: _http_ok(url + "/api/version"), "the Ollama-like engine", START_DEADLINE_S)
+    # Ollama loads lazily; load now so no test measures a model load.
+    httpx.post(url + "/api/generate", json={"model": model, "keep_alive": -1}, timeout=20.0)
+    poll_until(lambda: model in httpx.get(url + "/api/ps", timeout=2.0).text, "model loaded")
+    return DemoEngine(url, log)
+
+
+@pytest.fixture(scope="module")
+def engines_procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    procs = Processes(tmp_path_factory.mktemp("engines"))
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def vllm(engines_procs: Processes) -> DemoEngine:
+    """One vLLM-like engine for the module (stateless apart from its stats counters)."""
+    return start_vllm(engines_procs)
+
+
+@pytest.fixture(scope="module")
+def ollama_engine(engines_procs: Processes) -> DemoEngine:
+    return start_ollama(engines_procs)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class FakeReconciler:
+    """Writes observed_state.json the way the reconciler does: atomically, heartbeat included."""
+
+    path: Path
+    revision: int = 0
+
+    def write(self, phase: status.Phase, **fields: Any) -> int:
+        """Write a state in ``phase``; returns its revision (bumped on every write)."""
+        self.revision += 1
+        now = clock.iso()
+        base: dict[str, Any] = {
+            "phase": phase, "phase_since": now, "desired_model": None, "active_model": None,
+            "message": f"test state {self.revision}", "revision": self.revision,
+            "reconciler": {"pid": os.getpid(), "heartbeat": now},
+        }  # fmt: skip
+        base.update(fields)
+        status.write(self.path, status.Status(**base))
+        return self.revision
+
+    def idle(self) -> int:
+        return self.write(status.Phase.IDLE)
+
+    def ready(self, engine: DemoEngine, model: str, served: str) -> int:
+        info = status.EngineInfo(
+            model=model, served_name=served, instance=f"inst-{self.revision + 1}", pid=None,
+            pids=[], port=int(engine.url.rsplit(":", 1)[1]), url=engine.url,
+            started_at=clock.iso(), adopted=False,
+        )  # fmt: skip
+        return self.write(status.Phase.READY, desired_model=model, active_model=model,
+                          engine=info)
+
+    def loading(self, model: str, elapsed_s: float = 125.0, budget_s: float = 2700.0) -> int:
+        boot = status.BootInfo(started_at=clock.iso(), elapsed_s=elapsed_s, budget_s=budget_s,
+                               deadline="2030-01-01T00:45:00.000+00:00", attempt=1)
+        return self.write(status.Phase.LOADING, desired_model=model, boot=boot,
+                          last_log_line="Loading safetensors checkpoint shards: 40% Completed")
+
+    def failed(self, model: str, reason: str, message: str) -> int:
+        err = status.ErrorInfo(reason=reason, message=message, at=clock.iso())
+        return self.write(status.Phase.FAILED, desired_model=model, last_error=err,
+                          restarts=3)
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+@dataclass
+class Gate:
+    url: str
+    dir: Path
+    state: FakeReconciler
+    log: Path
+    catalog: Path
+
+    @property
+    def desired_path(self) -> Path:
+        return self.dir / "desired_state.yaml"
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=CONDITION_DEADLINE_S, **kw)
+
+
+def write_catalog(directory: Path, gate: dict[str, Any]) -> Path:
+    doc = {
+        "state_dir": str(directory / "run"),
+        "desired_state": str(directory / "desired_state.yaml"),
+        "log_file": str(directory / "activity.log"),
+        "gate": {"listen": "127.0.0.1:0", **gate},
+        "engines": {
+            "gpt-oss": {"kind": "vllm", "command": ["{python}", "-c", "pass"], "port": 18001,
+                        "served_name": VLLM_SERVED},
+            "gemma2": {"kind": "ollama", "command": ["{python}", "-c", "pass"], "port": 18435,
+                       "served_name": OLLAMA_SERVED},
+        },
+    }  # fmt: skip
+    path = directory / "engines.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def start_gate(procs: Processes, directory: Path, **gate: Any) -> Gate:
+    """Start ``python -m reconciler.gate`` on a kernel-chosen port and read the port back."""
+    catalog = write_catalog(directory, gate)
+    env = {"AILAYER_TOKEN": "", "AILAYER_TIME_SCALE": "1"}
+    log = procs.start("gate", [sys.executable, "-m", "reconciler.gate", "--config", str(catalog)],
+                      env)
+
+    def listening() -> str | None:
+        for line in log.read_text().splitlines():
+            if line.startswith("ailayer gate listening on "):
+                return line.rsplit(" ", 1)[1]
+        return None
+
+    url = poll_until(listening, "the gate to listen", START_DEADLINE_S)
+    poll_until(lambda: _http_ok(url + "/healthz"), "the gate's /healthz")
+    return Gate(url, directory, FakeReconciler(directory / "run" / "observed_state.json"), log,
+                catalog)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    p = Processes(tmp_path)
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture
+def gate(procs: Processes, tmp_path: Path) -> Gate:
+    """A gate with a toggle token and default staleness (30 s: no test outlives it)."""
+    return start_gate(procs, tmp_path, token=TOKEN)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+INFERENCE = [
+    ("POST", "/v1/chat/completions", {"model": "gpt-oss", "messages": []}),
+    ("POST", "/v1/completions", {"model": "gpt-oss", "prompt": "x"}),
+    ("POST", "/v1/embeddings", {"model": "gpt-oss", "input": "x"}),
+    ("GET", "/v1/models", None),
+    ("POST", "/api/generate", {"model": "gemma2", "prompt": "x"}),
+    ("POST", "/api/chat", {"model": "gemma2", "messages": []}),
+    ("POST", "/api/embed", {"model": "gemma2", "input": "x"}),
+    ("GET", "/api/tags", None),
+    ("GET", "/api/ps", None),
+    ("POST", "/api/show", {"model": "gemma2"}),
+]
+# A generation long enough (300 tokens x 30 ms = 9 s) that only cancellation ends it early.
+LONG_TOKENS = 300
+# How quickly the gate must react to a disconnect or a switch. Generous for a loaded box,
+# and far below the 9 s the long generation would otherwise take.
+PROMPT_S = 2.0
+
+
+def chat_body(model: str = "gpt-oss", stream: bool = False, tokens: int = 8) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream, "max_tokens": tokens}
+
+
+def openai_error(resp: httpx.Response) -> dict[str, Any]:
+    body = resp.json()
+    assert isinstance(body["error"], dict), body
+    assert {"message", "type", "code"} <= body["error"].keys()
+    return body
+
+
+def metric(gate: Gate, name: str) -> float | None:
+    for line in httpx.get(gate.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def sse_events(lines: list[tuple[float, str]]) -> list[tuple[float, dict[str, Any]]]:
+    return [(t, json.loads(line[6:])) for t, line in lines
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def timed_lines(resp: httpx.Response) -> list[tuple[float, str]]:
+    """Every line with the moment it arrived."""
+    out = []
+    for line in resp.iter_lines():
+        if line:
+            out.append((time.monotonic(), line))
+    return out
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_idle_answers_428_at_once_and_explains(gate: Gate) -> None:
+    gate.state.idle()
+    with gate.client() as client:
+        poll_until(lambda: client.get("/status").json()["phase"] == "IDLE", "phase IDLE")
+        for method, path, body in INFERENCE:
+            started = time.monotonic()
+            resp = client.request(method, path, json=body)
+            took = time.monotonic() - started
+            assert resp.status_code == 428, (path, resp.text)
+            assert took < 0.1, f"{path} took {took * 1000:.1f} ms"
+            data = resp.json()
+            text = data["error"]["message"] if path.startswith("/v1") else data["error"]
+            assert "no model is selected" in text and "toggle" in text, text
+            assert "gpt-oss" in text and "gemma2" in text  # the known models
+            assert data["ailayer"]["reason"] == "no_model_selected"
+        assert resp.headers["X-AILayer-State-Stale"] == "false"
+
+
+def test_no_state_file_is_503_reconciler_not_running(gate: Gate) -> None:
+    with gate.client() as client:
+        resp = client.post("/v1/chat/completions", json=chat_body())
+        assert resp.status_code == 503
+        assert int(resp.headers["Retry-After"]) >= 1
+        body = openai_error(resp)
+        assert body["error"]["code"] == "reconciler_not_running"
+        assert "reconciler not running" in body["error"]["message"]
+        st = client.get("/status")
+        assert st.json()["stale"] is True and st.json()["phase"] is None
+        assert st.headers["X-AILayer-State-Stale"] == "true"
+
+
+def test_loading_is_503_with_retry_after_and_progress(gate: Gate) -> None:
+    gate.state.loading("gpt-oss", elapsed_s=125.0, budget_s=2700.0)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/status").json()["phase"] == "LOADING", "LOADING")
+        resp = client.post("/v1/chat/completions", json=chat_body())
+        assert resp.status_code == 503
+        assert int(resp.headers["Retry-After"]) >= 1
+        body = openai_error(resp)
+        info = body["ailayer"]
+        assert info["phase"] == "LOADING" and info["model"] == "gpt-oss"
+        assert info["elapsed_s"] >= 125.0 and info["budget_s"] == 2700.0
+        assert info["deadline"] == "2030-01-01T00:45:00.000+00:00"
+        assert "loading" in body["error"]["message"] and "2m05s" in body["error"]["message"]
+        ollama_resp = client.post("/api/chat", json={"model": "gpt-oss", "messages": []})
+        assert ollama_resp.status_code == 503 and "Retry-After" in ollama_resp.headers
+        assert isinstance(ollama_resp.json()["error"], str)
+
+
+def test_failed_is_503_with_the_reason(gate: Gate) -> None:
+    gate.state.failed("gpt-oss", "BootTimeout", "no answer on /health within 2700 s")
+    with gate.client() as client:
+        poll_until(lambda: client.get("/status").json()["phase"] == "FAILED", "FAILED")
+        resp = client.post("/v1/completions", json={"model": "gpt-oss", "prompt": "x"})
+        assert resp.status_code == 503 and "Retry-After" in resp.headers
+        message = openai_error(resp)["error"]["message"]
+        assert "BootTimeout" in message and "no answer on /health within 2700 s" in message
+
+
+def test_stale_heartbeat_is_visible_everywhere(
+    procs: Processes, tmp_path: Any, vllm: DemoEngine
+) -> None:
+    gate = start_gate(procs, tmp_path, stale_after_s=1.0)
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    with gate.client() as client:
+        # Fresh: the request reaches the engine.
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "proxying while fresh")
+        # The fake reconciler stops writing; its heartbeat ages past 1 s.
+        poll_until(lambda: client.get("/status").json()["stale"], "stale: true", timeout=5)
+        st = client.get("/status")
+        assert st.headers["X-AILayer-State-Stale"] == "true"
+        assert st.json()["gate"]["reconciler"] == "stale"
+        assert client.get("/healthz").headers["X-AILayer-State-Stale"] == "true"
+        resp = client.get("/v1/models")
+        assert resp.status_code == 503 and "Retry-After" in resp.headers
+        assert resp.headers["X-AILayer-State-Stale"] == "true"
+        assert "reconciler not running" in resp.json()["error"]["message"]
+        assert metric(gate, "ailayer_reconciler_stale") == 1.0
+        # A new heartbeat makes it fresh again.
+        gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "fresh again")
+        # No token configured: toggling over HTTP is off, not open.
+        off = client.post("/toggle", json={"model": "gpt-oss"},
+                          headers={"Authorization": "Bearer anything"})
+        assert off.status_code == 403 and "disabled" in off.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------------- proxying
+
+
+def test_stream_arrives_chunk_by_chunk(gate: Gate, vllm: DemoEngine) -> None:
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    tokens = 20
+    with gate.client() as client:
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        started = time.monotonic()
+        with client.stream("POST", "/v1/chat/completions",
+                           json=chat_body(stream=True, tokens=tokens)) as resp:
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            assert resp.headers["x-accel-buffering"] == "no"
+            lines = timed_lines(resp)
+    events = sse_events(lines)
+    content = [e for e in events if e[1]["choices"] and e[1]["choices"][0]["delta"].get("content")]
+    assert len(content) == tokens
+    first, last = content[0][0] - started, content[-1][0] - started
+    spread = last - first
+    expected = (tokens - 1) * TOKEN_DELAY_MS / 1000
+    # Buffering would deliver everything at the end: the spread would be ~0.
+    assert spread > 0.5 * expected, f"chunks arrived within {spread:.3f}s (expected ~{expected})"
+    assert first < last / 2, f"first token at {first:.3f}s of {last:.3f}s: buffered"
+    gaps = sorted(b[0] - a[0] for a, b in itertools.pairwise(content))
+    assert gaps[len(gaps) // 2] > 0.3 * TOKEN_DELAY_MS / 1000  # median gap ~ one token
+    text = "".join(e[1]["choices"][0]["delta"]["content"] for e in content)
+    assert text.startswith("alpha bravo")
+
+
+def test_client_disconnect_cancels_the_engine_request(gate: Gate, vllm: DemoEngine) -> None:
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        before = vllm.stats()
+        with client.stream("POST", "/v1/chat/completions",
+                           json=chat_body(stream=True, tokens=LONG_TOKENS)) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    break  # one token received; now hang up mid-stream
+        left = time.monotonic()
+    poll_until(lambda: vllm.stats()["requests_cancelled"] > before["requests_cancelled"],
+               "the engine to see the stream cancelled", timeout=PROMPT_S)
+    assert time.monotonic() - left < PROMPT_S
+    poll_until(lambda: vllm.stats()["active_streams"] == 0, "no active stream", timeout=PROMPT_S)
+
+
+def test_client_leaving_before_the_first_byte_cancels_the_engine_request(
+    gate: Gate, vllm: DemoEngine
+) -> None:
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+    before = vllm.stats()
+    body = json.dumps(chat_body(tokens=LONG_TOKENS)).encode()
+    host, port = gate.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gate\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        poll_until(lambda: vllm.stats()["requests_started"] > before["requests_started"],
+                   "the engine to start the request")
+    # The socket is closed before any response byte: the engine request must end too.
+    poll_until(lambda: vllm.stats()["requests_cancelled"] > before["requests_cancelled"],
+               "the engine to see the request cancelled", timeout=PROMPT_S)
+
+
+def test_model_mismatch_is_409_naming_the_active_model(gate: Gate, vllm: DemoEngine) -> None:
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        before = vllm.stats()["requests_started"]
+        resp = client.post("/v1/chat/completions", json=chat_body(model="gemma2"))
+        assert resp.status_code == 409
+        body = openai_error(resp)
+        assert "'gpt-oss'" in body["error"]["message"]
+        assert "ailayer toggle gemma2" in body["error"]["message"]
+        assert body["error"]["param"] == "model"
+        assert resp.headers["X-AILayer-Active-Model"] == "gpt-oss"
+        unknown = client.post("/api/generate", json={"model": "llama3:8b", "prompt": "x"})
+        assert unknown.status_code == 409 and "gpt-oss" in unknown.json()["error"]
+        assert "not in the catalog" in unknown.json()["error"]
+        assert vllm.stats()["requests_started"] == before  # nothing reached the engine
+
+
+def test_catalog_name_is_mapped_to_the_served_name(gate: Gate, vllm: DemoEngine) -> None:
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        # The vLLM-like engine answers 404 to any name but its served name.
+        for asked in ("gpt-oss", VLLM_SERVED):
+            resp = client.post("/v1/chat/completions", json=chat_body(model=asked))
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["model"] == VLLM_SERVED
+        assert client.get("/v1/models").json()["data"][0]["id"] == VLLM_SERVED
+
+
+def test_openai_client_works_unchanged(gate: Gate, vllm: DemoEngine) -> None:
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    client = openai.OpenAI(base_url=gate.url + "/v1", api_key="unused")
+    poll_until(lambda: [m.id for m in client.models.list()] == [VLLM_SERVED], "models")
+    chat = client.chat.completions.create(
+        model="gpt-oss", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert chat.choices[0].message.content == "alpha bravo charlie delta"
+    stream = client.chat.completions.create(
+        model="gpt-oss", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True)
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == "alpha bravo charlie delta echo"
+    text = client.completions.create(model=VLLM_SERVED, prompt="x", max_tokens=2)
+    assert text.choices[0].text == "alpha bravo"
+    emb = client.embeddings.create(model="gpt-oss", input="hello")
+    assert len(emb.data[0].embedding) == 16
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="gemma2", messages=[], max_tokens=1)
+    assert info.value.status_code == 409 and "gpt-oss" in info.value.message
+
+
+def test_ollama_client_works_unchanged(gate: Gate, ollama_engine: DemoEngine) -> None:
+    gate.state.ready(ollama_engine, "gemma2", OLLAMA_SERVED)
+    client = ollama.Client(host=gate.url)
+    poll_until(lambda: [m.model for m in client.list().models] == [OLLAMA_SERVED], "tags")
+    assert [m.model for m in client.ps().models] == [OLLAMA_SERVED]
+    reply = client.chat(model="gemma2", messages=[{"role": "user", "content": "hi"}],
+                        options={"num_predict": 3})
+    assert reply.message.content == "alpha bravo charlie"
+    arrivals, pieces = [], []
+    for part in client.generate(model=OLLAMA_SERVED, prompt="x", stream=True,
+                                options={"num_predict": 10}):
+        arrivals.append(time.monotonic())
+        pieces.append(part.response)
+    assert "".join(pieces) == "alpha bravo charlie delta echo foxtrot golf hotel india juliett"
+    assert arrivals[-2] - arrivals[0] > 0.5 * 8 * TOKEN_DELAY_MS / 1000  # chunk by chunk
+    assert len(client.embed(model="gemma2", input="hello").embeddings[0]) == 16
+    assert client.show("gemma2") is not None
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model="gpt-oss", messages=[])
+    assert info.value.status_code == 409 and "gemma2" in info.value.error
+
+
+# --------------------------------------------------------------------------- switches
+
+
+def test_switch_ends_an_in_flight_stream_with_an_error_event(gate: Gate, vllm: DemoEngine) -> None:
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        with client.stream("POST", "/v1/chat/completions",
+                           json=chat_body(stream=True, tokens=LONG_TOKENS)) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            gate.state.write(Phase.STOPPING, desired_model="gemma2", active_model="gpt-oss")
+            switched = time.monotonic()
+            rest = [line for line in lines if line.startswith("data: ")]
+        took = time.monotonic() - switched
+    assert took < PROMPT_S, f"stream ended {took:.2f}s after the switch"
+    last = json.loads(rest[-1][6:])
+    assert last["error"]["code"] == "model_switched", last
+    assert "stopped being served" in last["error"]["message"]
+    poll_until(lambda: vllm.stats()["active_streams"] == 0, "engine stream cancelled")
+
+
+def test_switch_fails_in_flight_requests_promptly_for_both_clients(
+    gate: Gate, vllm: DemoEngine, ollama_engine: DemoEngine
+) -> None:
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    oai = openai.OpenAI(base_url=gate.url + "/v1", api_key="unused", max_retries=0)
+    poll_until(lambda: oai.models.list().data, "READY")
+    outcome: dict[str, Any] = {}
+
+    def non_streamed() -> None:
+        try:
+            oai.chat.completions.create(model="gpt-oss", messages=[], max_tokens=LONG_TOKENS)
+        except openai.APIStatusError as exc:
+            outcome["error"], outcome["at"] = exc, time.monotonic()
+
+    before = vllm.stats()["requests_started"]
+    worker = threading.Thread(target=non_streamed)
+    worker.start()
+    stream = oai.chat.completions.create(model="gpt-oss", messages=[], max_tokens=LONG_TOKENS,
+                                         stream=True)
+    assert next(iter(stream)).choices  # the stream is running
+    poll_until(lambda: vllm.stats()["requests_started"] >= before + 2, "both requests running")
+    # The reconciler moves to the other engine while both requests are in flight.
+    gate.state.ready(ollama_engine, "gemma2", OLLAMA_SERVED)
+    switched = time.monotonic()
+    with pytest.raises(openai.APIError, match="stopped being served"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - switched < PROMPT_S
+    worker.join(timeout=PROMPT_S)
+    assert not worker.is_alive(), "the non-streamed request hangs"
+    err = outcome["error"]
+    assert err.status_code == 503 and "stopped being served" in err.message
+    assert outcome["at"] - switched < PROMPT_S
+
+    # And the Ollama side: a streamed chat in flight when the state goes to STOPPING.
+    client = ollama.Client(host=gate.url)
+    poll_until(lambda: client.ps().models, "READY on the Ollama-like engine")
+    parts = client.chat(model="gemma2", messages=[{"role": "user", "content": "hi"}],
+                        stream=True, options={"num_predict": LONG_TOKENS})
+    assert next(parts).message.content
+    gate.state.write(Phase.STOPPING, desired_model=None, active_model="gemma2")
+    switched = time.monotonic()
+    with pytest.raises(ollama.ResponseError, match="stopped being served"):
+        for _ in parts:
+            pass
+    assert time.monotonic() - switched < PROMPT_S
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_long_poll_returns_on_change_and_on_timeout(gate: Gate) -> None:
+    gen = gate.state.idle()
+    with gate.client() as client:
+        poll_until(lambda: client.get("/status").json()["revision"] == gen, "first state")
+        assert client.get("/status").headers["X-AILayer-Generation"] == str(gen)
+        # A generation the client has not seen: answered at once.
+        started = time.monotonic()
+        assert client.get("/status", params={"wait": 30, "since": gen - 1}).json()[
+            "revision"] == gen
+        assert time.monotonic() - started < 0.5
+        # No change: answered at ``wait``, with the same generation.
+        started = time.monotonic()
+        same = client.get("/status", params={"wait": "0.3s", "since": gen})
+        took = time.monotonic() - started
+        assert same.json()["revision"] == gen and 0.25 <= took < 2.0, took
+        # A change while waiting: answered at the change.
+        result: dict[str, Any] = {}
+
+        def waiter() -> None:
+            with gate.client() as own:
+                result["resp"] = own.get("/status", params={"wait": 20, "since": gen})
+                result["at"] = time.monotonic()
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        poll_until(lambda: metric(gate, "ailayer_gate_watchers") == 1.0, "the poll to wait")
+        new = gate.state.loading("gemma2")
+        changed = time.monotonic()
+        thread.join(timeout=5)
+        assert result["resp"].json()["revision"] == new
+        assert result["resp"].json()["phase"] == "LOADING"
+        assert result["at"] - changed < 1.0
+        bad = client.get("/status", params={"wait": "soon", "since": gen})
+        assert bad.status_code == 400
+
+
+def test_events_stream_delivers_changes(gate: Gate) -> None:
+    gen = gate.state.idle()
+    with gate.client() as client:
+        poll_until(lambda: client.get("/status").json()["revision"] == gen, "first state")
+        with client.stream("GET", "/events") as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            assert resp.headers["cache-control"] == "no-cache"
+            lines = resp.iter_lines()
+
+            def next_event() -> tuple[str, dict[str, Any]]:
+                ident = ""
+                for line in lines:
+                    if line.startswith("id: "):
+                        ident = line[4:]
+                    if line.startswith("data: "):
+                        return ident, json.loads(line[6:])
+                raise AssertionError("stream ended")
+
+            ident, data = next_event()
+            assert ident == str(gen) and data["phase"] == "IDLE"
+            new = gate.state.loading("gpt-oss")
+            ident, data = next_event()
+            assert ident == str(new) and data["phase"] == "LOADING"
+            assert data["desired_model"] == "gpt-oss"
+
+
+def test_toggle_needs_the_token_and_a_known_model(gate: Gate) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with gate.client() as client:
+        none = client.post("/toggle", json={"model": "gpt-oss"})
+        assert none.status_code == 401 and "Bearer" in none.headers["WWW-Authenticate"]
+        wrong = client.post("/toggle", json={"model": "gpt-oss"},
+                            headers={"Authorization": "Bearer not-the-token"})
+        assert wrong.status_code == 401
+        assert not gate.desired_path.exists()
+        unknown = client.post("/toggle", json={"model": "llama3"}, headers=auth)
+        assert unknown.status_code == 422
+        assert unknown.json()["ailayer"]["known_models"] == ["gemma2", "gpt-oss"]
+        assert "gemma2, gpt-oss" in unknown.json()["error"]["message"]
+        assert client.post("/toggle", json={}, headers=auth).status_code == 400
+        assert not gate.desired_path.exists()
+        ok = client.post("/toggle", json={"model": "gpt-oss"}, headers=auth)
+        assert ok.status_code == 202 and ok.json()["generation"] == 1
+        doc = yaml.safe_load(gate.desired_path.read_text())
+        assert doc["model"] == "gpt-oss" and doc["generation"] == 1
+        assert "via http" in doc["requested_by"]
+        off = client.post("/toggle", json={"model": None}, headers=auth)
+        assert off.status_code == 202
+        doc = yaml.safe_load(gate.desired_path.read_text())
+        assert doc["model"] is None and doc["generation"] == 2
+
+
+def test_healthz_and_metrics(gate: Gate, vllm: DemoEngine) -> None:
+    gate.state.idle()
+    with gate.client() as client:
+        poll_until(lambda: client.post("/v1/completions", json={}).status_code == 428, "IDLE")
+        gate.state.loading("gpt-oss")
+        poll_until(lambda: client.get("/status").json()["phase"] == "LOADING", "LOADING")
+        gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        with client.stream("POST", "/v1/completions",
+                           json={"model": "gpt-oss", "prompt": "x", "max_tokens": 2,
+                                 "stream": True}) as resp:
+            resp.read()
+        health = client.get("/healthz").json()
+        assert health["ok"] is True and health["reconciler"] == "running"
+        assert health["phase"] == "READY"
+        text = client.get("/metrics").text
+    assert 'ailayer_phase{ailayer_phase="READY"} 1.0' in text
+    assert 'ailayer_gate_requests_total{outcome="no_model_selected",route="/v1/completions"}' in text
+    assert 'ailayer_gate_requests_total{outcome="proxied",route="/v1/models"}' in text
+    assert 'ailayer_gate_streams_total{outcome="completed"} 1.0' in text
+    assert "ailayer_switches_total 1.0" in text
+    assert "ailayer_engine_restarts 0.0" in text
+    assert "ailayer_boot_duration_seconds_count 1.0" in text

@@ -1,0 +1,514 @@
+"""The demo engines, exercised the way the reconciler meets them: real processes, real ports.
+
+Every engine started here carries a per-test tag in its environment (inherited by its
+workers, escaped or not), so the teardown can find and SIGKILL everything the test
+started, orphans included, and then prove nothing tagged is left.
+
+Engines run with ``AILAYER_TIME_SCALE=1`` whatever this process's clock scale is; the
+helpers below convert, so deadlines and measured spreads are in wall seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import ollama
+import openai
+import psutil
+import pytest
+
+from reconciler import clock
+from reconciler.demo.common import demo_text
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+TAG_ENV = "AILAYER_DEMO_TEST_TAG"
+DEMO_MARK = "reconciler.demo"
+BOOT_S = 0.5
+START_TIMEOUT_S = 15.0
+MiB = 1024 * 1024
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+# --------------------------------------------------------------------------- time & polling
+
+
+def wall() -> float:
+    """Wall seconds (differences only), read through the project clock."""
+    return clock.monotonic() * clock.real_seconds(1.0)
+
+
+def nap(wall_s: float) -> None:
+    clock.sleep(wall_s / clock.real_seconds(1.0))
+
+
+def wait_for(check: Callable[[], T], what: str, timeout: float = START_TIMEOUT_S) -> T:
+    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` wall s."""
+    deadline = wall() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if wall() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        nap(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def refuses(port: int) -> bool:
+    """True if nothing listens on the port (connect is refused)."""
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def get(url: str, timeout: float = 2.0) -> httpx.Response | None:
+    """GET, or None when the engine does not answer (refused, reset or timed out)."""
+    try:
+        return httpx.get(url, timeout=timeout)
+    except httpx.TransportError:
+        return None
+
+
+def cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# --------------------------------------------------------------------------- engines
+
+
+@dataclass
+class Engine:
+    """One started engine process and where it listens."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    out: Path
+    err: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def children(self, marker: str) -> list[psutil.Process]:
+        """Live descendants whose command line contains ``marker``."""
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [k for k in kids if marker in cmdline(k) and alive(k)]
+
+    def worker(self, marker: str) -> psutil.Process:
+        found = wait_for(lambda: self.children(marker), f"a child matching {marker!r}")
+        assert len(found) == 1, found
+        return found[0]
+
+    def wait_healthy(self, path: str) -> None:
+        def ok() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"engine exited {self.proc.returncode}:\n{self.stderr()}")
+            resp = get(self.url + path)
+            return resp is not None and resp.status_code == 200
+
+        wait_for(ok, f"{path} to answer 200")
+
+    def stats(self) -> dict[str, int]:
+        data: dict[str, int] = httpx.get(self.url + "/demo/stats", timeout=5).json()
+        return data
+
+
+class Engines:
+    """Starts demo engines for one test and guarantees they, and all their children, die."""
+
+    def __init__(self, logs: Path) -> None:
+        self.tag = uuid.uuid4().hex
+        self.logs = logs
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def env(self, extra: dict[str, str] | None) -> dict[str, str]:
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("AILAYER_DEMO_") and k != "OLLAMA_HOST"
+        }
+        env.update({"AILAYER_TIME_SCALE": "1", TAG_ENV: self.tag, **(extra or {})})
+        return env
+
+    def start(self, module: str, args: list[str], env: dict[str, str] | None = None) -> Engine:
+        n = len(self.started)
+        out, err = self.logs / f"engine{n}.out", self.logs / f"engine{n}.err"
+        port = int(args[args.index("--port") + 1]) if "--port" in args else free_port()
+        with out.open("wb") as fout, err.open("wb") as ferr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"reconciler.demo.{module}", *args],
+                stdout=fout,
+                stderr=ferr,
+                env=self.env(env),
+            )
+        self.started.append(proc)
+        return Engine(proc, port, out, err)
+
+    def vllm(self, *extra: str, boot_s: float = BOOT_S, env: dict[str, str] | None = None) -> Engine:
+        args = ["serve", "demo/model", "--port", str(free_port()), "--boot-seconds", str(boot_s)]
+        return self.start("vllm_like", [*args, *extra], env)
+
+    def ollama(self, *extra: str, env: dict[str, str] | None = None) -> Engine:
+        args = ["serve", "--port", str(free_port()), "--load-seconds", str(BOOT_S)]
+        return self.start("ollama_like", [*args, *extra], env)
+
+    def tagged(self) -> list[psutil.Process]:
+        """Live demo processes carrying this test's tag, wherever they have wandered."""
+        found = []
+        for proc in psutil.process_iter():
+            if DEMO_MARK not in cmdline(proc) or not alive(proc):
+                continue
+            try:
+                if proc.environ().get(TAG_ENV) == self.tag:
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    def kill_all(self) -> None:
+        """SIGKILL the whole family; children are collected first, as orphans lose their link."""
+        victims: dict[int, psutil.Process] = {p.pid: p for p in self.tagged()}
+        for popen in self.started:
+            try:
+                top = psutil.Process(popen.pid)
+                victims.update({p.pid: p for p in [top, *top.children(recursive=True)]})
+            except psutil.NoSuchProcess:
+                pass
+        for proc in victims.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(list(victims.values()), timeout=10)
+        for popen in self.started:
+            popen.wait(timeout=10)
+
+
+@pytest.fixture
+def engines(tmp_path: Path) -> Iterator[Engines]:
+    started = Engines(tmp_path)
+    try:
+        yield started
+    finally:
+        started.kill_all()
+    wait_for(lambda: not started.tagged(), "every demo process of this test to be gone", 10)
+
+
+def core_of(engine: Engine) -> psutil.Process:
+    return engine.worker("VLLM::EngineCore")
+
+
+def runner_of(engine: Engine) -> psutil.Process:
+    return engine.worker("reconciler.demo.ollama_like runner")
+
+
+def preload(engine: Engine, model: str = "gemma2:9b") -> dict[str, Any]:
+    body = {"model": model, "keep_alive": -1}
+    resp = httpx.post(engine.url + "/api/generate", json=body, timeout=START_TIMEOUT_S)
+    assert resp.status_code == 200, resp.text
+    data: dict[str, Any] = resp.json()
+    return data
+
+
+def ready(engine: Engine, kind: str) -> psutil.Process:
+    """Bring an engine to serving and return its worker child."""
+    if kind == "vllm":
+        engine.wait_healthy("/health")
+        return core_of(engine)
+    engine.wait_healthy("/api/version")
+    preload(engine)
+    return runner_of(engine)
+
+
+# --------------------------------------------------------------------------- vLLM-like
+
+
+def test_vllm_refuses_connections_while_booting_then_serves(engines: Engines) -> None:
+    eng = engines.vllm(boot_s=1.5)
+    core = core_of(eng)
+    assert "reconciler.demo.vllm_like" in cmdline(core)
+    assert refuses(eng.port), "the port must stay closed until the EngineCore has loaded"
+    eng.wait_healthy("/health")
+    assert alive(core)
+    assert "Application startup complete." in eng.stdout()
+    assert "\rLoading safetensors checkpoint shards: 100% Completed | 5/5" in eng.stderr()
+    models = httpx.get(eng.url + "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["demo/model"]
+
+
+def test_vllm_engine_core_holds_memory_and_survives_parent_sigkill(engines: Engines) -> None:
+    eng = engines.vllm("--vram-mb", "64")
+    eng.wait_healthy("/health")
+    core = core_of(eng)
+    if not HAS_TORCH:
+        assert core.memory_info().rss >= 60 * MiB
+    eng.proc.kill()
+    assert eng.proc.wait(timeout=10) == -signal.SIGKILL
+    assert alive(core), "an orphaned EngineCore must keep running, like real vLLM's"
+    assert core.ppid() != eng.proc.pid
+    core.kill()
+    core.wait(timeout=10)
+
+
+def test_vllm_stream_chunks_arrive_separately(engines: Engines) -> None:
+    delay_ms, n = 40, 8
+    eng = engines.vllm("--token-delay-ms", str(delay_ms))
+    eng.wait_healthy("/health")
+    body = {"model": "demo/model", "prompt": "hi", "max_tokens": n, "stream": True}
+    arrivals: list[float] = []
+    text = ""
+    with httpx.stream("POST", eng.url + "/v1/completions", json=body, timeout=10) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                piece = json.loads(line[len("data: ") :])["choices"][0]["text"]
+                if piece:
+                    arrivals.append(wall())
+                    text += piece
+    assert text == demo_text(n)
+    assert len(arrivals) == n
+    assert arrivals[-1] - arrivals[0] >= (n - 1) * delay_ms / 1000 * 0.5
+
+
+def test_openai_client_against_vllm(engines: Engines) -> None:
+    eng = engines.vllm("--served-model-name", "served", "--token-delay-ms", "5")
+    eng.wait_healthy("/health")
+    client = openai.OpenAI(base_url=eng.url + "/v1", api_key="demo", max_retries=0)
+    chat = client.chat.completions.create(
+        model="served", messages=[{"role": "user", "content": "hi"}], max_tokens=6
+    )
+    assert chat.choices[0].message.content == demo_text(6)
+    assert chat.usage is not None and chat.usage.completion_tokens == 6
+    stream = client.chat.completions.create(
+        model="served",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == demo_text(5)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    completion = client.completions.create(model="served", prompt="x", max_tokens=3)
+    assert completion.choices[0].text == demo_text(3)
+    emb = client.embeddings.create(model="served", input=["a", "b"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 16
+    assert [m.id for m in client.models.list()] == ["served"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize(
+    ("fail", "code", "serves_first"),
+    [("exit-at-once", 3, False), ("crash-loading", 1, False), ("crash-ready", 1, True)],
+)
+def test_vllm_injected_crashes(engines: Engines, fail: str, code: int, serves_first: bool) -> None:
+    eng = engines.vllm("--fail", fail)
+    if serves_first:
+        eng.wait_healthy("/health")
+    wait_for(lambda: eng.proc.poll() is not None, f"the engine to exit on {fail}")
+    assert eng.proc.returncode == code, eng.stderr()
+    if fail != "exit-at-once":
+        assert "Traceback (most recent call last):" in eng.stderr()
+    wait_for(lambda: not engines.tagged(), "a crashed engine to leave no process behind")
+
+
+def test_vllm_hang_ready_accepts_but_never_answers(engines: Engines) -> None:
+    eng = engines.vllm("--fail", "hang-ready")
+    eng.wait_healthy("/health")
+    wait_for(lambda: get(eng.url + "/health", timeout=0.3) is None, "the engine to wedge")
+    assert not refuses(eng.port), "a hung engine still accepts connections"
+    assert eng.proc.poll() is None
+
+
+# --------------------------------------------------------------------------- Ollama-like
+
+
+def test_ollama_answers_at_once_and_loads_on_preload(engines: Engines) -> None:
+    port = free_port()
+    eng = engines.start(
+        "ollama_like",
+        ["serve", "--load-seconds", str(BOOT_S)],
+        env={"OLLAMA_HOST": f"127.0.0.1:{port}"},
+    )
+    eng.port = port
+    eng.wait_healthy("/api/version")
+    assert httpx.get(eng.url + "/api/version").json() == {"version": "0.0-demo"}
+    assert httpx.get(eng.url + "/").text == "Ollama is running"
+    assert httpx.get(eng.url + "/api/ps").json() == {"models": []}
+    assert not eng.children("runner"), "serve must not load anything by itself"
+    assert preload(eng)["done_reason"] == "load"
+    runner = runner_of(eng)
+    assert "--model gemma2:9b" in cmdline(runner)
+    loaded = httpx.get(eng.url + "/api/ps").json()["models"]
+    assert [m["name"] for m in loaded] == ["gemma2:9b"]
+    assert loaded[0]["size_vram"] > 0 and loaded[0]["expires_at"].startswith("23")
+    missing = httpx.post(eng.url + "/api/generate", json={"model": "nope", "prompt": "x"})
+    assert missing.status_code == 404
+    assert missing.json() == {"error": 'model "nope" not found, try pulling it first'}
+
+
+def test_ollama_concurrent_requests_share_one_load(engines: Engines) -> None:
+    eng = engines.ollama("--token-delay-ms", "1")
+    eng.wait_healthy("/api/version")
+    body = {"model": "gemma2:9b", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
+
+    async def both() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=START_TIMEOUT_S) as client:
+            return list(
+                await asyncio.gather(*(client.post(eng.url + "/api/generate", json=body) for _ in range(3)))
+            )
+
+    responses = asyncio.run(both())
+    assert all(r.json()["response"] == demo_text(2) for r in responses)
+    assert len(eng.children("reconciler.demo.ollama_like runner")) == 1
+
+
+def test_ollama_client_chat_generate_list_ps(engines: Engines) -> None:
+    eng = engines.ollama("--models", "gemma2:9b,llama3", "--token-delay-ms", "5")
+    eng.wait_healthy("/api/version")
+    client = ollama.Client(host=eng.url)
+    assert {m.model for m in client.list().models} == {"gemma2:9b", "llama3:latest"}
+    assert client.ps().models == []
+    opts = {"num_predict": 4}
+    msgs = [{"role": "user", "content": "hi"}]
+    reply = client.chat(model="gemma2:9b", messages=msgs, stream=False, options=opts)
+    assert reply.message.content == demo_text(4) and reply.done_reason == "stop"
+    parts = list(client.chat(model="gemma2:9b", messages=msgs, stream=True, options=opts))
+    assert "".join(p.message.content or "" for p in parts) == demo_text(4)
+    assert [p.done for p in parts] == [False] * 4 + [True]
+    gen = client.generate(model="gemma2:9b", prompt="x", options=opts)
+    assert gen.response == demo_text(4) and gen.eval_count == 4
+    assert [m.model for m in client.ps().models] == ["gemma2:9b"]
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="missing", messages=msgs)
+    assert err.value.status_code == 404
+    oai = openai.OpenAI(base_url=eng.url + "/v1", api_key="demo", max_retries=0)
+    chat = oai.chat.completions.create(model="gemma2:9b", messages=msgs, max_tokens=3)
+    assert chat.choices[0].message.content == demo_text(3)
+
+
+def test_ollama_runner_crash_fails_the_load_but_serve_stays_up(engines: Engines) -> None:
+    eng = engines.ollama("--fail", "crash-loading")
+    eng.wait_healthy("/api/version")
+    resp = httpx.post(eng.url + "/api/generate", json={"model": "gemma2:9b"}, timeout=10)
+    assert resp.status_code == 500
+    assert resp.json() == {"error": "llama runner process has terminated: exit status 1"}
+    assert httpx.get(eng.url + "/api/ps").json() == {"models": []}
+    assert eng.proc.poll() is None
+
+
+def test_ollama_runner_survives_parent_sigkill(engines: Engines) -> None:
+    eng = engines.ollama()
+    runner = ready(eng, "ollama")
+    eng.proc.kill()
+    eng.proc.wait(timeout=10)
+    assert alive(runner) and runner.ppid() != eng.proc.pid
+
+
+# --------------------------------------------------------------------------- both engines
+
+
+@pytest.mark.parametrize("kind", ["vllm", "ollama"])
+def test_worker_escapes_the_session_and_outlives_sigterm(engines: Engines, kind: str) -> None:
+    eng = getattr(engines, kind)("--worker-escapes")
+    worker = ready(eng, kind)
+    assert os.getsid(worker.pid) != os.getsid(eng.proc.pid)
+    eng.proc.terminate()
+    assert eng.proc.wait(timeout=10) == 0
+    assert alive(worker), "an escaped worker ignores the SIGTERM its parent sends"
+
+
+@pytest.mark.parametrize("kind", ["vllm", "ollama"])
+def test_sigterm_exits_cleanly_and_stops_the_worker(engines: Engines, kind: str) -> None:
+    eng = getattr(engines, kind)()
+    worker = ready(eng, kind)
+    assert os.getsid(worker.pid) == os.getsid(eng.proc.pid)
+    eng.proc.terminate()
+    assert eng.proc.wait(timeout=10) == 0
+    wait_for(lambda: not alive(worker), "the worker to be stopped by its parent", 10)
+
+
+def _stream_request(kind: str, port: int) -> bytes:
+    if kind == "vllm":
+        path, body = (
+            "/v1/chat/completions",
+            {
+                "model": "demo/model",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 500,
+                "stream": True,
+            },
+        )
+    else:
+        path, body = (
+            "/api/generate",
+            {
+                "model": "gemma2:9b",
+                "prompt": "hi",
+                "options": {"num_predict": 500},
+            },
+        )
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode() + payload
+
+
+@pytest.mark.parametrize("kind", ["vllm", "ollama"])
+def test_client_disconnect_mid_stream_counts_as_cancelled(engines: Engines, kind: str) -> None:
+    eng = getattr(engines, kind)("--token-delay-ms", "20")
+    ready(eng, kind)
+    marker = b"data: {" if kind == "vllm" else b'"done": false'
+    with socket.create_connection(("127.0.0.1", eng.port), timeout=10) as sock:
+        sock.sendall(_stream_request(kind, eng.port))
+        received = b""
+        while received.count(marker) < 3:
+            chunk = sock.recv(65536)
+            assert chunk, "stream ended early"
+            received += chunk
+        assert wait_for(lambda: eng.stats()["active_streams"] == 1, "the stream to be active")
+    stats = wait_for(lambda: (s := eng.stats())["requests_cancelled"] == 1 and s, "the cancel to be counted")
+    assert stats == {
+        "requests_started": 1,
+        "requests_finished": 0,
+        "requests_cancelled": 1,
+        "active_streams": 0,
+    }

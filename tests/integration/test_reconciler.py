@@ -1,0 +1,267 @@
+"""The reconciler against real child processes, real ports and the real process table."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import PY, Stack, demo_engine, engine_procs, free_port, sampler, wait_until
+
+pytestmark = pytest.mark.integration
+
+VLLM_MARK, OLLAMA_MARK = "reconciler.demo.vllm_like", "reconciler.demo.ollama_like"
+LINE = re.compile(r"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d\] \[([^\]]+)\] \[(\d+|-)\] (.*)$")
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """Two demo engines on their own free ports; torn down *through the product* (toggle none)."""
+    s = Stack(tmp_path, {"gpt-oss": demo_engine("vllm", free_port()),
+                         "gemma2": demo_engine("ollama", free_port())})
+    yield s
+    s.stop()
+    s.toggle(None)
+    result = s.cli("reconcile", "--once")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_idle_without_a_desired_file(stack: Stack) -> None:
+    assert not stack.desired.exists()
+    result = stack.cli("reconcile", "--once")
+    assert result.returncode == 0, result.stderr
+    doc = stack.status()
+    assert doc["phase"] == "IDLE" and doc["desired_model"] is None and doc["engine"] is None
+    assert "no model selected" in doc["message"]
+    assert not engine_procs(VLLM_MARK) and not engine_procs(OLLAMA_MARK)
+
+
+def test_switch_leaves_no_process_of_the_old_tree_before_the_new_starts(stack: Stack) -> None:
+    stack.engines["gpt-oss"]["command"].append("--worker-escapes")
+    stack.write_catalog()
+    stack.start()
+    stack.toggle("gpt-oss")
+    ready = stack.wait_phase("READY", "gpt-oss")
+    old = engine_procs(VLLM_MARK)
+    sessions = {p.pid: p for p in old}
+    assert len(old) >= 2, "the vLLM-like engine and its EngineCore worker"
+    assert len({psutil.Process(p.pid).pid for p in old}) == len(old)
+    import os
+    assert len({os.getsid(p.pid) for p in sessions.values()}) >= 2, "worker escaped the session"
+
+    overlaps: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        for vllm_count, ollama_count in sampler((VLLM_MARK, OLLAMA_MARK), done.is_set):
+            if vllm_count and ollama_count:
+                overlaps.append((vllm_count, ollama_count))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        stack.toggle("gemma2")
+        doc = stack.wait_phase("READY", "gemma2")
+    finally:
+        done.set()
+        watcher.join()
+    assert overlaps == [], "processes of both engines were alive at the same moment"
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in old)
+    assert doc["engine"]["pid"] != ready["engine"]["pid"]
+    assert psutil.pid_exists(doc["engine"]["pid"])
+    assert any("kill (SIGKILL)" in line for line in stack.output().splitlines())
+
+
+def test_foreign_port_holder_is_waited_for_never_killed(stack: Stack) -> None:
+    port = stack.engines["gpt-oss"]["port"]
+    holder = subprocess.Popen([PY, "-c", (
+        "import socket,sys\n"
+        f"s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"up\n"
+    try:
+        stack.start()
+        stack.toggle("gpt-oss")
+        doc = stack.wait_phase("WAITING_PORT")
+        assert doc["port_holders"][0]["pid"] == holder.pid
+        assert str(port) in doc["message"]
+        cond = {c["type"]: c for c in doc["conditions"]}
+        assert cond["PortAvailable"]["status"] == "False"
+        # Stays waiting, and the holder is untouched, across several passes.
+        wait_until("a few more passes", lambda: stack.status()["revision"] >= doc["revision"]
+                   and stack.status()["reconciler"]["heartbeat"] != doc["reconciler"]["heartbeat"])
+        assert holder.poll() is None
+        assert not engine_procs(VLLM_MARK)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+    released = time.time()
+    started = wait_until("engine started", lambda: engine_procs(VLLM_MARK))
+    first = min(p.create_time() for p in started)
+    assert first - released < 1.0, f"engine started {first - released:.2f} s after the port was freed"
+    stack.wait_phase("READY", "gpt-oss")
+
+
+def test_port_held_by_a_stray_engine_is_cleared(stack: Stack) -> None:
+    port = stack.engines["gpt-oss"]["port"]
+    stray = subprocess.Popen([PY, "-m", VLLM_MARK, "serve", "openai/gpt-oss-20b", "--port",
+                              str(port), "--boot-seconds", "0.1"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until("stray listening", lambda: _listening(port))
+    stray_tree = [stray.pid] + [c.pid for c in psutil.Process(stray.pid).children(recursive=True)]
+    # A healthy stray on the wanted port is adopted; toggling away must clear it.
+    stack.toggle("gemma2")
+    stack.start()
+    stack.wait_phase("READY", "gemma2")
+    wait_until("stray reaped", lambda: stray.poll() is not None)
+    assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+               for p in stray_tree)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_crash_while_loading_backs_off_and_retries(stack: Stack) -> None:
+    stack.engines["gpt-oss"]["command"] += ["--fail", "crash-loading"]
+    stack.write_catalog()
+    stack.start()
+    stack.toggle("gpt-oss")
+    failed = stack.wait_phase("FAILED")
+    assert failed["last_error"] is not None
+    assert "exited" in failed["message"] or "EngineExited" in failed["last_error"]["reason"]
+    assert failed["next_retry_at"] is not None
+    second = wait_until("a second restart", lambda: stack.status().get("restarts", 0) >= 2
+                        and stack.status())
+    assert second["phase"] in ("FAILED", "LOADING", "STOPPING")
+
+
+def test_crash_while_ready_is_restarted(stack: Stack) -> None:
+    stack.start()
+    stack.toggle("gpt-oss")
+    first = stack.wait_phase("READY", "gpt-oss")
+    victim = first["engine"]["pid"]
+    os_kill(victim)
+    second = wait_until("restarted engine ready", lambda: (
+        (d := stack.status()).get("phase") == "READY" and d["engine"]["pid"] != victim and d))
+    assert second["restarts"] == 0  # reset once ready again
+    assert "EngineExited" in stack.output() or "was killed by signal 9" in stack.output()
+
+
+def os_kill(pid: int) -> None:
+    import os
+
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_desired_change_mid_boot_aborts_the_boot(stack: Stack) -> None:
+    stack.engines["gpt-oss"]["command"][stack.engines["gpt-oss"]["command"].index("--boot-seconds") + 1] = "120"
+    stack.write_catalog()
+    stack.start()
+    stack.toggle("gpt-oss")
+    loading = stack.wait_phase("LOADING", "gpt-oss")
+    assert loading["boot"]["budget_s"] == 2700
+    old = engine_procs(VLLM_MARK)
+    t0 = time.monotonic()
+    stack.toggle("gemma2")
+    stack.wait_phase("READY", "gemma2")
+    assert time.monotonic() - t0 < 15
+    assert not [p for p in old if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_adopts_a_running_engine_after_reconciler_restart(stack: Stack) -> None:
+    stack.start()
+    stack.toggle("gemma2")
+    first = stack.wait_phase("READY", "gemma2")
+    stack.stop(signal.SIGKILL)
+    pids_before = sorted(p.pid for p in engine_procs(OLLAMA_MARK))
+    stack.start()
+    wait_until("new reconciler heartbeat", lambda: stack.status()["reconciler"]["pid"] == stack.proc.pid)  # type: ignore[union-attr]
+    doc = stack.wait_phase("READY", "gemma2")
+    assert doc["engine"]["pid"] == first["engine"]["pid"]
+    assert sorted(p.pid for p in engine_procs(OLLAMA_MARK)) == pids_before
+    assert "changed: start" not in stack.output().split("reconciler started")[-1]
+
+
+def test_once_is_idempotent(stack: Stack) -> None:
+    stack.toggle("gpt-oss")
+    first = stack.cli("reconcile", "--once")
+    assert first.returncode == 2, first.stdout  # started, still loading
+    assert "changed=1" in first.stdout
+    stack.wait_phase  # noqa: B018
+    wait_until("ready via --once", lambda: stack.cli("reconcile", "--once").returncode == 0)
+    pids = sorted(p.pid for p in engine_procs(VLLM_MARK))
+    again = stack.cli("reconcile", "--once")
+    assert again.returncode == 0 and "changed=0" in again.stdout and "ok=1" in again.stdout
+    assert sorted(p.pid for p in engine_procs(VLLM_MARK)) == pids
+    check = stack.cli("reconcile", "--check")
+    assert check.returncode == 0 and "nothing to change" in check.stdout
+
+
+def test_check_changes_nothing(stack: Stack) -> None:
+    stack.toggle("gpt-oss")
+    result = stack.cli("reconcile", "--check")
+    assert result.returncode == 2
+    assert "would change: start gpt-oss" in result.stdout
+    assert not engine_procs(VLLM_MARK)
+    assert not (stack.state_dir / "observed_state.json").exists()
+
+
+def test_malformed_files_keep_the_last_good_state(stack: Stack) -> None:
+    stack.start()
+    stack.toggle("gemma2")
+    ready = stack.wait_phase("READY", "gemma2")
+    stack.desired.write_text("model: [unclosed\n")
+    bad = wait_until("desired error reported", lambda: (d := stack.status()).get("last_error")
+                     and d["last_error"]["reason"] == "InvalidDesiredState" and d)
+    assert "YAML syntax error" in bad["last_error"]["message"]
+    assert str(stack.desired) in bad["last_error"]["message"]
+    assert bad["phase"] == "READY" and bad["engine"]["pid"] == ready["engine"]["pid"]
+    cond = {c["type"]: c for c in bad["conditions"]}
+    assert cond["DesiredValid"]["status"] == "False"
+
+    stack.desired.write_text("model: llama-9000\n")
+    unknown = wait_until("unknown model reported", lambda: (d := stack.status()).get("last_error")
+                         and d["last_error"]["reason"] == "UnknownModel" and d)
+    assert "gemma2" in unknown["last_error"]["message"] and "gpt-oss" in unknown["last_error"]["message"]
+
+    stack.config.write_text("engines: {broken: {command: 'rm -rf /', port: 1}}\n")
+    cat = wait_until("catalog error reported", lambda: any(
+        c["type"] == "CatalogValid" and c["status"] == "False" for c in stack.status().get("conditions", []))
+        and stack.status())
+    assert "command" in {c["type"]: c for c in cat["conditions"]}["CatalogValid"]["message"]
+    assert cat["phase"] == "READY" and cat["engine"]["pid"] == ready["engine"]["pid"]
+    assert stack.proc is not None and stack.proc.poll() is None
+    stack.write_catalog()
+    stack.toggle("gemma2")
+    wait_until("errors clear", lambda: stack.status().get("last_error") is None)
+
+
+def test_log_lines_reach_terminal_and_file_in_one_format(stack: Stack) -> None:
+    stack.start()
+    stack.toggle("gpt-oss")
+    doc = stack.wait_phase("READY", "gpt-oss")
+    pid = doc["engine"]["pid"]
+    wait_until("engine lines in the file", lambda: f"[gpt-oss] [{pid}]" in stack.log_file.read_text())
+    for source in (stack.output(), stack.log_file.read_text()):
+        lines = [line for line in source.splitlines() if line.strip()]
+        engine_lines = [m for m in map(LINE.match, lines) if m and m.group(1) == "gpt-oss"]
+        own_lines = [m for m in map(LINE.match, lines) if m and m.group(1) == "ailayer"]
+        assert engine_lines and own_lines
+        assert all(m.group(2) == str(pid) for m in engine_lines)
+        assert all(LINE.match(line) for line in lines), [x for x in lines if not LINE.match(x)][:3]
+        # carriage-return progress bars became separate lines, with no control bytes left
+        assert sum("Loading safetensors" in m.group(3) for m in engine_lines) >= 2
+        assert not any("\r" in line or "\x1b" in line for line in lines)
+    assert doc["last_log_line"]
