@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -26,6 +27,8 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Engine c
 DemoOpt = Annotated[bool, typer.Option("--demo", help="Use the built-in demo catalog.")]
 
 EXIT_CONVERGED, EXIT_FAILED, EXIT_WAITING = 0, 1, 2
+# The gate drains in-flight requests on SIGTERM; past this it is killed so Ctrl-C never hangs.
+GATE_STOP_GRACE_S = 15.0
 
 
 def _err(message: str) -> None:
@@ -93,6 +96,54 @@ def reconcile(
             log.event("stopping managed engines (--stop-on-exit)")
             rec.stop_engines()
         log.event("reconciler stopped")
+        log.close()
+
+
+@app.command()
+def gate(config: ConfigOpt = None, demo: DemoOpt = False) -> None:
+    """The HTTP gate alone: 428 while idle, 503 while loading, a streaming proxy once ready."""
+    from reconciler.gate.app import run
+
+    run(_catalog(config, demo))
+
+
+@app.command()
+def up(config: ConfigOpt = None, demo: DemoOpt = False,
+       stop_on_exit: Annotated[bool, typer.Option(help="Kill managed engines on exit.")] = True,
+       ) -> None:
+    """The main job: the reconciler and the gate together (demo catalog when no config is found)."""
+    from reconciler.loop import Reconciler
+
+    catalog = _catalog(config, demo)
+    where = ["--config", str(catalog.path)] if catalog.path else ["--demo"]
+    # The gate runs as its own process: the proxy's latency never waits on a process scan.
+    gate_proc = subprocess.Popen([sys.executable, "-m", "reconciler.gate", *where])
+    log = ActivityLog(catalog.log_file, catalog.state_dir, terminal=sys.stdout)
+    rec = Reconciler(catalog, log)
+    host, port = catalog.gate.host, catalog.gate.port
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    toggle_cmd = "ailayer toggle" + (f" --config {catalog.path}" if catalog.path else "")
+    typer.echo(f"ailayer is up: gate {url}  (models: {', '.join(catalog.names())})\n"
+               f"  select a model:  {toggle_cmd} {catalog.names()[0]}   (or: {toggle_cmd} none)\n"
+               f"  follow it:       curl '{url}/status?wait=60'   |   ailayer status --watch\n"
+               f"  then prompt it:  curl {url}/v1/chat/completions -d '{{\"model\": "
+               f"\"{catalog.names()[0]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'\n"
+               "  Ctrl-C stops it.", err=True)
+    stop = threading.Event()
+    _on_signals(stop, rec.wake)
+    try:
+        rec.run(stop)
+    finally:
+        gate_proc.terminate()
+        if stop_on_exit:
+            log.event("stopping managed engines")
+            rec.stop_engines()
+        try:
+            gate_proc.wait(timeout=GATE_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            gate_proc.kill()
+            gate_proc.wait()
+        log.event("ailayer stopped")
         log.close()
 
 

@@ -117,15 +117,16 @@ class Follower:
         tail.offset += len(data)
         buffer = tail.partial + data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *lines, rest = buffer.split(b"\n")
-        while len(rest) > MAX_LINE_BYTES:  # no newline in sight: emit what we have in pieces
-            lines.append(rest[:MAX_LINE_BYTES] + CONTINUES)
-            rest = rest[MAX_LINE_BYTES:]
-        tail.partial = rest
         for raw in lines:
             while len(raw) > MAX_LINE_BYTES:
                 self._emit(tail, raw[:MAX_LINE_BYTES] + CONTINUES)
                 raw = raw[MAX_LINE_BYTES:]
             self._emit(tail, raw)
+        # No newline in sight: emit what we have in pieces (each marked exactly once).
+        while len(rest) > MAX_LINE_BYTES:
+            self._emit(tail, rest[:MAX_LINE_BYTES] + CONTINUES)
+            rest = rest[MAX_LINE_BYTES:]
+        tail.partial = rest
 
     def _emit(self, tail: _Tail, raw: bytes) -> None:
         text = sanitize(raw).rstrip()

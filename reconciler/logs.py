@@ -67,7 +67,9 @@ class ActivityLog:
             self.path = candidate
             return
         self._file = None
-        self._say(f"no writable log file (tried {self.path} and {self._fallback}); terminal only")
+        if self._failing is None:  # once, not for every line while it lasts
+            self._failing = "no writable log file"
+            self._say(f"no writable log file (tried {self.path} and {self._fallback}); terminal only")
 
     def _say(self, message: str) -> None:
         if self._terminal is not None:

@@ -248,10 +248,10 @@ class Reconciler:
         follower = threading.Thread(target=self.follower.run, args=(stop,), name="log-follower",
                                     daemon=True)
         follower.start()
-        dirs = {self.catalog.desired_path.parent}
+        files = [self.catalog.desired_path]
         if self.source.path is not None:
-            dirs.add(self.source.path.resolve().parent)
-        observer = watch(dirs, self.wake, ignore=self.state_dir)
+            files.append(self.source.path.resolve())
+        observer = watch(files, self.wake)
         self.log.event(f"reconciler started (pid {os.getpid()}, {self.catalog.source}, "
                        f"desired state {self.catalog.desired_path}, state dir {self.state_dir})")
         try:

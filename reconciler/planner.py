@@ -21,6 +21,8 @@ RESPAWN_WINDOW_S = 120.0
 # How often to look again at a port held by a process we may not kill. Short, so the
 # engine starts well within a second of the port being released.
 PORT_POLL_S = 0.25
+# The fastest we re-probe a booting engine (see probe_interval).
+MIN_PROBE_INTERVAL_S = 0.05
 # Nothing is wanted: only the catalog's resync interval matters; this caps it.
 IDLE_RESYNC_S = 5.0
 
@@ -105,6 +107,11 @@ class Plan:
 def backoff_delay(engine: Engine, restarts: int) -> float:
     """Kubernetes' CrashLoopBackOff: initial, doubling, capped."""
     return float(min(engine.backoff_initial_s * 2 ** max(0, restarts - 1), engine.backoff_max_s))
+
+
+def probe_interval(engine: Engine, elapsed: float) -> float:
+    """Probe a fresh engine often (a fast one is READY in tens of ms), a slow boot at period_s."""
+    return min(engine.ready.period_s, max(MIN_PROBE_INTERVAL_S, elapsed / 10))
 
 
 def _keeper(view: View, engine: Engine, obs: Observation, memory: Memory) -> tuple[Unit | None, bool]:
@@ -252,7 +259,8 @@ def _plan_keeper(
     if obs.warmup and obs.warmup.startswith("failed") and memory.warmup_failed_at is None:
         memory = replace(memory, warmup_failed_at=now)
     message = f"loading: {detail}" if obs.warmup is None else f"loading: warm-up {obs.warmup}"
-    return done(Verdict(Phase.LOADING, "Loading", message), memory, engine.ready.period_s)
+    return done(Verdict(Phase.LOADING, "Loading", message), memory,
+                probe_interval(engine, now - keeper.started_at))
 
 
 def _fail(
@@ -328,5 +336,5 @@ def _plan_start(
     if killable:
         stopping = Verdict(Phase.STOPPING, "Switching",
                            f"stopping the old engine, then starting {engine.name}")
-        return plan_of(stopping, engine.ready.period_s, then=loading)
-    return plan_of(loading, engine.ready.period_s)
+        return plan_of(stopping, MIN_PROBE_INTERVAL_S, then=loading)
+    return plan_of(loading, MIN_PROBE_INTERVAL_S)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,28 +13,36 @@ from watchdog.observers.api import BaseObserver
 
 
 class _Wake(FileSystemEventHandler):
-    def __init__(self, wake: threading.Event, ignore: Path) -> None:
+    def __init__(self, wake: threading.Event, names: set[str]) -> None:
         self._wake = wake
-        self._ignore = str(ignore.resolve())
+        self._names = names
+
+    def _relevant(self, path: str) -> bool:
+        name = os.path.basename(path)
+        # Kubernetes swaps a ConfigMap by renaming "..data_tmp" over the "..data" symlink.
+        return name in self._names or name.startswith("..")
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        # Atomic renames and ConfigMap-style symlink swaps show up as moves or creates of
-        # *some* name in the directory; we don't care which: any event means "look again".
-        paths = [str(event.src_path), str(getattr(event, "dest_path", "") or "")]
-        if all(p.startswith(self._ignore) or not p for p in paths):
-            return
         if event.event_type in ("opened", "closed_no_write"):
             return
-        self._wake.set()
+        paths = [str(event.src_path), str(getattr(event, "dest_path", "") or "")]
+        if any(p and self._relevant(p) for p in paths):
+            self._wake.set()
 
 
-def watch(directories: Iterable[Path], wake: threading.Event, ignore: Path) -> BaseObserver:
-    """Watch each directory (not recursively); our own state dir's churn is ignored."""
+def watch(files: Iterable[Path], wake: threading.Event) -> BaseObserver:
+    """Watch the folders of ``files`` (not recursively), waking only for those names.
+
+    Other files in the same folder (a terminal log, an editor's scratch file) must not
+    wake the loop, or a busy neighbour turns into a busy loop.
+    """
     observer = Observer()
-    handler = _Wake(wake, ignore)
-    for directory in directories:
+    by_dir: dict[Path, set[str]] = {}
+    for file in files:
+        by_dir.setdefault(file.parent, set()).add(file.name)
+    for directory, names in by_dir.items():
         directory.mkdir(parents=True, exist_ok=True)
-        observer.schedule(handler, str(directory), recursive=False)
+        observer.schedule(_Wake(wake, names), str(directory), recursive=False)
     observer.daemon = True
     observer.start()
     return observer

@@ -55,12 +55,19 @@ def read_bytes(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
         raise InvalidFile(path, "permission denied: the reconciler cannot read it") from None
     except OSError as exc:
         raise InvalidFile(path, f"cannot open: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
+    # fstat before fdopen: Linux opens a directory O_RDONLY, but fdopen refuses it
+    # with a bare IsADirectoryError.
+    try:
+        info = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
         if stat.S_ISDIR(info.st_mode):
             raise InvalidFile(path, "is a directory, expected a YAML file")
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidFile(path, "is not a regular file (fifo, socket or device?)")
+        raise InvalidFile(path, "is not a regular file (fifo, socket or device?)")
+    with os.fdopen(fd, "rb") as handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
         raise InvalidFile(path, f"is larger than {limit} bytes; refusing to parse it")
@@ -74,8 +81,9 @@ def parse(data: bytes, path: Path | str) -> object:
         raise InvalidFile(path, f"is not UTF-8 text (byte {exc.start}): binary file?") from None
     if "\x00" in text:
         raise InvalidFile(path, "contains NUL bytes: binary file?")
-    loader = _GuardedLoader(text)
+    loader: _GuardedLoader | None = None
     try:
+        loader = _GuardedLoader(text)  # the reader already rejects unprintable characters here
         document = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
@@ -85,8 +93,13 @@ def parse(data: bytes, path: Path | str) -> object:
         raise InvalidFile(path, f"YAML error: {exc}") from None
     except RecursionError:
         raise InvalidFile(path, f"nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # SafeConstructor lets some bad scalars escape as plain Python errors
+        # (e.g. "2001-02-30" as a timestamp, "!!int x", "!!timestamp x").
+        raise InvalidFile(path, f"YAML value error: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if _depth(document) > MAX_DEPTH:
         raise InvalidFile(path, f"nested deeper than {MAX_DEPTH} levels")
     return document

@@ -265,3 +265,35 @@ def test_log_lines_reach_terminal_and_file_in_one_format(stack: Stack) -> None:
         assert sum("Loading safetensors" in m.group(3) for m in engine_lines) >= 2
         assert not any("\r" in line or "\x1b" in line for line in lines)
     assert doc["last_log_line"]
+
+
+def test_file_events_wake_the_loop_for_rename_and_configmap_swap(tmp_path: Path) -> None:
+    """With a 60 s resync, only watchdog events can make the loop react within seconds."""
+    s = Stack(tmp_path, {"gpt-oss": demo_engine("vllm", free_port()),
+                         "gemma2": demo_engine("ollama", free_port())}, resync_s=60)
+    # Kubernetes' ConfigMap layout: the file is a symlink through "..data" to a timestamped dir.
+    def publish(model: str, tag: str) -> None:
+        version = tmp_path / f"..{tag}"
+        version.mkdir()
+        (version / "desired_state.yaml").write_text(f"model: {model}\n")
+        (tmp_path / "..data_tmp").symlink_to(version.name)
+        (tmp_path / "..data_tmp").rename(tmp_path / "..data")
+
+    publish("gpt-oss", "2026_01")
+    s.desired.symlink_to("..data/desired_state.yaml")
+    try:
+        s.start()
+        s.wait_phase("READY", "gpt-oss")
+        t0 = time.monotonic()
+        publish("gemma2", "2026_02")
+        s.wait_phase("READY", "gemma2", timeout=15)
+        assert time.monotonic() - t0 < 15, "a 60 s resync would have been slower"
+        s.desired.unlink()
+        t1 = time.monotonic()
+        s.toggle("gpt-oss")  # the reference writer: temp file + rename
+        s.wait_phase("READY", "gpt-oss", timeout=15)
+        assert time.monotonic() - t1 < 15
+    finally:
+        s.stop()
+        s.toggle(None)
+        assert s.cli("reconcile", "--once").returncode == 0

@@ -1,0 +1,128 @@
+"""Switch latency and the reconciler's idle cost, measured on the demo engines.
+
+    .venv/bin/python bench/switch_bench.py [--switches 20] [--idle-seconds 60]
+
+Switch time = `ailayer toggle` returned → observed state says READY on the other engine, with
+instant boots, so what is measured is ailayer's own overhead: kill + verify the old tree, port
+check, spawn, readiness probing. Idle cost = CPU time and RSS of the reconciler over a window
+with nothing to do (IDLE) and with one engine READY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from reconciler import desired
+from reconciler.catalog import load_file
+
+PY = sys.executable
+POLL_S = 0.002
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def catalog(root: Path) -> Path:
+    engines = {
+        "gpt-oss": {"kind": "vllm", "port": free_port(), "served_name": "openai/gpt-oss-20b",
+                    "match": ["reconciler.demo.vllm_like"],
+                    "command": ["{python}", "-m", "reconciler.demo.vllm_like", "serve",
+                                "openai/gpt-oss-20b", "--port", "{port}", "--boot-seconds", "0"]},
+        "gemma2": {"kind": "ollama", "port": free_port(), "served_name": "gemma2:9b",
+                   "match": ["reconciler.demo.ollama_like"],
+                   "command": ["{python}", "-m", "reconciler.demo.ollama_like", "serve",
+                               "--port", "{port}", "--load-seconds", "0"]},
+    }
+    path = root / "engines.yaml"
+    path.write_text(yaml.safe_dump({"state_dir": "run", "log_file": "run/activity.log",
+                                    "engines": engines}))
+    return path
+
+
+def observed(root: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((root / "run" / "observed_state.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_ready(root: Path, model: str | None, limit_s: float = 120) -> float:
+    deadline = time.monotonic() + limit_s
+    want = "IDLE" if model is None else "READY"
+    while time.monotonic() < deadline:
+        doc = observed(root)
+        if doc.get("phase") == want and doc.get("active_model") == model:
+            return time.monotonic()
+        time.sleep(POLL_S)
+    raise SystemExit(f"no {want} for {model} within {limit_s} s: {observed(root).get('message')}")
+
+
+def toggle(config: Path, model: str | None) -> None:
+    """The reference writer, in-process: what is timed starts when the file is in place."""
+    desired.write(load_file(config, "--config"), model, requested_by="switch_bench")
+
+
+def cost(proc: psutil.Process, seconds: float) -> dict[str, float]:
+    before = proc.cpu_times()
+    time.sleep(seconds)
+    after = proc.cpu_times()
+    used = (after.user - before.user) + (after.system - before.system)
+    return {"cpu_percent": round(100 * used / seconds, 3), "rss_mib": round(proc.memory_info().rss / 2**20, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--switches", type=int, default=20)
+    parser.add_argument("--idle-seconds", type=float, default=60)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config = catalog(root)
+        reconciler = subprocess.Popen([PY, "-m", "reconciler", "reconcile", "--stop-on-exit",
+                                       "--config", str(config)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+        try:
+            wait_ready(root, None)
+            toggle(config, "gpt-oss")
+            wait_ready(root, "gpt-oss")
+            times = []
+            for i in range(args.switches):
+                model = "gemma2" if i % 2 == 0 else "gpt-oss"
+                toggle(config, model)
+                start = time.monotonic()
+                times.append(wait_ready(root, model) - start)
+            proc = psutil.Process(reconciler.pid)
+            ready_cost = cost(proc, args.idle_seconds)
+            toggle(config, None)
+            wait_ready(root, None)
+            idle_cost = cost(proc, args.idle_seconds)
+        finally:
+            reconciler.terminate()
+            reconciler.wait(60)
+    ms = sorted(t * 1000 for t in times)
+    print(json.dumps({
+        "switches": len(ms),
+        "switch_ms": {"median": round(statistics.median(ms), 1), "min": round(ms[0], 1),
+                      "p90": round(ms[int(0.9 * (len(ms) - 1))], 1), "max": round(ms[-1], 1)},
+        "reconciler_ready": ready_cost,
+        "reconciler_idle": idle_cost,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
