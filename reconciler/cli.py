@@ -282,6 +282,57 @@ def logs(
         pass
 
 
+SCENARIOS = ("zombies", "patience", "empty-request", "all")
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[str, typer.Argument(help="zombies | patience | empty-request | all")],
+    as_json: Annotated[Path | None, typer.Option("--json", help="Write the evidence report here.")] = None,
+    real: Annotated[bool, typer.Option(help="patience: run the full 35 minutes of wall-clock time.")] = False,
+) -> None:
+    """Run the seed's failure simulations end to end (real processes, real HTTP); exit 1 on a failed check."""
+    from reconciler.simulate import empty_request, patience, zombies
+    from reconciler.simulate.report import Report, dump
+
+    if scenario not in SCENARIOS:
+        _err(f"ailayer: unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
+        raise typer.Exit(EXIT_FAILED)
+    if clock.clock.scale != 1:
+        _err(f"ailayer: unset {clock.TIME_SCALE_ENV}: simulate sets it for the scenario itself")
+        raise typer.Exit(EXIT_FAILED)
+    runs = {
+        "zombies": [lambda: zombies.run(escape=False), lambda: zombies.run(escape=True)],
+        "patience": [lambda: patience.run(real=real)],
+        "empty-request": [empty_request.run],
+    }
+    chosen = [f for name in (runs if scenario == "all" else [scenario]) for f in runs[name]]
+    reports: list[Report] = []
+    for job in chosen:
+        report = job()
+        typer.echo(report.render())
+        reports.append(report)
+    if as_json is not None:
+        as_json.write_text(dump(reports))
+        typer.echo(f"evidence written to {as_json}")
+    raise typer.Exit(EXIT_CONVERGED if all(r.passed for r in reports) else EXIT_FAILED)
+
+
+@app.command("demo-model")
+def demo_model(
+    path: Annotated[Path, typer.Argument(help="Where to write the GGUF file.")],
+    seed: Annotated[int, typer.Option(help="Different seeds give different models.")] = 0,
+) -> None:
+    """Write a tiny random-weight llama GGUF (~0.4 MB) for trying the llama.cpp engine."""
+    try:
+        from reconciler.demomodel import write_tiny_gguf
+    except ImportError as exc:
+        _err(f"ailayer: needs the llama.cpp extra: pip install 'ailayer[llamacpp]' ({exc})")
+        raise typer.Exit(EXIT_FAILED) from None
+    written = write_tiny_gguf(path, seed=seed)
+    typer.echo(f"wrote {written} ({written.stat().st_size} bytes)")
+
+
 def main() -> None:
     app()
 

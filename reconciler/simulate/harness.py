@@ -1,0 +1,194 @@
+"""A throwaway ailayer: reconciler + gate + demo engines on free loopback ports in a temp dir.
+
+Used by ``ailayer simulate`` and its tests. Everything it starts carries a marker in its
+environment, so the scenario can prove at the end that it left nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from reconciler import clock, desired
+from reconciler.catalog import Catalog, load_file
+from reconciler.clock import TIME_SCALE_ENV
+
+MARKER_ENV = "AILAYER_SIMULATION"
+# Real seconds: how long the harness waits for its own processes to come up or go away.
+# Not on any engine's boot path (boots are waited for with the scenario's own budget).
+STARTUP_LIMIT_S = 60.0
+STOP_GRACE_S = 15.0
+POLL_S = 0.02
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http(method: str, url: str, body: Any = None, timeout_s: float = 30.0,
+         ) -> tuple[int, dict[str, str], bytes, float]:
+    """(status, headers, body, seconds) — errors are answers here, not exceptions."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,  # noqa: S310 (loopback)
+                                     headers={"Content-Type": "application/json"})
+    start = clock.monotonic()
+    try:
+        with _OPENER.open(request, timeout=timeout_s) as response:
+            payload = response.read()
+            return int(response.status), dict(response.headers), payload, clock.monotonic() - start
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), dict(exc.headers), exc.read(), clock.monotonic() - start
+
+
+def demo_engines(boot_s: float, escape: bool = False) -> dict[str, dict[str, Any]]:
+    vllm_cmd = ["{python}", "-m", "reconciler.demo.vllm_like", "serve", "openai/gpt-oss-20b",
+                "--host", "{host}", "--port", "{port}", "--boot-seconds", str(boot_s)]
+    if escape:
+        vllm_cmd.append("--worker-escapes")
+    return {
+        "gpt-oss": {"kind": "vllm", "command": vllm_cmd, "port": free_port(),
+                    "served_name": "openai/gpt-oss-20b", "match": ["reconciler.demo.vllm_like"]},
+        "gemma2": {"kind": "ollama", "port": free_port(), "served_name": "gemma2:9b",
+                   "match": ["reconciler.demo.ollama_like"],
+                   "command": ["{python}", "-m", "reconciler.demo.ollama_like", "serve",
+                               "--host", "{host}", "--port", "{port}", "--models", "gemma2:9b",
+                               "--load-seconds", str(boot_s)]},
+    }
+
+
+@dataclass
+class Scenario:
+    engines: dict[str, dict[str, Any]]
+    time_scale: float = 1.0
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ailayer-sim-")))
+    marker: str = field(default_factory=lambda: uuid.uuid4().hex)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    gate_url: str = ""
+    catalog: Catalog | None = None
+    left: list[str] | None = None  # set once closed
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, TIME_SCALE_ENV: str(self.time_scale), MARKER_ENV: self.marker}
+
+    def __enter__(self) -> Scenario:
+        gate_port = free_port()
+        self.gate_url = f"http://127.0.0.1:{gate_port}"
+        path = self.root / "engines.yaml"
+        path.write_text(yaml.safe_dump({
+            "state_dir": "run", "log_file": "activity.log", "resync_interval_s": 5,
+            "gate": {"listen": f"127.0.0.1:{gate_port}"}, "engines": self.engines}))
+        self.catalog = load_file(path, "--config")
+        for args, name in ((["reconcile"], "reconciler"), (None, "gate")):
+            argv = ([sys.executable, "-m", "reconciler", *args, "--config", str(path)] if args
+                    else [sys.executable, "-m", "reconciler.gate", "--config", str(path)])
+            with (self.root / f"{name}.out").open("ab") as out:
+                self.procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                                   env=self.env, cwd=self.root))
+        self.wait("gate /healthz", lambda: self._up(), STARTUP_LIMIT_S)
+        self.wait("first observed state", lambda: self.status().get("phase"), STARTUP_LIMIT_S)
+        return self
+
+    def _up(self) -> bool:
+        try:
+            return http("GET", self.gate_url + "/healthz", timeout_s=2)[0] == 200
+        except OSError:
+            return False
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> list[str]:
+        """Converge to nothing through the product, stop our processes, report leftovers."""
+        if self.left is not None:
+            return self.left
+        try:
+            self.toggle(None)
+            self.wait("IDLE", lambda: self.status().get("phase") == "IDLE", STARTUP_LIMIT_S)
+        except (AssertionError, OSError):
+            pass
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        left = self.leftovers()
+        self.left = [f"{p.pid} {p.info.get('cmdline') or ''}" for p in left]
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        return self.left
+
+    def leftovers(self) -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["status", "cmdline"]):
+            try:
+                if proc.info["status"] != psutil.STATUS_ZOMBIE and \
+                        proc.environ().get(MARKER_ENV) == self.marker:
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found
+
+    def toggle(self, model: str | None) -> None:
+        assert self.catalog is not None
+        desired.write(self.catalog, model, requested_by="ailayer simulate")
+
+    def status(self) -> dict[str, Any]:
+        assert self.catalog is not None
+        try:
+            return dict(json.loads(self.catalog.observed_path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def wait_phase(self, phase: str, model: str | None, limit_s: float) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            doc = self.status()
+            return doc if doc.get("phase") == phase and doc.get("active_model") == model else None
+        return self.wait(f"{phase} {model}", ready, limit_s)
+
+    @staticmethod
+    def wait(what: str, check: Any, limit_s: float) -> Any:
+        deadline = clock.monotonic() + limit_s
+        while clock.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            clock.sleep(POLL_S)
+        raise AssertionError(f"{what} not reached within {limit_s:.0f} s")
+
+    def tree(self, marker: str) -> list[psutil.Process]:
+        """This scenario's live processes whose command line contains ``marker``."""
+        found = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            try:
+                if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                    continue
+                if marker in " ".join(proc.info["cmdline"] or []) and \
+                        proc.environ().get(MARKER_ENV) == self.marker:
+                    found.append(proc)
+            except psutil.Error:
+                continue
+        return found

@@ -1,0 +1,168 @@
+"""desired_state.yaml: read strictly (it can only name a catalog entry), written atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reconciler import catalog, desired
+from reconciler.catalog import Catalog
+from reconciler.desired import Desired, UnknownModel
+from reconciler.schemas import InvalidFile
+
+
+@pytest.fixture
+def cat(tmp_path: Path) -> Catalog:
+    return catalog.demo(tmp_path)
+
+
+def put(cat: Catalog, text: str) -> Path:
+    cat.desired_path.write_text(text, encoding="utf-8")
+    return cat.desired_path
+
+
+def test_missing_file_is_idle(cat: Catalog) -> None:
+    assert not cat.desired_path.exists()
+    assert desired.read(cat) == Desired(None)
+
+
+@pytest.mark.parametrize("text", ["", "# nothing chosen\n", "null\n", "model: null\n", "model:\n"])
+def test_null_and_empty_are_idle(cat: Catalog, text: str) -> None:
+    put(cat, text)
+    assert desired.read(cat).model is None
+
+
+def test_a_known_model_is_read_with_its_generation(cat: Catalog) -> None:
+    put(cat, "model: gpt-oss\ngeneration: 7\nrequested_by: alice\n")
+    assert desired.read(cat) == Desired("gpt-oss", 7)
+
+
+def test_unknown_model_lists_the_known_ones(cat: Catalog) -> None:
+    path = put(cat, "model: llama-99\n")
+    with pytest.raises(UnknownModel) as info:
+        desired.read(cat)
+    error = info.value
+    assert isinstance(error, InvalidFile)
+    assert error.model == "llama-99"
+    assert error.known == ["gemma2", "gpt-oss"]
+    assert str(path) in str(error)
+    assert "field 'model'" in str(error)
+    assert "gemma2, gpt-oss" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('model: "rm -rf /"\n', "model"),
+        ("model: ../../etc/passwd\n", "model"),
+        ("model: /usr/bin/python\n", "model"),
+        ("model: 'gpt-oss; reboot'\n", "model"),
+        ("model: gpt-oss\ncommand: [sh, -c, 'rm -rf /']\n", "(top level)"),
+        ("model: gpt-oss\nport: 1\n", "(top level)"),
+        ("model: [gpt-oss]\n", "model"),
+        ("model: 3\n", "model"),
+        ("model: gpt-oss\ngeneration: -1\n", "generation"),
+        ("model: gpt-oss\ngeneration: one\n", "generation"),
+        ("- gpt-oss\n", "(top level)"),
+        ("gpt-oss\n", "(top level)"),
+    ],
+    ids=["command", "path-traversal", "abs-path", "shell-meta", "extra-command", "extra-port",
+         "list", "number", "negative-generation", "string-generation", "top-list", "top-string"],
+)
+def test_schema_refuses_anything_but_a_name(cat: Catalog, text: str, field: str) -> None:
+    path = put(cat, text)
+    with pytest.raises(InvalidFile) as info:
+        desired.read(cat)
+    assert not isinstance(info.value, UnknownModel)
+    assert str(path) in str(info.value)
+    assert f"field '{field}'" in str(info.value)
+
+
+def test_broken_yaml_is_an_invalid_file(cat: Catalog) -> None:
+    put(cat, "model: [gpt-oss\n")
+    with pytest.raises(InvalidFile, match="YAML syntax error"):
+        desired.read(cat)
+
+
+def test_write_bumps_the_generation_each_time(cat: Catalog) -> None:
+    first = desired.write(cat, "gpt-oss", requested_by="test")
+    second = desired.write(cat, None, requested_by="test")
+    third = desired.write(cat, "gemma2", requested_by="test")
+    assert [first.generation, second.generation, third.generation] == [1, 2, 3]
+    assert desired.read(cat) == Desired("gemma2", 3)
+
+
+def test_write_continues_from_a_hand_written_generation(cat: Catalog) -> None:
+    put(cat, "model: gemma2\ngeneration: 41\n")
+    assert desired.write(cat, "gpt-oss", requested_by="test").generation == 42
+
+
+def test_write_over_a_broken_file_starts_again_at_one(cat: Catalog) -> None:
+    put(cat, "model: [\n")
+    assert desired.write(cat, "gpt-oss", requested_by="test") == Desired("gpt-oss", 1)
+    assert desired.read(cat) == Desired("gpt-oss", 1)
+
+
+def test_written_file_reads_back_and_validates(cat: Catalog) -> None:
+    result = desired.write(cat, "gpt-oss", requested_by="alice@ui")
+    assert result == Desired("gpt-oss", 1)
+    assert desired.read(cat) == result
+    document = yaml.safe_load(cat.desired_path.read_text(encoding="utf-8"))
+    assert document["model"] == "gpt-oss"
+    assert document["requested_by"] == "alice@ui"
+    assert isinstance(document["requested_at"], str)
+    assert cat.desired_path.read_text(encoding="utf-8").startswith("# ")
+
+
+def test_write_names_the_requester_by_default(cat: Catalog) -> None:
+    desired.write(cat, None)
+    document = yaml.safe_load(cat.desired_path.read_text(encoding="utf-8"))
+    assert str(os.getpid()) in document["requested_by"] or "uid" in document["requested_by"]
+
+
+def test_write_is_atomic_and_leaves_no_temp_files(cat: Catalog) -> None:
+    for model in ["gpt-oss", "gemma2", None, "gpt-oss"]:
+        desired.write(cat, model, requested_by="test")
+    assert sorted(os.listdir(cat.desired_path.parent)) == [cat.desired_path.name]
+
+
+def test_write_creates_the_folder(tmp_path: Path) -> None:
+    cat = catalog.from_document({**catalog.demo_document(), "desired_state": "deep/er/wish.yaml"},
+                                "test", tmp_path)
+    desired.write(cat, "gemma2", requested_by="test")
+    assert (tmp_path / "deep" / "er" / "wish.yaml").is_file()
+    assert desired.read(cat).model == "gemma2"
+
+
+def test_write_replaces_a_planted_symlink_instead_of_following_it(cat: Catalog, tmp_path: Path) -> None:
+    target = tmp_path / "victim.txt"
+    target.write_text("precious\n", encoding="utf-8")
+    cat.desired_path.symlink_to(target)
+    desired.write(cat, "gemma2", requested_by="test")
+    assert target.read_text(encoding="utf-8") == "precious\n"
+    assert not cat.desired_path.is_symlink()
+    assert desired.read(cat).model == "gemma2"
+
+
+def test_write_refuses_an_unknown_model_without_touching_the_file(cat: Catalog) -> None:
+    path = put(cat, "model: gemma2\ngeneration: 5\n")
+    before = (path.read_bytes(), path.stat().st_mtime_ns, path.stat().st_ino)
+    with pytest.raises(UnknownModel, match="gemma2, gpt-oss"):
+        desired.write(cat, "not-a-model", requested_by="test")
+    assert (path.read_bytes(), path.stat().st_mtime_ns, path.stat().st_ino) == before
+    assert sorted(os.listdir(path.parent)) == [path.name]
+
+
+def test_write_refuses_an_unknown_model_when_no_file_exists(cat: Catalog) -> None:
+    with pytest.raises(UnknownModel):
+        desired.write(cat, "rm -rf /", requested_by="test")
+    assert not cat.desired_path.exists()
+
+
+def test_write_refuses_an_overlong_requester(cat: Catalog) -> None:
+    with pytest.raises(InvalidFile, match="requested_by"):
+        desired.write(cat, "gemma2", requested_by="x" * 500)
+    assert not cat.desired_path.exists()

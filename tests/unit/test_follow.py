@@ -1,0 +1,285 @@
+"""The follower turns engines' raw output files into activity-log lines (poll() driven directly)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from reconciler import follow
+from reconciler.follow import CONTINUES, MAX_LINE_BYTES, Follower
+from reconciler.logs import ActivityLog
+
+LINE = re.compile(r"^\[[^\]]+\] \[(?P<model>[^\]]+)\] \[(?P<pid>[^\]]+)\] (?P<message>.*)$")
+
+
+@dataclass
+class Rig:
+    state: Path
+    term: io.StringIO
+    log: ActivityLog
+
+    @property
+    def engines(self) -> Path:
+        return self.state / "engines"
+
+    def follower(self) -> Follower:
+        return Follower(self.log, self.state)
+
+    def lines(self, model: str | None = None) -> list[str]:
+        out = []
+        for line in self.term.getvalue().splitlines():
+            match = LINE.match(line)
+            assert match, f"badly formatted line: {line!r}"
+            if model is None or match["model"] == model:
+                out.append(match["message"])
+        return out
+
+
+@pytest.fixture(autouse=True)
+def save_offsets_every_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(follow, "OFFSETS_EVERY_S", 0.0)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    state = tmp_path / "state"
+    (state / "engines").mkdir(parents=True)
+    term = io.StringIO()
+    log = ActivityLog(tmp_path / "activity.log", state, term)
+    yield Rig(state, term, log)
+    log.close()
+
+
+def append(path: Path, data: bytes) -> None:
+    with path.open("ab") as handle:
+        handle.write(data)
+
+
+def test_lf_crlf_and_cr_each_end_a_line(rig: Rig) -> None:
+    path = rig.engines / "m.a1.log"
+    append(path, b"unix\nwindows\r\nprogress 10%\rprogress 20%\rprogress 100%\n")
+    follower = rig.follower()
+    follower.track(path, "m", 42)
+    follower.poll()
+    assert rig.lines("m") == ["unix", "windows", "progress 10%", "progress 20%", "progress 100%"]
+    assert "[m] [42]" in rig.term.getvalue()
+    assert follower.last_line(path) == "progress 100%"
+
+
+def test_blank_lines_are_dropped(rig: Rig) -> None:
+    path = rig.engines / "m.a1.log"
+    append(path, b"one\n\n   \n\ttwo  \n")
+    follower = rig.follower()
+    follower.track(path, "m", 1)
+    follower.poll()
+    assert rig.lines("m") == ["one", "\ttwo"]
+
+
+def test_a_partial_line_waits_for_its_newline(rig: Rig) -> None:
+    path = rig.engines / "m.a1.log"
+    append(path, b"Loading weights")
+    follower = rig.follower()
+    follower.track(path, "m", 1)
+    follower.poll()
+    assert rig.lines("m") == []
+    append(path, b" 50%")
+    follower.poll()
+    assert rig.lines("m") == []
+    append(path, b" done\nnext")
+    follower.poll()
+    assert rig.lines("m") == ["Loading weights 50% done"]
+
+
+def test_a_crlf_split_across_reads_is_one_line_end(rig: Rig) -> None:
+    path = rig.engines / "m.a1.log"
+    append(path, b"first\r")
+    follower = rig.follower()
+    follower.track(path, "m", 1)
+    follower.poll()
+    append(path, b"\nsecond\n")
+    follower.poll()
+    assert rig.lines("m") == ["first", "second"]
+
+
+def payload(messages: list[str]) -> str:
+    return "".join(m.removesuffix(CONTINUES.decode()) for m in messages)
+
+
+def test_an_overlong_line_is_split_and_nothing_is_lost(rig: Rig) -> None:
+    path = rig.engines / "m.a1.log"
+    body = "".join(chr(ord("a") + i % 26) for i in range(MAX_LINE_BYTES * 3 + 123))
+    append(path, body.encode() + b"\nafter\n")
+    follower = rig.follower()
+    follower.track(path, "m", 1)
+    follower.poll()
+    lines = rig.lines("m")
+    assert lines[-1] == "after"
+    pieces = lines[:-1]
+    assert len(pieces) == 4
+    assert all(p.endswith(CONTINUES.decode()) for p in pieces[:-1])
+    assert not pieces[-1].endswith(CONTINUES.decode())
+    assert all(len(p.removesuffix(CONTINUES.decode())) <= MAX_LINE_BYTES for p in pieces)
+    assert payload(pieces) == body
+
+
+def test_an_overlong_line_without_newline_is_emitted_in_pieces_as_it_grows(rig: Rig) -> None:
+    path = rig.engines / "m.a1.log"
+    body = "x" * (MAX_LINE_BYTES * 2 + 10)
+    append(path, body.encode())
+    follower = rig.follower()
+    follower.track(path, "m", 1)
+    follower.poll()
+    emitted = rig.lines("m")
+    assert len(emitted) == 2  # the 10-byte tail waits for more
+    assert all(m.endswith(CONTINUES.decode()) for m in emitted)
+    append(path, b"yz\n")
+    follower.poll()
+    assert payload(rig.lines("m")) == body + "yz"
+
+
+def test_invalid_utf8_and_ansi_are_neutralised(rig: Rig) -> None:
+    path = rig.engines / "m.a1.log"
+    append(path, b"\x1b[32mINFO\x1b[0m caf\xe9 \x07bell\n[fake] [ailayer] [1] \x00forged\n")
+    follower = rig.follower()
+    follower.track(path, "m", 1)
+    follower.poll()
+    assert rig.lines("m") == ["INFO caf\\xe9 \\x07bell", "[fake] [ailayer] [1] \\x00forged"]
+    assert "\x1b" not in rig.term.getvalue()
+
+
+def test_a_new_follower_resumes_from_the_saved_offset(rig: Rig) -> None:
+    path = rig.engines / "m.a1.log"
+    append(path, b"one\ntwo\npart")
+    first = rig.follower()
+    first.track(path, "m", 1)
+    first.poll()
+    saved = json.loads((rig.state / "log_offsets.json").read_text())
+    assert saved == {str(path): len(b"one\ntwo\n")}  # the partial line is re-read later
+    append(path, b"ial\nthree\n")
+    second = rig.follower()  # a restarted reconciler
+    second.track(path, "m", 1)
+    second.poll()
+    assert rig.lines("m") == ["one", "two", "partial", "three"]
+    second.poll()
+    assert rig.lines("m") == ["one", "two", "partial", "three"]
+
+
+def test_a_corrupt_offsets_file_starts_from_zero(rig: Rig) -> None:
+    (rig.state / "log_offsets.json").write_text("{not json")
+    path = rig.engines / "m.a1.log"
+    append(path, b"line\n")
+    follower = rig.follower()
+    follower.track(path, "m", 1)
+    follower.poll()
+    assert rig.lines("m") == ["line"]
+
+
+def test_retain_empty_drains_and_deletes_a_finished_file(rig: Rig) -> None:
+    path = rig.engines / "m.a1.log"
+    append(path, b"running\n")
+    follower = rig.follower()
+    follower.track(path, "m", 7)
+    follower.poll()
+    append(path, b"last words\nno newline at exit")
+    follower.retain(set())
+    follower.poll()
+    assert rig.lines("m") == ["running", "last words", "no newline at exit"]
+    assert not path.exists()
+    assert follower.last_line(path) is None
+    follower.poll()
+    assert str(path) not in json.loads((rig.state / "log_offsets.json").read_text())
+
+
+def test_retain_keeps_live_files(rig: Rig) -> None:
+    live, dead = rig.engines / "a.i1.log", rig.engines / "b.i2.log"
+    append(live, b"alive\n")
+    append(dead, b"dead\n")
+    follower = rig.follower()
+    follower.track(live, "a", 1)
+    follower.track(dead, "b", 2)
+    follower.retain({live})
+    follower.poll()
+    assert live.exists() and not dead.exists()
+    append(live, b"still here\n")
+    follower.poll()
+    assert rig.lines("a") == ["alive", "still here"]
+    assert rig.lines("b") == ["dead"]
+
+
+def test_track_again_after_retain_revives_the_tail(rig: Rig) -> None:
+    path = rig.engines / "m.a1.log"
+    append(path, b"x\n")
+    follower = rig.follower()
+    follower.track(path, "m", 1)
+    follower.retain(set())
+    follower.track(path, "m", 2)  # the loop saw it alive again in the same pass
+    follower.poll()
+    assert path.exists()
+    assert rig.lines("m") == ["x"]
+
+
+def test_an_orphan_file_is_drained_and_deleted(rig: Rig) -> None:
+    orphan = rig.engines / "qwen2.5.deadbeef.log"  # a dotted model name
+    append(orphan, b"written while no reconciler ran\r\nfinal")
+    follower = rig.follower()
+    follower.retain(set())
+    follower.poll()
+    assert rig.lines("qwen2.5") == ["written while no reconciler ran", "final"]
+    assert "[qwen2.5] [-]" in rig.term.getvalue()
+    assert not orphan.exists()
+
+
+def test_an_orphan_resumes_from_its_saved_offset(rig: Rig) -> None:
+    orphan = rig.engines / "m.old.log"
+    append(orphan, b"already logged\n")
+    first = rig.follower()
+    first.track(orphan, "m", 1)
+    first.poll()
+    append(orphan, b"logged after the reconciler died\n")
+    second = rig.follower()
+    second.retain(set())
+    second.poll()
+    assert rig.lines("m") == ["already logged", "logged after the reconciler died"]
+    assert not orphan.exists()
+
+
+def test_truncation_restarts_from_zero(rig: Rig) -> None:
+    path = rig.engines / "m.a1.log"
+    append(path, b"a long first generation of output\n")
+    follower = rig.follower()
+    follower.track(path, "m", 1)
+    follower.poll()
+    path.write_bytes(b"new\n")
+    follower.poll()
+    assert rig.lines("m") == ["a long first generation of output", "new"]
+
+
+def test_a_missing_file_is_skipped_quietly(rig: Rig) -> None:
+    follower = rig.follower()
+    path = rig.engines / "m.not-yet.log"
+    follower.track(path, "m", 1)
+    follower.poll()
+    assert rig.lines() == []
+    append(path, b"appeared\n")
+    follower.poll()
+    assert rig.lines("m") == ["appeared"]
+
+
+def test_a_flood_is_read_in_bounded_chunks(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(follow, "READ_CHUNK", 64)
+    path = rig.engines / "m.a1.log"
+    append(path, b"".join(b"line %03d\n" % i for i in range(50)))
+    follower = rig.follower()
+    follower.track(path, "m", 1)
+    follower.poll()
+    first = len(rig.lines("m"))
+    assert 0 < first < 50
+    for _ in range(20):
+        follower.poll()
+    assert rig.lines("m") == [f"line {i:03d}" for i in range(50)]
