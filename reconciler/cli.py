@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -301,7 +302,7 @@ def simulate(
     if clock.clock.scale != 1:
         _err(f"ailayer: unset {clock.TIME_SCALE_ENV}: simulate sets it for the scenario itself")
         raise typer.Exit(EXIT_FAILED)
-    runs = {
+    runs: dict[str, list[Callable[[], Report]]] = {
         "zombies": [lambda: zombies.run(escape=False), lambda: zombies.run(escape=True)],
         "patience": [lambda: patience.run(real=real)],
         "empty-request": [empty_request.run],

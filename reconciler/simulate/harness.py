@@ -17,9 +17,10 @@ import tempfile
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import yaml
@@ -28,11 +29,13 @@ from reconciler import clock, desired
 from reconciler.catalog import Catalog, load_file
 from reconciler.clock import TIME_SCALE_ENV
 
+T = TypeVar("T")
 MARKER_ENV = "AILAYER_SIMULATION"
 # Real seconds: how long the harness waits for its own processes to come up or go away.
 # Not on any engine's boot path (boots are waited for with the scenario's own budget).
 STARTUP_LIMIT_S = 60.0
 STOP_GRACE_S = 15.0
+HEALTH_PROBE_S = 2.0  # one /healthz request while waiting for the gate to come up
 POLL_S = 0.02
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -109,7 +112,7 @@ class Scenario:
 
     def _up(self) -> bool:
         try:
-            return http("GET", self.gate_url + "/healthz", timeout_s=2)[0] == 200
+            return http("GET", self.gate_url + "/healthz", timeout_s=HEALTH_PROBE_S)[0] == 200
         except OSError:
             return False
 
@@ -136,9 +139,9 @@ class Scenario:
                 proc.wait()
         left = self.leftovers()
         self.left = [f"{p.pid} {p.info.get('cmdline') or ''}" for p in left]
-        for proc in left:
+        for leftover in left:
             with contextlib.suppress(psutil.Error):
-                proc.kill()
+                leftover.kill()
         return self.left
 
     def leftovers(self) -> list[psutil.Process]:
@@ -159,7 +162,8 @@ class Scenario:
     def status(self) -> dict[str, Any]:
         assert self.catalog is not None
         try:
-            return dict(json.loads(self.catalog.observed_path.read_text()))
+            doc: dict[str, Any] = json.loads(self.catalog.observed_path.read_text())
+            return doc
         except (OSError, ValueError):
             return {}
 
@@ -170,7 +174,7 @@ class Scenario:
         return self.wait(f"{phase} {model}", ready, limit_s)
 
     @staticmethod
-    def wait(what: str, check: Any, limit_s: float) -> Any:
+    def wait(what: str, check: Callable[[], T | None], limit_s: float) -> T:
         deadline = clock.monotonic() + limit_s
         while clock.monotonic() < deadline:
             value = check()

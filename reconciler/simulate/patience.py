@@ -31,6 +31,10 @@ ANSWER_SLACK_S = 30.0
 # 2-core machine reads as 30 scenario seconds. A gate that held a request for a hidden
 # 120 s would still be far outside it (and would show as a client error first).
 REAL_JITTER_S = 1.5
+# Real seconds: connecting to the gate on loopback; how often the /events reader looks up
+# from the stream to see whether the boot is over.
+CONNECT_S = 10.0
+DONE_CHECK_S = 0.5
 # The gate's /events heartbeat period (scenario seconds); a gap longer than this plus
 # slack means the stream went silent.
 EVENTS_HEARTBEAT_S = 15.0
@@ -99,7 +103,7 @@ async def _events(sim: Scenario, session: aiohttp.ClientSession, trace: Trace,
         last = clock.monotonic()
         while not done.is_set():
             try:
-                line = await asyncio.wait_for(resp.content.readline(), timeout=0.5)
+                line = await asyncio.wait_for(resp.content.readline(), timeout=DONE_CHECK_S)
             except TimeoutError:
                 continue
             if not line:
@@ -114,8 +118,8 @@ async def _events(sim: Scenario, session: aiohttp.ClientSession, trace: Trace,
 async def _follow(sim: Scenario, trace: Trace, scale: float) -> None:
     done = asyncio.Event()
     # Each request may last its own wait plus slack; nothing here may cut a boot short.
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10,
-                                    sock_read=(LONG_POLL_WAIT_S + ANSWER_SLACK_S) / scale + 5)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_S,
+                                    sock_read=(LONG_POLL_WAIT_S + ANSWER_SLACK_S) / scale + REAL_JITTER_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         sim.toggle("gpt-oss")
         tasks = [asyncio.create_task(coro) for coro in (
