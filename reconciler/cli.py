@@ -15,6 +15,7 @@ import typer
 
 from reconciler import clock, desired, status
 from reconciler.catalog import Catalog, resolve
+from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.logs import ActivityLog
 from reconciler.schemas import InvalidFile
 
@@ -44,6 +45,17 @@ def _catalog(config: Path | None, demo: bool) -> Catalog:
         raise typer.Exit(EXIT_FAILED) from None
     _err(f"ailayer: using {catalog.source}")
     return catalog
+
+
+def _lock(catalog: Catalog) -> StateLock:
+    """Held until the process exits (the kernel releases it, even after SIGKILL)."""
+    lock = StateLock(catalog.state_dir)
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        _err(f"ailayer: {exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+    return lock
 
 
 def _exit_code(phase: status.Phase, pending: bool) -> int:
@@ -79,6 +91,7 @@ def reconcile(
             typer.echo("ok: nothing to change")
         typer.echo(f"phase would be {result.plan.verdict.phase.value}: {result.plan.verdict.message}")
         raise typer.Exit(EXIT_CONVERGED if not result.plan.actions else EXIT_WAITING)
+    _lock(catalog)
     if once:
         result = rec.step()
         rec.follower.poll()
@@ -116,6 +129,7 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
     from reconciler.loop import Reconciler
 
     catalog = _catalog(config, demo)
+    _lock(catalog)
     where = ["--config", str(catalog.path)] if catalog.path else ["--demo"]
     # The gate runs as its own process: the proxy's latency never waits on a process scan.
     gate_proc = subprocess.Popen([sys.executable, "-m", "reconciler.gate", *where])

@@ -63,7 +63,9 @@ def descendants(roots: Iterable[Proc], procs: Iterable[Proc]) -> set[Proc]:
 
 
 def classify(obs: Observation, engines: Mapping[str, Engine], namespace: str) -> View:
-    procs = [p for p in obs.procs if p.pid not in obs.self_pids]
+    # A zombie holds no memory, VRAM or port: it is dead, only not yet reaped by its parent
+    # (or by an init that never reaps, as in some containers).
+    procs = [p for p in obs.procs if p.pid not in obs.self_pids and not p.zombie]
     owner: dict[Proc, tuple[str, str | None]] = {}
     for proc in procs:
         cookie = proc.cookie

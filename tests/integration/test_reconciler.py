@@ -297,3 +297,11 @@ def test_file_events_wake_the_loop_for_rename_and_configmap_swap(tmp_path: Path)
         s.stop()
         s.toggle(None)
         assert s.cli("reconcile", "--once").returncode == 0
+
+
+def test_a_second_reconciler_on_the_same_state_dir_refuses(stack: Stack) -> None:
+    stack.start()
+    wait_until("first reconciler running", lambda: stack.status().get("reconciler"))
+    second = stack.cli("reconcile", "--once")
+    assert second.returncode == 1
+    assert "another reconciler" in second.stderr and str(stack.proc.pid) in second.stderr  # type: ignore[union-attr]

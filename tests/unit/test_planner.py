@@ -197,3 +197,10 @@ def test_warmup_action_names_the_instance() -> None:
 def test_switch_then_verdict_is_loading() -> None:
     result = plan("gemma2", ENGINES, obs(vllm(10)), Memory(model="gpt-oss", tracked="a1"), NS)
     assert result.then is not None and result.then.phase is Phase.LOADING
+
+
+def test_zombies_are_dead_not_surplus() -> None:
+    """An unreaped zombie (init in a container may never reap) must not be killed forever."""
+    zombie = vllm(10, zombie=True)
+    result = plan("gemma2", ENGINES, obs(zombie), Memory(), NS)
+    assert kinds(result.actions) == ["Start"]

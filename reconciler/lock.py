@@ -1,0 +1,44 @@
+"""One reconciler per state dir: two loops on the same files would fight over the engines."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import IO
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+class StateLock:
+    """An flock on ``<state_dir>/reconciler.lock``; the kernel drops it when the process dies."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "reconciler.lock"
+        self._handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise AlreadyRunning(
+                f"another reconciler (pid {holder}) is running on {self.path.parent}; "
+                "stop it first, or use `ailayer status` to watch it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
