@@ -10,12 +10,13 @@ import psutil
 
 from reconciler.facts import COOKIE_ENV, Cookie, Proc
 
-# environ of a process does not change after exec; cache it by (pid, create_time) so a
-# pass costs one /proc read per *new* process, not per process.
-_cookie_cache: dict[tuple[int, float], Cookie | None] = {}
+# A process's environ is fixed once it has exec'd; cache it by (pid, create_time, cmdline)
+# so a pass costs one /proc read per *new* process. The cmdline is in the key because a
+# child caught between fork and exec still shows its parent's environ (no cookie yet).
+_cookie_cache: dict[tuple[int, float, str], Cookie | None] = {}
 
 
-def _cookie(proc: psutil.Process, key: tuple[int, float]) -> Cookie | None:
+def _cookie(proc: psutil.Process, key: tuple[int, float, str]) -> Cookie | None:
     if key in _cookie_cache:
         return _cookie_cache[key]
     try:
@@ -48,14 +49,15 @@ def listeners(ports: Iterable[int]) -> dict[int, set[int]]:
 def processes(ports: Iterable[int]) -> tuple[Proc, ...]:
     listen = listeners(ports)
     seen: list[Proc] = []
-    live_keys: set[tuple[int, float]] = set()
+    live_keys: set[tuple[int, float, str]] = set()
     attrs = ["pid", "ppid", "name", "cmdline", "create_time", "status"]
     for proc in psutil.process_iter(attrs):
         info = proc.info
         if info.get("create_time") is None:
             continue
         pid = int(info["pid"])
-        key = (pid, float(info["create_time"]))
+        cmdline = " ".join(info.get("cmdline") or [])
+        key = (pid, float(info["create_time"]), cmdline)
         live_keys.add(key)
         try:
             pgid, sid = os.getpgid(pid), os.getsid(pid)
@@ -65,7 +67,7 @@ def processes(ports: Iterable[int]) -> tuple[Proc, ...]:
             pid=pid,
             ppid=int(info["ppid"] or 0),
             create_time=key[1],
-            cmdline=" ".join(info.get("cmdline") or []),
+            cmdline=cmdline,
             name=info.get("name") or "",
             pgid=pgid,
             sid=sid,

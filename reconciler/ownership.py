@@ -26,6 +26,13 @@ class Unit:
     def pids(self) -> list[int]:
         return sorted(p.pid for p in self.procs)
 
+    @property
+    def root_pid(self) -> int | None:
+        """The process the others descend from (the engine's main process), if it is alive."""
+        pids = {p.pid for p in self.procs}
+        roots = sorted(p.pid for p in self.procs if p.ppid not in pids)
+        return roots[0] if roots else None
+
     def listens_on(self, port: int) -> bool:
         return any(port in p.listens for p in self.procs)
 

@@ -84,7 +84,7 @@ def compose(p: PassInput, previous: Status | None, gpu: Gpu) -> Status:
                 model=active.model,
                 served_name=engine.served_name,
                 instance=active.instance,
-                pid=p.leader_pid,
+                pid=p.leader_pid or active.root_pid,
                 pids=active.pids,
                 port=engine.port,
                 url=engine.base_url,
