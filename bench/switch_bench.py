@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,31 +25,16 @@ import yaml
 
 from reconciler import desired
 from reconciler.catalog import load_file
+from reconciler.simulate.harness import demo_engines
 
 PY = sys.executable
 POLL_S = 0.002
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def catalog(root: Path) -> Path:
-    engines = {
-        "gpt-oss": {"kind": "vllm", "port": free_port(), "served_name": "openai/gpt-oss-20b",
-                    "match": ["reconciler.demo.vllm_like"],
-                    "command": ["{python}", "-m", "reconciler.demo.vllm_like", "serve",
-                                "openai/gpt-oss-20b", "--port", "{port}", "--boot-seconds", "0"]},
-        "gemma2": {"kind": "ollama", "port": free_port(), "served_name": "gemma2:9b",
-                   "match": ["reconciler.demo.ollama_like"],
-                   "command": ["{python}", "-m", "reconciler.demo.ollama_like", "serve",
-                               "--port", "{port}", "--load-seconds", "0"]},
-    }
     path = root / "engines.yaml"
     path.write_text(yaml.safe_dump({"state_dir": "run", "log_file": "run/activity.log",
-                                    "engines": engines}))
+                                    "engines": demo_engines(boot_s=0)}))
     return path
 
 

@@ -47,7 +47,10 @@ def _catalog(config: Path | None, demo: bool) -> Catalog:
     return catalog
 
 
-def _lock(catalog: Catalog) -> StateLock:
+_held: list[StateLock] = []
+
+
+def _lock(catalog: Catalog) -> None:
     """Held until the process exits (the kernel releases it, even after SIGKILL)."""
     lock = StateLock(catalog.state_dir)
     try:
@@ -55,7 +58,7 @@ def _lock(catalog: Catalog) -> StateLock:
     except AlreadyRunning as exc:
         _err(f"ailayer: {exc}")
         raise typer.Exit(EXIT_FAILED) from None
-    return lock
+    _held.append(lock)  # a dropped reference would close the file and release the lock
 
 
 def _exit_code(phase: status.Phase, pending: bool) -> int:

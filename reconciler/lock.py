@@ -36,9 +36,3 @@ class StateLock:
         handle.write(str(os.getpid()))
         handle.flush()
         self._handle = handle
-
-    def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None

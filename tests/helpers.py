@@ -52,14 +52,16 @@ def demo_engine(kind: str, port: int, boot_s: float = 0.3, **extra: Any) -> dict
         command = ["{python}", "-m", "reconciler.demo.vllm_like", "serve", "openai/gpt-oss-20b",
                    "--host", "{host}", "--port", "{port}", "--boot-seconds", str(boot_s),
                    "--token-delay-ms", "5"]
-        entry = {"kind": "vllm", "served_name": "openai/gpt-oss-20b",
-                 "match": ["reconciler.demo.vllm_like"]}
+        entry = {"kind": "vllm", "served_name": "openai/gpt-oss-20b"}
     else:
         command = ["{python}", "-m", "reconciler.demo.ollama_like", "serve", "--host", "{host}",
                    "--port", "{port}", "--models", "gemma2:9b", "--load-seconds", str(boot_s),
                    "--token-delay-ms", "5"]
-        entry = {"kind": "ollama", "served_name": "gemma2:9b",
-                 "match": ["reconciler.demo.ollama_like"]}
+        entry = {"kind": "ollama", "served_name": "gemma2:9b"}
+    # Per-port patterns: a test must never take a developer's running demo engine (or a
+    # concurrent test's) for a stray of its own. Children are still found by cookie and tree.
+    head = command[1:command.index("{port}") + 1]
+    entry["match"] = [" ".join(head).replace("{host}", "127.0.0.1").replace("{port}", f"{port} ")]
     entry.update({"command": command + list(extra.pop("args", [])), "port": port,
                   "ready": {"period_s": 0.1}, "liveness": {"period_s": 0.5},
                   "restart_backoff": {"initial_s": 0.5, "max_s": 2}})

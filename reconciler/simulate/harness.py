@@ -62,17 +62,23 @@ def http(method: str, url: str, body: Any = None, timeout_s: float = 30.0,
 
 
 def demo_engines(boot_s: float, escape: bool = False) -> dict[str, dict[str, Any]]:
-    vllm_cmd = ["{python}", "-m", "reconciler.demo.vllm_like", "serve", "openai/gpt-oss-20b",
-                "--host", "{host}", "--port", "{port}", "--boot-seconds", str(boot_s)]
+    """The two demo engines on free ports, recognised by per-port patterns only.
+
+    A simulation must never take a demo engine the user is running for a stray of its own;
+    its engines' children are still found through the instance cookie and the tree.
+    """
+    vllm_port, ollama_port = free_port(), free_port()
+    vllm_head = f"reconciler.demo.vllm_like serve openai/gpt-oss-20b --host 127.0.0.1 --port {vllm_port} "
+    ollama_head = f"reconciler.demo.ollama_like serve --host 127.0.0.1 --port {ollama_port} "
+    vllm_cmd = ["{python}", "-m", *vllm_head.split(), "--boot-seconds", str(boot_s)]
     if escape:
         vllm_cmd.append("--worker-escapes")
     return {
-        "gpt-oss": {"kind": "vllm", "command": vllm_cmd, "port": free_port(),
-                    "served_name": "openai/gpt-oss-20b", "match": ["reconciler.demo.vllm_like"]},
-        "gemma2": {"kind": "ollama", "port": free_port(), "served_name": "gemma2:9b",
-                   "match": ["reconciler.demo.ollama_like"],
-                   "command": ["{python}", "-m", "reconciler.demo.ollama_like", "serve",
-                               "--host", "{host}", "--port", "{port}", "--models", "gemma2:9b",
+        "gpt-oss": {"kind": "vllm", "command": vllm_cmd, "port": vllm_port,
+                    "served_name": "openai/gpt-oss-20b", "match": [vllm_head]},
+        "gemma2": {"kind": "ollama", "port": ollama_port, "served_name": "gemma2:9b",
+                   "match": [ollama_head],
+                   "command": ["{python}", "-m", *ollama_head.split(), "--models", "gemma2:9b",
                                "--load-seconds", str(boot_s)]},
     }
 

@@ -114,8 +114,8 @@ def test_foreign_port_holder_is_waited_for_never_killed(stack: Stack) -> None:
 
 def test_port_held_by_a_stray_engine_is_cleared(stack: Stack) -> None:
     port = stack.engines["gpt-oss"]["port"]
-    stray = subprocess.Popen([PY, "-m", VLLM_MARK, "serve", "openai/gpt-oss-20b", "--port",
-                              str(port), "--boot-seconds", "0.1"], stdout=subprocess.DEVNULL,
+    stray = subprocess.Popen([PY, "-m", VLLM_MARK, "serve", "openai/gpt-oss-20b", "--host", "127.0.0.1",
+                              "--port", str(port), "--boot-seconds", "0.1"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     wait_until("stray listening", lambda: _listening(port))
     stray_tree = [stray.pid] + [c.pid for c in psutil.Process(stray.pid).children(recursive=True)]
