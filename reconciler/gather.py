@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 
 import psutil
 
@@ -46,8 +47,32 @@ def listeners(ports: Iterable[int]) -> dict[int, set[int]]:
     return found
 
 
-def processes(ports: Iterable[int]) -> tuple[Proc, ...]:
-    listen = listeners(ports)
+def _listening(pids: Iterable[int], port: int) -> set[int]:
+    """Which of ``pids`` listen on ``port``: a per-process look, far cheaper than a full scan."""
+    found = set()
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in conns):
+            found.add(pid)
+    return found
+
+
+def with_listeners(procs: tuple[Proc, ...], port: int, likely: Iterable[int]) -> tuple[Proc, ...]:
+    """Mark who holds a busy ``port``: first among ``likely`` (engine processes), else everyone.
+
+    The machine-wide socket table costs a /proc/*/fd walk of every process, so it is read
+    only when the port is busy and none of the engines we know holds it.
+    """
+    holders = _listening(likely, port)
+    if not holders:
+        holders = {pid for pid, held in listeners({port}).items() if port in held}
+    return tuple(replace(p, listens=p.listens | {port}) if p.pid in holders else p for p in procs)
+
+
+def processes() -> tuple[Proc, ...]:
     seen: list[Proc] = []
     live_keys: set[tuple[int, float, str]] = set()
     attrs = ["pid", "ppid", "name", "cmdline", "create_time", "status"]
@@ -72,7 +97,6 @@ def processes(ports: Iterable[int]) -> tuple[Proc, ...]:
             pgid=pgid,
             sid=sid,
             cookie=_cookie(proc, key),
-            listens=frozenset(listen.get(pid, ())),
             zombie=info.get("status") == psutil.STATUS_ZOMBIE,
         ))
     for stale in set(_cookie_cache) - live_keys:

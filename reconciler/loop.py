@@ -120,15 +120,16 @@ class Reconciler:
 
     def _observe(self, wanted: str | None) -> Observation:
         engines = self.catalog.engines
-        procs = gather.processes({e.port for e in engines.values()})
-        obs = Observation(now=clock.now().timestamp(), procs=procs,
+        obs = Observation(now=clock.now().timestamp(), procs=gather.processes(),
                           self_pids=gather.self_and_ancestors(), exits=dict(self.executor.exits))
         engine = engines.get(wanted) if wanted else None
         if engine is None:
             return obs
-        view = classify(obs, engines, self.namespace)
-        mine = view.of_model(engine.name)
         port_free = ports.is_free(engine.host, engine.port)
+        if not port_free:
+            likely = [p.pid for u in classify(obs, engines, self.namespace).units for p in u.procs]
+            obs = replace(obs, procs=gather.with_listeners(obs.procs, engine.port, likely))
+        mine = classify(obs, engines, self.namespace).of_model(engine.name)
         result = probe.check(engine) if mine or not port_free else None
         instance = next((u.instance for u in mine if u.instance), None)
         return replace(obs, port_free={engine.port: port_free}, probe=result,
@@ -136,8 +137,7 @@ class Reconciler:
 
     def _rescan(self, keys: tuple[tuple[str, str | None], ...]) -> Iterable[Proc]:
         engines = self.catalog.engines
-        obs = Observation(now=0.0, procs=gather.processes({e.port for e in engines.values()}),
-                          self_pids=gather.self_and_ancestors())
+        obs = Observation(now=0.0, procs=gather.processes(), self_pids=gather.self_and_ancestors())
         view = classify(obs, engines, self.namespace)
         return [p for u in view.units if (u.model, u.instance) in keys for p in u.procs]
 
@@ -206,9 +206,8 @@ class Reconciler:
         after = the_plan
         if not outcome.stopped_early and the_plan.then is not None:
             after = replace(the_plan, verdict=the_plan.then)
-        units = classify(replace(obs, procs=gather.processes(
-            {e.port for e in self.catalog.engines.values()})), self.catalog.engines,
-            self.namespace).units
+        units = classify(replace(obs, procs=gather.processes()), self.catalog.engines,
+                         self.namespace).units
         if outcome.started is not None:
             cookie = outcome.started.cookie
             fresh = Unit(cookie.model, cookie.instance, (), cookie.started_at)
@@ -227,6 +226,12 @@ class Reconciler:
             restarts = memory.restarts + 1
             return replace(memory, restarts=restarts, last_failure=spawn_failed[-1],
                            backoff_until=now + backoff_delay(engine, restarts))
+        if the_plan.verdict.phase is Phase.FAILED and memory.backoff_until is not None and outcome.changed:
+            # The planner counts the backoff from the start of the pass; this pass then spent
+            # a probe timeout on the hung engine and the kill's verification. Count it from
+            # when the failed engine was gone, as CrashLoopBackOff does.
+            spent = clock.now().timestamp() - now
+            return replace(memory, backoff_until=memory.backoff_until + max(0.0, spent))
         return memory
 
     def _publish(self, new: Status) -> None:
@@ -274,7 +279,7 @@ class Reconciler:
     def stop_engines(self) -> None:
         """--stop-on-exit: converge to nothing before leaving."""
         obs = Observation(now=clock.now().timestamp(),
-                          procs=gather.processes({e.port for e in self.catalog.engines.values()}),
+                          procs=gather.processes(),
                           self_pids=gather.self_and_ancestors())
         idle = plan(None, self.catalog.engines, obs, Memory(), self.namespace)
         self.executor.run(idle.actions, self.catalog.engines, self._rescan)
