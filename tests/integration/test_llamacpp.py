@@ -387,13 +387,8 @@ def test_once_adopts_a_healthy_server_started_by_hand(stack: GatedStack, models:
             by_hand.wait()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "llama.cpp closes the connection after every streamed response while its headers promise "
-    "keep-alive; a request the gate sends right after a stream may reuse that connection from "
-    "its upstream pool and get 502 engine_error (ServerDisconnectedError). Fix in "
-    "reconciler/gate/proxy.py: close, don't release, the upstream connection after a stream "
-    "(or retry once when a reused connection turns out dead before any byte came back)."))
 def test_requests_right_after_a_stream_are_answered(stack: GatedStack) -> None:
+    """llama.cpp closes the connection after a stream though it said keep-alive: no 502."""
     stack.start()
     stack.start_gate()
     stack.toggle("tiny-a")

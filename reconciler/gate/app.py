@@ -1,0 +1,164 @@
+"""The gate's aiohttp application and its entry points: ``serve`` (async) and ``run`` (blocking).
+
+One process, aiohttp on both sides (issue 3, item 7, measured against the alternatives).
+Server settings that must be explicit: ``handler_cancellation=True`` (a client that
+leaves cancels its handler, which closes the engine request), a large backlog, and a
+keep-alive above a fronting proxy's so the proxy, not us, closes idle connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from reconciler import clock
+from reconciler.catalog import Catalog
+from reconciler.gate.errors import OLLAMA, OPENAI
+from reconciler.gate.metrics import GateMetrics
+from reconciler.gate.proxy import Proxy
+from reconciler.gate.statefollow import StateFollower
+from reconciler.gate.statusapi import StatusApi
+from reconciler.gate.toggle import Toggle
+
+log = logging.getLogger("ailayer.gate")
+
+# Above nginx's upstream keepalive_timeout (60 s): the proxy in front closes idle
+# connections first, so it never sends a request on one we are closing.
+KEEPALIVE_S = 75.0
+# Bursts of new connections (a UI reconnecting, a load test) must queue, not be refused;
+# the kernel caps this at net.core.somaxconn.
+BACKLOG = 4096
+# On stop, requests still running get this long before they are cancelled; streams that
+# could last an hour must not hold Ctrl-C hostage.
+SHUTDOWN_GRACE_S = 2.0
+# Request bodies are read whole to check the model; multimodal prompts carry base64 images.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+# (method, path, family, JSON field naming the model or None)
+INFERENCE_ROUTES: tuple[tuple[str, str, str, str | None], ...] = (
+    ("POST", "/v1/chat/completions", OPENAI, "model"),
+    ("POST", "/v1/completions", OPENAI, "model"),
+    ("POST", "/v1/embeddings", OPENAI, "model"),
+    ("GET", "/v1/models", OPENAI, None),
+    ("GET", "/v1/models/{name:.+}", OPENAI, None),
+    ("POST", "/api/generate", OLLAMA, "model"),
+    ("POST", "/api/chat", OLLAMA, "model"),
+    ("POST", "/api/embed", OLLAMA, "model"),
+    ("POST", "/api/embeddings", OLLAMA, "model"),
+    ("GET", "/api/tags", OLLAMA, None),
+    ("GET", "/api/ps", OLLAMA, None),
+    ("POST", "/api/show", OLLAMA, "model"),
+)
+
+Listening = Callable[[list[str]], None]
+
+
+def build_app(catalog: Catalog) -> web.Application:
+    """All routes, with the state follower and upstream session tied to the app's life."""
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    gate = catalog.gate
+    follower = StateFollower(catalog.observed_path, gate.stale_after_s)
+    metrics = GateMetrics()
+    proxy = Proxy(catalog, follower, metrics)
+    status_api = StatusApi(follower, metrics, lambda: proxy.inflight)
+    toggle = Toggle(catalog, metrics, follower.stale)
+
+    for method, path, family, field in INFERENCE_ROUTES:
+        route = path.split("{")[0].rstrip("/") + ("/*" if "{" in path else "")
+        app.router.add_route(method, path, proxy.handler(route, family, field))
+    app.router.add_get("/status", status_api.status)
+    app.router.add_get("/events", status_api.events)
+    app.router.add_get("/healthz", status_api.healthz)
+    app.router.add_post("/toggle", toggle.handle)
+    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+
+    async def lifetime(_: web.Application) -> AsyncIterator[None]:
+        await follower.start()
+        metrics.watch(follower)
+        await proxy.start()
+        yield
+        await proxy.close()
+
+    async def on_shutdown(_: web.Application) -> None:
+        await follower.close()  # ends long-polls and /events before the grace period
+
+    app.cleanup_ctx.append(lifetime)
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+async def serve(
+    catalog: Catalog,
+    *,
+    stop: asyncio.Event | None = None,
+    on_listening: Listening | None = None,
+) -> None:
+    """Serve on ``catalog.gate`` host:port until ``stop`` is set (or the task is cancelled).
+
+    ``on_listening`` gets the bound URLs (useful with port 0).
+    """
+    runner = web.AppRunner(
+        build_app(catalog),
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=KEEPALIVE_S,
+        shutdown_timeout=clock.real_seconds(SHUTDOWN_GRACE_S),
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, catalog.gate.host, catalog.gate.port, backlog=BACKLOG,
+                           reuse_address=True)
+        await site.start()
+        urls = [_url(addr) for addr in runner.addresses]
+        (on_listening or _log_listening)(urls)
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        await runner.cleanup()
+
+
+def _url(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"http://[{host}]:{addr[1]}" if ":" in host else f"http://{host}:{addr[1]}"
+    return str(addr)
+
+
+def _log_listening(urls: list[str]) -> None:
+    log.info("gate listening on %s", ", ".join(urls))
+
+
+def run(
+    catalog: Catalog,
+    *,
+    stop: threading.Event | None = None,
+    on_listening: Listening | None = None,
+) -> None:
+    """Blocking: serve until SIGINT/SIGTERM (main thread) or until ``stop`` is set.
+
+    From another thread (``ailayer up`` running the reconciler beside it), pass ``stop``;
+    signals are only handled when called from the main thread.
+    """
+
+    async def main() -> None:
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, done.set)
+        if stop is not None:
+            def relay() -> None:
+                stop.wait()
+                with contextlib.suppress(RuntimeError):  # the loop already ended
+                    loop.call_soon_threadsafe(done.set)
+
+            threading.Thread(target=relay, name="gate-stop", daemon=True).start()
+        await serve(catalog, stop=done, on_listening=on_listening)
+
+    asyncio.run(main())

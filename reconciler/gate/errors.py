@@ -1,0 +1,105 @@
+"""Error answers in the envelope each client family parses.
+
+OpenAI clients read ``{"error": {"message", "type", "code", "param"}}``; the ``ollama``
+client reads ``{"error": "text"}``. Both get the same machine-readable detail beside it
+under ``"ailayer"`` (phase, model, elapsed time, deadline, how to fix it), so a UI can
+show "Loading gpt-oss, 12 of 45 minutes" without a second request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from reconciler import clock
+
+OPENAI = "openai"
+OLLAMA = "ollama"
+
+STALE_HEADER = "X-AILayer-State-Stale"
+PHASE_HEADER = "X-AILayer-Phase"
+GENERATION_HEADER = "X-AILayer-Generation"
+NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    428: "invalid_request_error",
+    502: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the gate answers itself instead of the engine: status, reason code, message."""
+
+    status: int
+    code: str
+    message: str
+    retry_after_s: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def family_of(path: str) -> str:
+    """Ollama's native API lives under /api/; everything else speaks OpenAI."""
+    return OLLAMA if path.startswith("/api/") else OPENAI
+
+
+def retry_after_header(seconds: float) -> str:
+    """Whole wall-clock seconds, at least 1 (a scaled clock still needs a real pause)."""
+    return str(max(1, math.ceil(clock.real_seconds(seconds))))
+
+
+def body_of(refusal: Refusal, family: str) -> dict[str, Any]:
+    detail = {"reason": refusal.code, **refusal.detail}
+    if refusal.retry_after_s is not None:
+        detail["retry_after_s"] = refusal.retry_after_s
+    if family == OLLAMA:
+        return {"error": refusal.message, "ailayer": detail}
+    error = {
+        "message": refusal.message,
+        "type": _TYPES.get(refusal.status, "error"),
+        "code": refusal.code,
+        "param": "model" if refusal.status == 409 else None,
+    }
+    return {"error": error, "ailayer": detail}
+
+
+def respond(refusal: Refusal, family: str, *, stale: bool | None = None) -> web.Response:
+    """The HTTP answer for a refusal; every 503 carries Retry-After."""
+    headers = dict(refusal.headers)
+    retry = refusal.retry_after_s
+    if retry is None and refusal.status == 503:
+        retry = 1.0
+    if retry is not None:
+        headers["Retry-After"] = retry_after_header(retry)
+    if stale is not None:
+        headers[STALE_HEADER] = "true" if stale else "false"
+    text = json.dumps(body_of(refusal, family), separators=(",", ":"))
+    return web.Response(
+        status=refusal.status, text=text, content_type="application/json", headers=headers
+    )
+
+
+def stream_error_chunk(refusal: Refusal, content_type: str) -> bytes | None:
+    """The error as one more item of an already started stream, or None if the format
+    has no way to say it (then the connection is cut so the client sees a truncation)."""
+    if content_type.startswith("text/event-stream"):
+        payload = json.dumps(body_of(refusal, OPENAI), separators=(",", ":"))
+        return f"data: {payload}\n\n".encode()
+    if content_type.startswith(("application/x-ndjson", "application/jsonl")):
+        payload = json.dumps(body_of(refusal, OLLAMA), separators=(",", ":"))
+        return f"{payload}\n".encode()
+    return None

@@ -1,0 +1,361 @@
+"""The reverse proxy to the active engine: unbuffered, uncapped, cancellable.
+
+Settings that matter and why (issue 3, item 7):
+* one ``ClientSession`` with no connection cap and a keep-alive shorter than the engine's
+  (vLLM/uvicorn closes idle connections after 5 s; reusing one it just closed fails);
+* ``total=None``: aiohttp's default ``total=300`` would cut every generation longer than
+  five minutes; only connecting is short, and silence mid-response is bounded by the
+  configurable ``gate.read_timeout_s``;
+* no decompression and no body parsing, except reading the ``model`` field of a JSON
+  request to refuse a mismatch (409) or map a catalog name to the served name;
+* streams are copied chunk by chunk as they arrive (``iter_any``), with
+  ``X-Accel-Buffering: no`` so a fronting nginx does not buffer them either;
+* a request whose engine stops being the active one (a switch began) is cancelled and
+  ends with an error the client's library understands, so nothing hangs on a dying engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from reconciler import clock
+from reconciler.catalog import Catalog
+from reconciler.gate import errors
+from reconciler.gate.admission import SELECT_HINT, admit
+from reconciler.gate.errors import OLLAMA, Refusal
+from reconciler.gate.metrics import GateMetrics
+from reconciler.gate.statefollow import Snapshot, StateFollower, Target
+
+log = logging.getLogger("ailayer.gate")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Below vLLM's (uvicorn's) 5 s idle timeout, so we never send on a connection it is closing.
+UPSTREAM_KEEPALIVE_S = 4.0
+# A request that met a dead pooled connection before any answer is sent once more.
+SEND_ATTEMPTS = 2
+# A non-streamed answer up to this size is read whole and sent in one piece (fewer writes);
+# larger ones and all streams are relayed chunk by chunk.
+WHOLE_BODY_MAX = 1 << 20
+# Retry hint after an engine that should be READY refused the connection: the reconciler's
+# liveness probe needs a few seconds to notice and restart it.
+RETRY_ENGINE_DOWN_S = 5.0
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+    "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})  # fmt: skip
+DROP_REQUEST = HOP_BY_HOP | {"host", "content-length"}
+DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server"}
+STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
+
+
+class InFlight:
+    """A proxied request and the engine it went to; ``refusal`` is set when it is aborted."""
+
+    __slots__ = ("refusal", "target", "task")
+
+    def __init__(self, target: Target, task: asyncio.Task[Any]) -> None:
+        self.target = target
+        self.task = task
+        self.refusal: Refusal | None = None
+
+
+def _headers(pairs: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
+    """Copy headers minus hop-by-hop ones, including any the Connection header names."""
+    out: list[tuple[str, str]] = []
+    extra: set[str] = set()
+    for key, value in pairs:
+        low = key.lower()
+        if low == "connection":
+            extra.update(t.strip().lower() for t in value.split(","))
+        if low not in drop:
+            out.append((key, value))
+    if extra:
+        out = [(k, v) for k, v in out if k.lower() not in extra]
+    return out
+
+
+def _names_served(body: bytes, served: str, field: str) -> bool:
+    """Without parsing: does the body's only ``field`` key name the served model?
+
+    Sound because a JSON string cannot contain ``"model"`` unescaped: if that byte
+    sequence occurs once, it is the one key, and it is followed by the served name (or the
+    key is nested and the top level names no model, which passes through anyway). Any
+    other spelling (spaces, escapes, a second occurrence) falls back to a real parse.
+    """
+    key = f'"{field}"'.encode()
+    if body.count(key) != 1:
+        return False
+    name = json.dumps(served).encode()
+    return key + b":" + name in body or key + b": " + name in body
+
+
+def _switch_refusal(old: Target, new: Snapshot) -> Refusal:
+    data = new.data or {}
+    now = new.target.model if new.target else data.get("desired_model")
+    message = (
+        f"request ended by the gate: model {old.model!r} stopped being served "
+        f"(phase now {new.phase or 'unknown'}, desired model {data.get('desired_model')!r}); "
+        "the gate never finishes a request on an engine that is being switched away"
+    )
+    detail = {"phase": new.phase, "previous_model": old.model, "model": now,
+              "generation": new.revision}
+    return Refusal(503, "model_switched", message, None, detail)
+
+
+class Proxy:
+    """Owns the upstream session and the set of requests in flight."""
+
+    def __init__(self, catalog: Catalog, follower: StateFollower, metrics: GateMetrics) -> None:
+        self._catalog = catalog
+        self._gate = catalog.gate
+        self._follower = follower
+        self._metrics = metrics
+        self._known = catalog.names()
+        self._by_served = {e.served_name: name for name, e in catalog.engines.items()}
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight: set[InFlight] = set()
+        follower.add_listener(self._on_state)
+
+    async def start(self) -> None:
+        gate = self._gate
+        read = gate.read_timeout_s
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None,
+            sock_connect=clock.real_seconds(gate.connect_timeout_s),
+            sock_read=None if read is None else clock.real_seconds(read),
+        )
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0,
+            keepalive_timeout=clock.real_seconds(UPSTREAM_KEEPALIVE_S),
+        )  # fmt: skip
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies must not reach another
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # ------------------------------------------------------------------ switch
+
+    def _on_state(self, old: Snapshot, new: Snapshot) -> None:
+        """A new valid state that no longer routes to a request's engine ends that request."""
+        if new.data is None:
+            return  # the file vanished: we know nothing new about the engine, keep going
+        for flight in list(self._inflight):
+            if flight.target != new.target and flight.refusal is None:
+                flight.refusal = _switch_refusal(flight.target, new)
+                flight.task.cancel()
+
+    # ------------------------------------------------------------------ routes
+
+    def handler(self, route: str, family: str, model_field: str | None) -> Handler:
+        """A handler for ``route``; ``model_field`` names the JSON key that carries the model."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            verdict = admit(self._follower, self._known)
+            if isinstance(verdict, Refusal):
+                self._metrics.request(route, verdict.code)
+                return errors.respond(verdict, family, stale=self._follower.stale())
+            task = asyncio.current_task()
+            assert task is not None
+            flight = InFlight(verdict, task)
+            self._inflight.add(flight)
+            try:
+                return await self._proxy(request, route, family, model_field, flight)
+            finally:
+                self._inflight.discard(flight)
+
+        return handle
+
+    def _check_model(self, body: bytes, target: Target, family: str, field: str) -> bytes | Refusal:
+        """Refuse another model by name (409); map the catalog name to the served name."""
+        if _names_served(body, target.served_name, field):
+            return body
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return body  # not JSON: the engine gives its own error
+        if not isinstance(doc, dict):
+            return body
+        name = doc.get(field)
+        if not isinstance(name, str) or not name or name == target.served_name:
+            return body
+        if name == target.model:
+            doc[field] = target.served_name
+            return json.dumps(doc, separators=(",", ":")).encode()
+        if family == OLLAMA and ":" not in name and target.served_name == name + ":latest":
+            return body
+        return self._mismatch(name, target)
+
+    def _mismatch(self, name: str, target: Target) -> Refusal:
+        catalog_name = name if name in self._catalog.engines else self._by_served.get(name)
+        served = "" if target.served_name == target.model else f" (served as {target.served_name!r})"
+        message = (
+            f"model {name!r} is not the active model; the active model is {target.model!r}"
+            f"{served}. The gate never switches models by itself: "
+        )
+        if catalog_name:
+            message += (f"run `ailayer toggle {catalog_name}` or POST /toggle "
+                        f'{{"model": "{catalog_name}"}} to switch')
+        else:
+            message += f"{name!r} is not in the catalog either (known: {', '.join(self._known)})"
+        detail = {"requested_model": name, "active_model": target.model,
+                  "served_name": target.served_name, "known_models": self._known,
+                  "how_to_select": SELECT_HINT}
+        return Refusal(409, "model_not_active", message, None, detail,
+                       {"X-AILayer-Active-Model": target.model})
+
+    async def _proxy(
+        self, request: web.Request, route: str, family: str, model_field: str | None,
+        flight: InFlight,
+    ) -> web.StreamResponse:
+        target = flight.target
+        resp: web.StreamResponse | None = None
+        ctype = ""
+        try:
+            body = await request.read() if request.body_exists else b""
+            if model_field is not None and body:
+                checked = self._check_model(body, target, family, model_field)
+                if isinstance(checked, Refusal):
+                    self._metrics.request(route, checked.code)
+                    return errors.respond(checked, family, stale=False)
+                body = checked
+            up = await self._send(request, target, body)
+            async with up:
+                headers = CIMultiDict(_headers(up.headers.items(), DROP_RESPONSE))
+                ctype = up.headers.get("Content-Type", "")
+                length = up.content_length
+                streaming = length is None or ctype.startswith(STREAM_TYPES)
+                if not streaming and length is not None and length <= WHOLE_BODY_MAX:
+                    data = await up.read()
+                    self._metrics.request(route, "proxied")
+                    return web.Response(status=up.status, reason=up.reason, body=data,
+                                        headers=headers)
+                resp = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+                if streaming:
+                    resp.headers.update(errors.NO_BUFFERING)
+                if length is not None:
+                    resp.content_length = length
+                await resp.prepare(request)
+                return await self._relay(route, up, resp, streaming)
+        except asyncio.CancelledError:
+            refusal = flight.refusal
+            if refusal is None:
+                if resp is not None:
+                    self._metrics.streams.labels("client_gone").inc()
+                self._metrics.request(route, "client_gone")
+                raise  # the client left (or we are shutting down): the engine request is closed
+            flight.task.uncancel()
+            self._metrics.request(route, refusal.code)
+            return await self._end_with(request, resp, ctype, refusal, family)
+        except (aiohttp.ClientError, TimeoutError, ConnectionResetError) as exc:
+            if isinstance(exc, ConnectionResetError) and resp is not None:
+                # Writing to the client failed: it left mid-stream; the engine side is closed.
+                self._metrics.streams.labels("client_gone").inc()
+                self._metrics.request(route, "client_gone")
+                return resp
+            refusal = self._upstream_refusal(exc, target)
+            self._metrics.request(route, refusal.code)
+            return await self._end_with(request, resp, ctype, refusal, family)
+
+    async def _send(self, request: web.Request, target: Target, body: bytes) -> aiohttp.ClientResponse:
+        """Send upstream; once more on a fresh connection if a pooled one turned out dead.
+
+        llama.cpp's server closes the connection after a streamed response while its headers
+        said keep-alive, so the next request on that pooled connection meets a closed socket
+        before the engine has seen it (2-30 % of requests right after a stream got a 502).
+        """
+        assert self._session is not None
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            try:
+                return await self._session.request(
+                    request.method,
+                    URL(target.url + request.raw_path, encoded=True),  # already encoded: no requoting
+                    headers=_headers(request.headers.items(), DROP_REQUEST),
+                    data=body or None,
+                    allow_redirects=False,
+                )
+            except aiohttp.ClientConnectorError:
+                raise  # nothing listening: a retry would not help
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if attempt == SEND_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _relay(
+        self, route: str, up: aiohttp.ClientResponse, resp: web.StreamResponse, streaming: bool
+    ) -> web.StreamResponse:
+        """Copy chunks as they arrive (never waiting to fill a buffer); count streams."""
+        metrics = self._metrics
+        if streaming:
+            metrics.streams_active.inc()
+        try:
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+        finally:
+            if streaming:
+                metrics.streams_active.dec()
+        if streaming:
+            metrics.streams.labels("completed").inc()
+        metrics.request(route, "proxied")
+        return resp
+
+    @staticmethod
+    def _upstream_refusal(exc: BaseException, target: Target) -> Refusal:
+        detail = {"engine_url": target.url, "model": target.model, "error": repr(exc)}
+        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+            return Refusal(504, "engine_timeout",
+                           f"engine for {target.model!r} at {target.url} went silent: {exc!r}",
+                           None, detail)
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return Refusal(502, "engine_unreachable",
+                           f"engine for {target.model!r} at {target.url} refused the connection"
+                           " (the reconciler restarts it if it died)",
+                           RETRY_ENGINE_DOWN_S, detail)
+        return Refusal(502, "engine_error",
+                       f"engine for {target.model!r} at {target.url} broke off: {exc!r}",
+                       RETRY_ENGINE_DOWN_S, detail)
+
+    async def _end_with(
+        self, request: web.Request, resp: web.StreamResponse | None, ctype: str,
+        refusal: Refusal, family: str,
+    ) -> web.StreamResponse:
+        """Say what happened: an error answer, an error item in the stream, or a cut."""
+        if resp is None or not resp.prepared:
+            return errors.respond(refusal, family, stale=self._follower.stale())
+        self._metrics.streams.labels(refusal.code).inc()
+        chunk = errors.stream_error_chunk(refusal, ctype)
+        if chunk is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await resp.write(chunk)
+                await resp.write_eof()
+                return resp
+        # A fixed-length body or an unknown format cannot carry an error: cut the
+        # connection so the client sees a truncated response, never a plausible one.
+        if request.transport is not None:
+            request.transport.abort()
+        return resp

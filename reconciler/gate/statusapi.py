@@ -1,0 +1,155 @@
+"""State for UIs and monitoring: GET /status (with Consul-style long-poll), /events, /healthz.
+
+A UI follows a 35-minute boot with a chain of short requests, none of which outlives a
+proxy's timeout: ``GET /status?wait=50&since=GEN`` answers at once if the generation
+moved past GEN, otherwise at the next change, otherwise after ``wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+
+from aiohttp import web
+
+from reconciler import clock
+from reconciler.gate import errors
+from reconciler.gate.errors import Refusal
+from reconciler.gate.metrics import GateMetrics
+from reconciler.gate.statefollow import StateFollower
+
+# Consul's cap on a blocking query: long enough to be cheap, short enough that a lost
+# client's request is not kept for hours.
+MAX_WAIT_S = 600.0
+# When ``since`` comes without ``wait``: under nginx's default proxy_read_timeout (60 s).
+DEFAULT_WAIT_S = 50.0
+# A comment line this often keeps an idle /events stream alive through proxies
+# (nginx closes after 60 s of silence by default) and lets clients detect a dead gate.
+EVENTS_HEARTBEAT_S = 15.0
+# How long an EventSource waits before reconnecting after the stream ends.
+EVENTS_RETRY_MS = 2000
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(raw: str) -> float:
+    """``30``, ``30s``, ``1.5m``, ``500ms`` → seconds (Consul accepts the same forms)."""
+    match = _DURATION.match(raw)
+    if match is None:
+        raise ValueError(f"not a duration: {raw!r} (use seconds, e.g. 30 or 30s or 5m)")
+    return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+def render(follower: StateFollower) -> str:
+    """The observed state plus the gate's verdict on it, as one line of JSON."""
+    snap = follower.snapshot
+    age = follower.heartbeat_age()
+    gate = {
+        "generation": snap.revision,
+        "reconciler": follower.reconciler_state(),
+        "heartbeat_age_s": None if age == float("inf") else round(age, 3),
+        "stale_after_s": follower.stale_after_s,
+        "state_file": str(follower.path),
+        "read_error": follower.read_error,
+    }
+    head = '{"stale":%s,"gate":%s' % (  # noqa: UP031 (splicing cached JSON, not formatting)
+        "true" if follower.stale() else "false", json.dumps(gate, separators=(",", ":")))
+    if snap.data is None:
+        return head + ',"phase":null}'
+    return head + "," + snap.json_text[1:]
+
+
+def state_headers(follower: StateFollower) -> dict[str, str]:
+    return {
+        errors.STALE_HEADER: "true" if follower.stale() else "false",
+        errors.GENERATION_HEADER: str(follower.generation),
+        errors.PHASE_HEADER: follower.snapshot.phase or "none",
+        **errors.NO_BUFFERING,
+    }
+
+
+class StatusApi:
+    """Handlers that only read the followed state."""
+
+    def __init__(
+        self, follower: StateFollower, metrics: GateMetrics, inflight: Callable[[], int]
+    ) -> None:
+        self._follower = follower
+        self._metrics = metrics
+        self._inflight = inflight
+
+    def _bad(self, message: str) -> web.Response:
+        refusal = Refusal(400, "bad_query", message)
+        return errors.respond(refusal, errors.OPENAI, stale=self._follower.stale())
+
+    async def status(self, request: web.Request) -> web.Response:
+        follower = self._follower
+        try:
+            since = int(request.query["since"]) if "since" in request.query else None
+            wait = parse_duration(request.query["wait"]) if "wait" in request.query else None
+        except ValueError as exc:
+            return self._bad(f"bad long-poll query: {exc}")
+        if since is not None and since == follower.generation and not follower.closing:
+            await self._wait(min(MAX_WAIT_S, DEFAULT_WAIT_S if wait is None else wait))
+        self._metrics.request("/status", "ok")
+        return web.Response(text=render(follower), content_type="application/json",
+                            headers=state_headers(follower))
+
+    async def _wait(self, seconds: float) -> None:
+        change = self._follower.change_event()
+        self._metrics.waiters.inc()
+        try:
+            async with asyncio.timeout(clock.real_seconds(seconds)):
+                await change.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._metrics.waiters.dec()
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: the state now, then at every change, with heartbeat comments."""
+        follower = self._follower
+        headers = {"Content-Type": "text/event-stream", **state_headers(follower)}
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        self._metrics.request("/events", "ok")
+        self._metrics.waiters.inc()
+        try:
+            change = follower.change_event()
+            await resp.write(f"retry: {EVENTS_RETRY_MS}\n\n".encode() + self._event())
+            while not follower.closing:
+                try:
+                    async with asyncio.timeout(clock.real_seconds(EVENTS_HEARTBEAT_S)):
+                        await change.wait()
+                except TimeoutError:
+                    await resp.write(f": heartbeat {clock.iso()}\n\n".encode())
+                    continue
+                change = follower.change_event()
+                if not follower.closing:
+                    await resp.write(self._event())
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away
+        finally:
+            self._metrics.waiters.dec()
+        return resp
+
+    def _event(self) -> bytes:
+        follower = self._follower
+        return f"event: status\nid: {follower.generation}\ndata: {render(follower)}\n\n".encode()
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        """The gate itself is up; the reconciler's state is reported, not judged, here."""
+        follower = self._follower
+        body = {
+            "ok": True,
+            "reconciler": follower.reconciler_state(),
+            "stale": follower.stale(),
+            "phase": follower.snapshot.phase,
+            "generation": follower.generation,
+            "inflight": self._inflight(),
+        }
+        return web.json_response(body, headers=state_headers(follower))

@@ -1,0 +1,100 @@
+"""POST /toggle: the HTTP twin of ``ailayer toggle``, through the very same atomic writer.
+
+Selecting a model starts or kills processes on the GPU server, so it needs a bearer
+token; with no token configured the endpoint is off rather than open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from reconciler import desired
+from reconciler.catalog import DEFAULT_TOKEN_ENV as TOKEN_ENV
+from reconciler.catalog import Catalog
+from reconciler.gate import errors
+from reconciler.gate.errors import Refusal
+from reconciler.gate.metrics import GateMetrics
+from reconciler.schemas import InvalidFile
+
+# {"model": "..."} is tiny; anything bigger is not a toggle.
+MAX_BODY_BYTES = 4096
+MAX_REQUESTED_BY = 200
+
+
+class Toggle:
+    def __init__(
+        self, catalog: Catalog, metrics: GateMetrics, stale: Callable[[], bool]
+    ) -> None:
+        self._catalog = catalog
+        self._stale = stale
+        self._metrics = metrics
+        token = catalog.gate.token
+        self._token = token.encode() if token else None
+
+    def _refuse(self, refusal: Refusal) -> web.Response:
+        self._metrics.request("/toggle", refusal.code)
+        return errors.respond(refusal, errors.OPENAI, stale=self._stale())
+
+    def _authorized(self, request: web.Request) -> Refusal | None:
+        if self._token is None:
+            return Refusal(403, "toggle_disabled",
+                           f"POST /toggle is disabled: no token is configured (set gate.token "
+                           f"or gate.token_env in the catalog, default ${TOKEN_ENV})")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 self._token):
+            return Refusal(401, "unauthorized", "POST /toggle needs 'Authorization: Bearer TOKEN'",
+                           headers={"WWW-Authenticate": 'Bearer realm="ailayer"'})
+        return None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        denied = self._authorized(request)
+        if denied is not None:
+            return self._refuse(denied)
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            return self._refuse(Refusal(413, "body_too_large", "a toggle body is a few bytes"))
+        parsed = self._parse(await request.read())
+        if isinstance(parsed, Refusal):
+            return self._refuse(parsed)
+        model, who = parsed
+        requested_by = f"{who or 'gate'} via http from {request.remote}"
+        try:
+            wish = await asyncio.to_thread(desired.write, self._catalog, model, requested_by)
+        except desired.UnknownModel as exc:
+            return self._refuse(Refusal(
+                422, "unknown_model",
+                f"unknown model {model!r}; known models: {', '.join(exc.known)}",
+                detail={"known_models": exc.known}))
+        except (InvalidFile, OSError) as exc:
+            return self._refuse(Refusal(500, "write_failed", f"could not write the wish: {exc}"))
+        self._metrics.request("/toggle", "accepted")
+        body = {
+            "model": wish.model,
+            "generation": wish.generation,
+            "desired_state": str(self._catalog.desired_path),
+            "follow": "GET /status?wait=50&since=GENERATION or GET /events",
+        }
+        stale = "true" if self._stale() else "false"
+        return web.json_response(body, status=202, headers={errors.STALE_HEADER: stale})
+
+    @staticmethod
+    def _parse(raw: bytes) -> tuple[str | None, str | None] | Refusal:
+        try:
+            doc: Any = json.loads(raw)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or "model" not in doc:
+            return Refusal(400, "bad_request",
+                           'body must be JSON {"model": "NAME"} or {"model": null}')
+        model, who = doc["model"], doc.get("requested_by")
+        if model is not None and not isinstance(model, str):
+            return Refusal(400, "bad_request", "model must be a string or null")
+        if who is not None and not isinstance(who, str):
+            return Refusal(400, "bad_request", "requested_by must be a string")
+        return model, who[:MAX_REQUESTED_BY] if who else None
