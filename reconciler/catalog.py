@@ -238,7 +238,10 @@ def from_document(document: object, source: str, base: Path) -> Catalog:
     engines = {name: _engine(name, raw) for name, raw in document["engines"].items()}
 
     def path(key: str, default: Path) -> Path:
-        value = Path(document.get(key, default)).expanduser()
+        try:
+            value = Path(document.get(key, default)).expanduser()
+        except RuntimeError as exc:  # "~nosuchuser/x": expanduser cannot find the home directory
+            raise InvalidFile(source, f"field '{key}': {exc}") from None
         return value if value.is_absolute() else (base / value)
 
     return Catalog(

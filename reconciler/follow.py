@@ -86,9 +86,18 @@ class Follower:
             tail = self._tails.get(path)
             return tail.last_line if tail else None
 
-    def poll(self) -> None:
-        with self._poll_lock:  # the loop thread and the follower thread may both poll
+    def poll(self, wait: bool = True) -> None:
+        """Read new output. ``wait=False``: skip if another thread is already polling.
+
+        The loop polls with ``wait=False``: behind a flooding engine a poll takes a while,
+        and the loop must not stall on it (toggles and liveness checks would wait).
+        """
+        if not self._poll_lock.acquire(blocking=wait):  # loop and follower thread both poll
+            return
+        try:
             self._poll()
+        finally:
+            self._poll_lock.release()
 
     def _poll(self) -> None:
         with self._lock:
@@ -117,22 +126,24 @@ class Follower:
         tail.offset += len(data)
         buffer = tail.partial + data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *lines, rest = buffer.split(b"\n")
+        pieces: list[bytes] = []
         for raw in lines:
             while len(raw) > MAX_LINE_BYTES:
-                self._emit(tail, raw[:MAX_LINE_BYTES] + CONTINUES)
+                pieces.append(raw[:MAX_LINE_BYTES] + CONTINUES)
                 raw = raw[MAX_LINE_BYTES:]
-            self._emit(tail, raw)
+            pieces.append(raw)
         # No newline in sight: emit what we have in pieces (each marked exactly once).
         while len(rest) > MAX_LINE_BYTES:
-            self._emit(tail, rest[:MAX_LINE_BYTES] + CONTINUES)
+            pieces.append(rest[:MAX_LINE_BYTES] + CONTINUES)
             rest = rest[MAX_LINE_BYTES:]
         tail.partial = rest
+        self._emit(tail, *pieces)
 
-    def _emit(self, tail: _Tail, raw: bytes) -> None:
-        text = sanitize(raw).rstrip()
-        if text:
-            tail.last_line = text
-            self._log.write(tail.model, tail.pid, text)
+    def _emit(self, tail: _Tail, *raws: bytes) -> None:
+        texts = [t for t in (sanitize(raw).rstrip() for raw in raws) if t]
+        if texts:
+            tail.last_line = texts[-1]
+            self._log.write_lines(tail.model, tail.pid, texts)
 
     def _flush_partial(self, tail: _Tail) -> None:
         if tail.partial:

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import IO
 
+from reconciler.atomicfile import ensure_dir
+
 
 class AlreadyRunning(RuntimeError):
     pass
@@ -20,8 +22,9 @@ class StateLock:
         self._handle: IO[str] | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a+")
+        ensure_dir(self.path.parent)
+        # An explicit mode: open("a+") would make it 0666 under a umask of 000.
+        handle = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644), "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -160,7 +160,7 @@ class Reconciler:
         for path, (model, pid) in live.items():
             self.follower.track(path, model, pid)
         self.follower.retain(set(live))
-        self.follower.poll()
+        self.follower.poll(wait=False)
         for path, (model, pid) in live.items():
             if model == active:
                 last, leader = self.follower.last_line(path), pid

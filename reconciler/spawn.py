@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.atomicfile import ensure_dir
 from reconciler.catalog import Engine
 from reconciler.facts import COOKIE_ENV, Cookie
 
@@ -31,7 +32,7 @@ def new_cookie(namespace: str, model: str, started_at: float) -> Cookie:
 def spawn(engine: Engine, cookie: Cookie, state_dir: Path) -> Spawned:
     """Raises OSError (e.g. FileNotFoundError for a missing binary) for the caller to report."""
     log_path = raw_log_path(state_dir, cookie)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(log_path.parent)
     env = {k: v for k, v in os.environ.items() if k != COOKIE_ENV}
     env.update(engine.env)
     env[COOKIE_ENV] = cookie.encode()

@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from reconciler.atomicfile import write_atomic
+from reconciler.atomicfile import ensure_dir, write_atomic
 
 SCHEMA_VERSION = 1
 
@@ -125,7 +125,7 @@ def with_revision(new: Status, previous: Status | None) -> Status:
 
 
 def write(path: Path, status: Status) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     write_atomic(path, status.to_json())
 
 

@@ -1,0 +1,56 @@
+"""The fault suite at CI size (bench/chaos.py runs the same scenarios at the issue's size).
+
+Each scenario is real processes, real ports and the real process table; each returns its
+figures and a list of problems, and a problem is a defect. Run alone with
+``pytest tests/chaos -q``; the full sizes: ``python bench/chaos.py --full``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import chaos
+
+pytestmark = pytest.mark.integration
+
+SHORT = chaos.SIZES["short"]
+
+
+def _ok(result: chaos.Result) -> None:
+    assert result.problems == [], f"{result.scenario}: {result.problems[:5]} (figures: {result.figures})"
+
+
+def test_flapping_toggles_never_overlap_and_converge_to_the_last() -> None:
+    result = chaos.flapping(SHORT["toggles"], seed=11)
+    _ok(result)
+    assert result.figures["two_engines_alive_moments"] == 0
+    assert result.figures["leaked_processes"] == 0
+    assert result.figures["samples"] > SHORT["toggles"]
+
+
+def test_sigkilled_reconciler_restarts_without_duplicates_or_torn_state() -> None:
+    result = chaos.sigkill(SHORT["kills"], seed=12)
+    _ok(result)
+    assert result.figures["kills"] == SHORT["kills"]
+    assert result.figures["state_parse_failures"] == 0 and result.figures["state_reads"] > 0
+
+
+def test_bad_input_is_reported_and_the_last_good_state_kept() -> None:
+    result = chaos.badinput(SHORT["bad_files"], seed=13)
+    _ok(result)
+    assert result.figures["cases"] >= SHORT["bad_files"]
+    assert result.figures["reconciler_crashes"] == 0 and result.figures["engine_pid_unchanged"]
+
+
+@pytest.mark.parametrize("mode", ["crash-loading", "crash-ready", "hang-ready", "exit-at-once"])
+def test_engine_faults_are_detected_and_backed_off(mode: str) -> None:
+    _ok(chaos.engine_fault(mode, SHORT["restarts"]))
+
+
+@pytest.mark.parametrize("mode", ["ansi", "bigline", "close-stdout", "flood"])
+def test_hostile_output_neither_blocks_nor_forges(mode: str) -> None:
+    _ok(chaos.output_fault(mode, SHORT["flood_s"]))
+
+
+def test_security_checks() -> None:
+    _ok(chaos.security())
