@@ -21,6 +21,7 @@ class Desired:
 
     model: str | None
     generation: int | None = None
+    explicit: bool = True  # False: no file, an empty one, or no `model` key (not `model: null`)
 
 
 class UnknownModel(InvalidFile):
@@ -33,12 +34,12 @@ class UnknownModel(InvalidFile):
 def parse(document: object, source: Path | str, catalog: Catalog) -> Desired:
     schemas.validate("desired_state", document, source)
     if document is None:
-        return Desired(None)
+        return Desired(None, explicit=False)
     assert isinstance(document, dict)
     model = document.get("model")
     if model is not None and model not in catalog.engines:
         raise UnknownModel(source, model, catalog.names())
-    return Desired(model, document.get("generation"))
+    return Desired(model, document.get("generation"), explicit="model" in document)
 
 
 def read(catalog: Catalog) -> Desired:
@@ -47,7 +48,7 @@ def read(catalog: Catalog) -> Desired:
     try:
         document = yamlfile.read_yaml(path)
     except FileNotFoundError:
-        return Desired(None)
+        return Desired(None, explicit=False)
     return parse(document, path, catalog)
 
 

@@ -27,6 +27,9 @@ from reconciler.schemas import InvalidFile
 from reconciler.spawn import raw_log_path
 from reconciler.status import Phase, Status
 
+# A desired file that vanished or went empty must stay so this long before a running model
+# is stopped for it: a non-atomic write truncates the file for a moment.
+DESIRED_SETTLE_S = 1.0
 # GPU memory is informational; sampling NVML on every 1 s boot pass is not needed.
 GPU_EVERY_S = 10.0
 
@@ -93,6 +96,8 @@ class Reconciler:
         self._gpu_at = -GPU_EVERY_S
         self.wake = threading.Event()
         self.last_model: str | None = None
+        self._absent_since: float | None = None
+        self.recheck_in: float | None = None  # an early next pass asked for by this one
 
     @property
     def catalog(self) -> Catalog:
@@ -113,10 +118,31 @@ class Reconciler:
         except InvalidFile as exc:
             errors.append(("InvalidDesiredState", f"{exc}; keeping the last good desired state"))
         else:
+            if self._settling(wish):
+                return self.last_good or desired.Desired(None)
             if self.last_good is None or wish.model != self.last_good.model:
                 self._desired_counter += 1
             self.last_good = wish
         return self.last_good or desired.Desired(None)
+
+    def _settling(self, wish: desired.Desired) -> bool:
+        """A file that vanished or went empty while a model runs may be a non-atomic write
+        (``echo model: x > desired_state.yaml`` truncates first): wait DESIRED_SETTLE_S before
+        taking it for IDLE. An explicit ``model: null`` is acted on at once."""
+        running = self.last_good is not None and self.last_good.model is not None
+        if wish.explicit or wish.model is not None or not running:
+            self._absent_since = None
+            return False
+        now = clock.monotonic()
+        if self._absent_since is None:
+            self._absent_since = now
+            self.log.event(f"{self.catalog.desired_path} is missing or empty; treating it as IDLE "
+                           f"if it stays so for {DESIRED_SETTLE_S:g} s")
+        if now - self._absent_since < DESIRED_SETTLE_S:
+            self.recheck_in = DESIRED_SETTLE_S - (now - self._absent_since)
+            return True
+        self._absent_since = None
+        return False
 
     def _observe(self, wanted: str | None) -> Observation:
         engines = self.catalog.engines
@@ -263,8 +289,10 @@ class Reconciler:
             while not stop.is_set():
                 self.wake.clear()
                 try:
+                    self.recheck_in = None
                     result = self.step()
-                    delay = min(result.plan.requeue_after, self.catalog.resync_interval_s)
+                    delay = min(result.plan.requeue_after, self.catalog.resync_interval_s,
+                                self.recheck_in if self.recheck_in is not None else float("inf"))
                 except Exception as exc:  # the loop must outlive any single bad pass
                     self.log.event(f"pass failed: {type(exc).__name__}: {exc}")
                     delay = self.catalog.resync_interval_s

@@ -21,6 +21,8 @@ RESPAWN_WINDOW_S = 120.0
 # How often to look again at a port held by a process we may not kill. Short, so the
 # engine starts well within a second of the port being released.
 PORT_POLL_S = 0.25
+# READY this long without a failure resets the restart count (Kubernetes uses 10 minutes).
+BACKOFF_RESET_AFTER_S = 600.0
 # The fastest we re-probe a booting engine (see probe_interval).
 MIN_PROBE_INTERVAL_S = 0.05
 # Nothing is wanted: only the catalog's resync interval matters; this caps it.
@@ -226,8 +228,12 @@ def _plan_keeper(
                     requeue_after=0.0 if actions else requeue, notes=tuple(notes))
 
     if ready:
-        memory = replace(memory, ready_since=memory.ready_since or now, liveness_failures=0,
-                         restarts=0, backoff_until=None, warmup_failed_at=None)
+        since = memory.ready_since or now
+        # Like Kubernetes, forgive past crashes only after a stretch of healthy running: an
+        # engine that crashes a minute after every READY must still back off further.
+        restarts = 0 if now - since >= BACKOFF_RESET_AFTER_S else memory.restarts
+        memory = replace(memory, ready_since=since, liveness_failures=0,
+                         restarts=restarts, backoff_until=None, warmup_failed_at=None)
         how = "adopted a running engine" if adopted else "engine answers its readiness probe"
         return done(Verdict(Phase.READY, "Ready", how), memory, engine.liveness_period_s)
 

@@ -26,7 +26,15 @@ def put(cat: Catalog, text: str) -> Path:
 
 def test_missing_file_is_idle(cat: Catalog) -> None:
     assert not cat.desired_path.exists()
-    assert desired.read(cat) == Desired(None)
+    assert desired.read(cat) == Desired(None, explicit=False)
+
+
+@pytest.mark.parametrize(("text", "explicit"), [("", False), ("null\n", False), ("{}\n", False),
+                                               ("model: null\n", True), ("model:\n", True)])
+def test_only_an_explicit_null_is_explicit(cat: Catalog, text: str, explicit: bool) -> None:
+    """The loop waits a moment before stopping a model for an empty file, not for `model: null`."""
+    cat.desired_path.write_text(text)
+    assert desired.read(cat).explicit is explicit
 
 
 @pytest.mark.parametrize("text", ["", "# nothing chosen\n", "null\n", "model: null\n", "model:\n"])

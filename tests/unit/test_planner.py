@@ -204,3 +204,14 @@ def test_zombies_are_dead_not_surplus() -> None:
     zombie = vllm(10, zombie=True)
     result = plan("gemma2", ENGINES, obs(zombie), Memory(), NS)
     assert kinds(result.actions) == ["Start"]
+
+
+def test_crash_count_is_forgiven_only_after_a_healthy_stretch() -> None:
+    from reconciler.planner import BACKOFF_RESET_AFTER_S
+
+    memory = Memory(model="gpt-oss", tracked="a1", restarts=3)
+    fresh = plan("gpt-oss", ENGINES, obs(vllm(10), probe=READY), memory, NS)
+    assert fresh.verdict.phase is Phase.READY and fresh.memory.restarts == 3
+    later = plan("gpt-oss", ENGINES, replace(obs(vllm(10), probe=READY), now=NOW + BACKOFF_RESET_AFTER_S),
+                 fresh.memory, NS)
+    assert later.memory.restarts == 0
