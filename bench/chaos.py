@@ -56,6 +56,7 @@ from reconciler.facts import COOKIE_ENV  # noqa: E402
 from reconciler.loop import namespace_of  # noqa: E402
 from reconciler.schemas import InvalidFile  # noqa: E402
 from tests.helpers import PY, TEST_RUN_ENV, Stack, demo_engine, free_port  # noqa: E402
+from tests.helpers import wait_until as wait_for  # noqa: E402
 
 # The sampling interval for the process table.
 SAMPLE_S = 0.01
@@ -268,17 +269,6 @@ class Sampler(threading.Thread):
     def __exit__(self, *exc: object) -> None:
         self._stop_event.set()
         self.join(timeout=PROCESS_LIMIT_S)
-
-
-def wait_for(what: str, check: Callable[[], Any], limit: float) -> Any:
-    deadline = time.monotonic() + limit
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(POLL_S)
-    raise TimeoutError(f"{what}: not within {limit} s (last: {str(last)[:300]})")
 
 
 def converged(stack: Stack, census: Census, model: str | None, generation: int,

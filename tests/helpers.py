@@ -43,7 +43,7 @@ def wait_until(what: str, check: Callable[[], T | None], timeout: float = DEADLI
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last: {str(last)[:300]})")
 
 
 def demo_engine(kind: str, port: int, boot_s: float = 0.3, **extra: Any) -> dict[str, Any]:

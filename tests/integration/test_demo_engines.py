@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +32,7 @@ import pytest
 
 from reconciler import clock
 from reconciler.demo.common import demo_text
+from tests.helpers import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,29 +50,6 @@ MiB = 1024 * 1024
 def wall() -> float:
     """Wall seconds (differences only), read through the project clock."""
     return clock.monotonic() * clock.real_seconds(1.0)
-
-
-def nap(wall_s: float) -> None:
-    clock.sleep(wall_s / clock.real_seconds(1.0))
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float = START_TIMEOUT_S) -> T:
-    """Poll ``check`` until it returns something truthy, or fail after ``timeout`` wall s."""
-    deadline = wall() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if wall() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        nap(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def refuses(port: int) -> bool:
@@ -133,7 +111,7 @@ class Engine:
         return [k for k in kids if marker in cmdline(k) and alive(k)]
 
     def worker(self, marker: str) -> psutil.Process:
-        found = wait_for(lambda: self.children(marker), f"a child matching {marker!r}")
+        found = wait_until(f"a child matching {marker!r}", lambda: self.children(marker))
         assert len(found) == 1, found
         return found[0]
 
@@ -144,7 +122,7 @@ class Engine:
             resp = get(self.url + path)
             return resp is not None and resp.status_code == 200
 
-        wait_for(ok, f"{path} to answer 200")
+        wait_until(f"{path} to answer 200", ok)
 
     def stats(self) -> dict[str, int]:
         data: dict[str, int] = httpx.get(self.url + "/demo/stats", timeout=5).json()
@@ -221,7 +199,7 @@ class Engines:
         return not victims
 
     def kill_all(self) -> None:
-        wait_for(self.kill_round, "every demo process of this test to be killed", 10)
+        wait_until("every demo process of this test to be killed", self.kill_round, 10)
         for popen in self.started:  # reap our own children; orphans are init's to reap
             popen.wait(timeout=10)
 
@@ -233,7 +211,7 @@ def engines(tmp_path: Path) -> Iterator[Engines]:
         yield started
     finally:
         started.kill_all()
-    wait_for(lambda: not started.tagged(), "every demo process of this test to be gone", 10)
+    wait_until("every demo process of this test to be gone", lambda: not started.tagged(), 10)
 
 
 def core_of(engine: Engine) -> psutil.Process:
@@ -283,7 +261,7 @@ def test_vllm_sigterm_while_loading_exits_zero_and_stops_the_core(engines: Engin
     core = core_of(eng)
     eng.proc.terminate()
     assert eng.proc.wait(timeout=10) == 0
-    wait_for(lambda: not alive(core), "the loading EngineCore to be stopped", 10)
+    wait_until("the loading EngineCore to be stopped", lambda: not alive(core), 10)
 
 
 def test_vllm_engine_core_holds_memory_and_survives_parent_sigkill(engines: Engines) -> None:
@@ -353,17 +331,17 @@ def test_vllm_injected_crashes(engines: Engines, fail: str, code: int, serves_fi
     eng = engines.vllm("--fail", fail)
     if serves_first:
         eng.wait_healthy("/health")
-    wait_for(lambda: eng.proc.poll() is not None, f"the engine to exit on {fail}")
+    wait_until(f"the engine to exit on {fail}", lambda: eng.proc.poll() is not None)
     assert eng.proc.returncode == code, eng.stderr()
     if fail != "exit-at-once":
         assert "Traceback (most recent call last):" in eng.stderr()
-    wait_for(lambda: not engines.tagged(), "a crashed engine to leave no process behind")
+    wait_until("a crashed engine to leave no process behind", lambda: not engines.tagged())
 
 
 def test_vllm_hang_ready_accepts_but_never_answers(engines: Engines) -> None:
     eng = engines.vllm("--fail", "hang-ready")
     eng.wait_healthy("/health")
-    wait_for(lambda: get(eng.url + "/health", timeout=0.3) is None, "the engine to wedge")
+    wait_until("the engine to wedge", lambda: get(eng.url + "/health", timeout=0.3) is None)
     assert not refuses(eng.port), "a hung engine still accepts connections"
     assert eng.proc.poll() is None
 
@@ -471,7 +449,7 @@ def test_sigterm_exits_cleanly_and_stops_the_worker(engines: Engines, kind: str)
     assert os.getsid(worker.pid) == os.getsid(eng.proc.pid)
     eng.proc.terminate()
     assert eng.proc.wait(timeout=10) == 0
-    wait_for(lambda: not alive(worker), "the worker to be stopped by its parent", 10)
+    wait_until("the worker to be stopped by its parent", lambda: not alive(worker), 10)
 
 
 def _stream_request(kind: str, port: int) -> bytes:
@@ -514,8 +492,8 @@ def test_client_disconnect_mid_stream_counts_as_cancelled(engines: Engines, kind
             chunk = sock.recv(65536)
             assert chunk, "stream ended early"
             received += chunk
-        assert wait_for(lambda: eng.stats()["active_streams"] == 1, "the stream to be active")
-    stats = wait_for(lambda: (s := eng.stats())["requests_cancelled"] == 1 and s, "the cancel to be counted")
+        assert wait_until("the stream to be active", lambda: eng.stats()["active_streams"] == 1)
+    stats = wait_until("the cancel to be counted", lambda: (s := eng.stats())["requests_cancelled"] == 1 and s)
     assert stats == {
         "requests_started": 1,
         "requests_finished": 0,
