@@ -1,0 +1,61 @@
+"""`ailayer up`, the main job: reconciler and gate together, through the CLI and real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import demo_engine, free_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = json.dumps({"model": "gpt-oss", "messages": [{"role": "user", "content": "hi"}],
+                     "max_tokens": 3}).encode()
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def post(url: str) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(url, data=PROMPT, headers={"Content-Type": "application/json"})
+    try:
+        with NO_PROXY.open(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:
+        return 0, {}
+
+
+def test_up_serves_gates_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    gate_port = free_port()
+    config = tmp_path / "engines.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": "run", "log_file": "activity.log", "gate": {"listen": f"127.0.0.1:{gate_port}"},
+        "engines": {"gpt-oss": demo_engine("vllm", free_port()),
+                    "gemma2": demo_engine("ollama", free_port())}}))
+    up = subprocess.Popen([sys.executable, "-m", "reconciler", "up", "--config", str(config)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                          env=os.environ.copy())
+    url = f"http://127.0.0.1:{gate_port}/v1/chat/completions"
+    try:
+        status, body = wait_until("428 from the gate", lambda: (r := post(url))[0] == 428 and r)
+        assert "no model" in str(body)
+        toggle = subprocess.run([sys.executable, "-m", "reconciler", "toggle", "gpt-oss", "--config",
+                                 str(config)], capture_output=True, text=True, timeout=60)
+        assert toggle.returncode == 0, toggle.stderr
+        status, body = wait_until("a completion through the gate", lambda: (r := post(url))[0] == 200 and r)
+        assert body["choices"]  # type: ignore[index]
+    finally:
+        up.send_signal(signal.SIGINT)
+        out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    assert f"http://127.0.0.1:{gate_port}" in err and "ailayer toggle" in err  # how to use it
+    assert "stopping managed engines" in out and "ailayer stopped" in out
