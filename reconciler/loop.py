@@ -95,7 +95,6 @@ class Reconciler:
         self._gpu: Gpu = Gpu(False, "not sampled yet")
         self._gpu_at = -GPU_EVERY_S
         self.wake = threading.Event()
-        self.last_model: str | None = None
         self._absent_since: float | None = None
         self.recheck_in: float | None = None  # an early next pass asked for by this one
 
@@ -118,11 +117,10 @@ class Reconciler:
         except InvalidFile as exc:
             errors.append(("InvalidDesiredState", f"{exc}; keeping the last good desired state"))
         else:
-            if self._settling(wish):
-                return self.last_good or desired.Desired(None)
-            if self.last_good is None or wish.model != self.last_good.model:
-                self._desired_counter += 1
-            self.last_good = wish
+            if not self._settling(wish):
+                if self.last_good is None or wish.model != self.last_good.model:
+                    self._desired_counter += 1
+                self.last_good = wish
         return self.last_good or desired.Desired(None)
 
     def _settling(self, wish: desired.Desired) -> bool:
@@ -220,12 +218,11 @@ class Reconciler:
             return new
 
         self.memory = the_plan.memory
+        units_before = classify(obs, self.catalog.engines, self.namespace).units
         if not the_plan.actions:
-            return PassResult(the_plan, report(the_plan, classify(obs, self.catalog.engines,
-                                                                  self.namespace).units), None)
+            return PassResult(the_plan, report(the_plan, units_before), None)
         # Say what is about to happen before doing it: the gate stops proxying at once.
-        view_before = classify(obs, self.catalog.engines, self.namespace).units
-        report(the_plan, view_before)
+        report(the_plan, units_before)
         outcome = self.executor.run(the_plan.actions, self.catalog.engines, self._rescan)
         self.memory = self._remember(the_plan, outcome, wish.model, obs.now)
         errors.extend((e.split(":", 1)[0], e) for e in outcome.errors)

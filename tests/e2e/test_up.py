@@ -46,12 +46,12 @@ def test_up_serves_gates_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
                           env=os.environ.copy())
     url = f"http://127.0.0.1:{gate_port}/v1/chat/completions"
     try:
-        status, body = wait_until("428 from the gate", lambda: (r := post(url))[0] == 428 and r)
+        _, body = wait_until("428 from the gate", lambda: (r := post(url))[0] == 428 and r)
         assert "no model" in str(body)
         toggle = subprocess.run([sys.executable, "-m", "reconciler", "toggle", "gpt-oss", "--config",
                                  str(config)], capture_output=True, text=True, timeout=60)
         assert toggle.returncode == 0, toggle.stderr
-        status, body = wait_until("a completion through the gate", lambda: (r := post(url))[0] == 200 and r)
+        _, body = wait_until("a completion through the gate", lambda: (r := post(url))[0] == 200 and r)
         assert body["choices"]  # type: ignore[index]
     finally:
         up.send_signal(signal.SIGINT)
