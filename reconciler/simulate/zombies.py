@@ -20,7 +20,11 @@ BOOT_S = 1.0
 
 
 def ps_aux(pids: set[int]) -> list[str]:
-    """The literal `ps aux` rows of ``pids`` (header first), as the seed asks to verify."""
+    """The literal `ps aux` rows of ``pids`` (header first), as the seed asks to verify.
+
+    A row whose STAT is Z is defunct: dead, holding nothing, waiting for its parent (or an
+    init that may never reap, as in some containers) to collect its exit status.
+    """
     out = subprocess.run(["ps", "aux"], capture_output=True, text=True, check=False).stdout
     lines = out.splitlines()
     rows = [line for line in lines[1:] if len(line.split()) > 1 and line.split()[1].isdigit()
