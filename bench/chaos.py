@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/chaos.py [scenario ...] [--full] [--seed N] [--json PATH]
 
-Scenarios: flapping, sigkill, badinput, faults, output, security. Without ``--full`` each
-runs at its CI size (``tests/chaos/test_chaos_short.py`` runs exactly these); with
-``--full`` at the issue's size (1,000 toggles, 100 SIGKILLs, >= 200 bad files).
+Scenarios: flapping, sigkill, badinput, faults, output, security, files (with diskfull), gate,
+ports. Without ``--full`` each runs at its CI size (``tests/chaos/test_chaos_short.py`` runs
+exactly these); with ``--full`` at the issue's size (1,000 toggles, 100 SIGKILLs, >= 200 bad
+files, 10,000 idle requests, 1,000 long-poll clients across 50 toggles).
 
 Everything is real: reconciler subprocesses, demo engines, loopback ports, the process
 table. Every catalog gets per-run ``match`` patterns (the engine's own port is in them), so
@@ -20,12 +21,15 @@ Each scenario returns a ``Result``: figures (what the docs table reports) and pr
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import itertools
 import json
 import os
 import random
 import re
+import resource
+import shutil
 import socket
 import stat
 import subprocess
@@ -89,8 +93,10 @@ STALL_LIMIT_S = 2.0
 MIN_GENERATED = 20
 
 SIZES: dict[str, dict[str, int]] = {
-    "short": {"toggles": 60, "kills": 10, "bad_files": 60, "restarts": 2, "flood_s": 2},
-    "full": {"toggles": 1000, "kills": 100, "bad_files": 240, "restarts": 4, "flood_s": 3},
+    "short": {"toggles": 60, "kills": 10, "bad_files": 60, "restarts": 2, "flood_s": 2,
+              "gate_requests": 1000, "longpoll_clients": 100, "state_changes": 10, "port_rounds": 3},
+    "full": {"toggles": 1000, "kills": 100, "bad_files": 240, "restarts": 4, "flood_s": 3,
+             "gate_requests": 10_000, "longpoll_clients": 1000, "state_changes": 50, "port_rounds": 5},
 }
 VLLM, OLLAMA = "gpt-oss", "gemma2"
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d\] \[([^\]]+)\] \[(\d+|-)\] (.*)$")
@@ -1091,6 +1097,339 @@ def security() -> Result:
     return res
 
 
+# ----------------------------------------------------------------------------- 7. files
+
+
+def _log_has(path: Path, needle: str) -> bool:
+    try:
+        return needle in path.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def files() -> Result:
+    """State dir removed, log file made unwritable, log rotated, all mid-run: the loop goes on and says so."""
+    res = Result("files")
+    engines = {VLLM: vllm_entry(free_port(), 0.2), OLLAMA: ollama_entry(free_port(), 0.2)}
+    with rig(res, engines, resync_s=0.5) as stack:
+        census = Census(namespace_of(stack.state_dir))
+        stack.start()
+        gen = toggle(stack, VLLM)
+        ready = wait_for("READY", lambda: converged(stack, census, VLLM, gen), CONVERGE_LIMIT_S)
+        pid = ready["engine"]["pid"]
+        state = stack.state_dir / "observed_state.json"
+
+        # (a) the whole state dir removed under the running loop
+        beat = (ready.get("reconciler") or {}).get("heartbeat")
+        t0 = time.monotonic()
+        shutil.rmtree(stack.state_dir)
+        try:
+            doc = wait_for("observed_state.json back", lambda: (d := stack.status()) and d.get("phase") == "READY"
+                           and (d.get("reconciler") or {}).get("heartbeat") != beat and d, CONVERGE_LIMIT_S)
+            res.figures["state_dir_recreated_after_s"] = round(time.monotonic() - t0, 2)
+            json.loads(state.read_text())  # parses (status() already did; this is the figure's honesty)
+            alive = census.sample()
+            res.figures["engine_pid_unchanged"] = (doc.get("engine") or {}).get("pid") == pid
+            res.check(res.figures["engine_pid_unchanged"] and list(alive) == [VLLM] and len(alive[VLLM]) == 1,
+                      f"state dir removed: engine changed: {doc.get('engine')} {alive}")
+        except TimeoutError as exc:
+            res.problems.append(str(exc))
+        once = stack.cli("reconcile", "--once", timeout=PROCESS_LIMIT_S)
+        res.figures["second_reconciler_refused_after_state_dir_removed"] = once.returncode != 0
+        res.check(once.returncode != 0, "after the state dir was removed a second reconciler ran beside the first "
+                  f"(reconcile --once exited {once.returncode})")
+
+        # (c) logrotate: the log renamed away; new lines must appear at the original path
+        rotated = stack.root / "activity.log.1"
+        os.rename(stack.log_file, rotated)
+        t0 = time.monotonic()
+        gen = toggle(stack, OLLAMA)
+        try:
+            wait_for("a fresh log file after rotation", lambda: _log_has(stack.log_file, OLLAMA), CONVERGE_LIMIT_S)
+            res.figures["fresh_log_after_rotation_s"] = round(time.monotonic() - t0, 2)
+            wait_for("READY after rotation", lambda: converged(stack, census, OLLAMA, gen), CONVERGE_LIMIT_S)
+        except TimeoutError as exc:
+            res.problems.append(str(exc))
+
+        # (b) the log path made unwritable (root ignores permissions: a directory takes its place)
+        out_before = len(stack.output())
+        os.rename(stack.log_file, stack.root / "activity.log.2")
+        stack.log_file.mkdir()
+        t0 = time.monotonic()
+        gen = toggle(stack, VLLM)
+        try:
+            wait_for("converged with the log unwritable", lambda: converged(stack, census, VLLM, gen),
+                     CONVERGE_LIMIT_S)
+            res.figures["toggle_converged_with_log_unwritable_s"] = round(time.monotonic() - t0, 2)
+        except TimeoutError as exc:
+            res.problems.append(str(exc))
+        try:
+            said = wait_for("the terminal says the log file failed", lambda: [
+                x for x in stack.output()[out_before:].splitlines()
+                if str(stack.log_file) in x and ("cannot" in x or "failed" in x or "lost" in x)], REPORT_LIMIT_S)
+            res.figures["terminal_says"] = said[0].split("] ", 3)[-1][:200]
+        except TimeoutError as exc:
+            res.problems.append(str(exc))
+        # ... and back: the directory goes, the original path is written again
+        stack.log_file.rmdir()
+        t0 = time.monotonic()
+        gen = toggle(stack, OLLAMA)  # a READY engine's probes keep lines coming
+        try:
+            wait_for("the log written at its own path again", lambda: _log_has(stack.log_file, "] ["),
+                     CONVERGE_LIMIT_S)
+            res.figures["log_back_at_its_path_after_s"] = round(time.monotonic() - t0, 2)
+            back = [x for x in stack.output()[out_before:].splitlines() if "writable again" in x]
+            res.figures["terminal_on_recovery"] = back[-1].split("] ", 3)[-1][:200] if back else None
+            res.check(bool(back), "the terminal never said the log file was writable again")
+            fallback = stack.state_dir / "ai_layer_activity.log"
+            res.figures["lines_kept_in_fallback"] = (len(fallback.read_text(errors="replace").splitlines())
+                                                     if fallback.exists() else 0)
+        except TimeoutError as exc:
+            res.problems.append(f"{exc}; terminal: {stack.output()[out_before:][-600:]!r}")
+    return res
+
+
+# A tmpfs this small fills in a moment; the scenario needs root (mount) and says so when skipped.
+DISK_BYTES = 256 * 1024
+
+
+def diskfull() -> Result:
+    """The log file's disk fills mid-run: the loop keeps converging and says how many lines it lost."""
+    res = Result("diskfull")
+    with tempfile.TemporaryDirectory(prefix="chaos-disk-") as mnt:
+        mounted = os.geteuid() == 0 and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES},mode=0755", "tmpfs", mnt],
+            capture_output=True, timeout=PROCESS_LIMIT_S).returncode == 0
+        if not mounted:
+            res.figures["skipped"] = "needs root and a tmpfs mount"
+            return res
+        try:
+            _diskfull(res, Path(mnt))
+        finally:
+            subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=PROCESS_LIMIT_S)
+    return res
+
+
+def _diskfull(res: Result, disk: Path) -> None:
+    engines = {VLLM: vllm_entry(free_port(), 0.2), OLLAMA: ollama_entry(free_port(), 0.2)}
+    log = disk / "activity.log"
+    with rig(res, engines, resync_s=0.5) as stack:
+        doc = yaml.safe_load(catalog_text(stack))
+        doc["log_file"] = str(log)
+        stack.config.write_text(yaml.safe_dump(doc))
+        census = Census(namespace_of(stack.state_dir))
+        stack.start()
+        gen = toggle(stack, VLLM)
+        wait_for("READY", lambda: converged(stack, census, VLLM, gen), CONVERGE_LIMIT_S)
+        out_before = len(stack.output())
+        filler = disk / "filler"
+        with contextlib.suppress(OSError), filler.open("wb", buffering=0) as fh:
+            while True:  # bounded by the disk's size
+                fh.write(b"\0" * 4096)
+        t0 = time.monotonic()
+        gen = toggle(stack, OLLAMA)
+        try:
+            wait_for("converged with the disk full", lambda: converged(stack, census, OLLAMA, gen), CONVERGE_LIMIT_S)
+            res.figures["toggle_converged_with_disk_full_s"] = round(time.monotonic() - t0, 2)
+            said = wait_for("the terminal says the log write failed", lambda: [
+                x for x in stack.output()[out_before:].splitlines() if "failed" in x and str(log) in x],
+                REPORT_LIMIT_S)
+            res.figures["terminal_says"] = said[0].split("] ", 3)[-1][:200]
+        except TimeoutError as exc:
+            res.problems.append(str(exc))
+        filler.unlink()
+        t0 = time.monotonic()
+        try:
+            back = wait_for("the terminal says the log recovered", lambda: [
+                x for x in stack.output()[out_before:].splitlines() if "writable again" in x], CONVERGE_LIMIT_S)
+            res.figures["recovered_after_s"] = round(time.monotonic() - t0, 2)
+            res.figures["terminal_on_recovery"] = back[0].split("] ", 3)[-1][:200]
+            lost = re.search(r"(\d+) lines were lost", back[0])
+            res.figures["lines_lost_reported"] = int(lost.group(1)) if lost else None
+            res.check(lost is not None and int(lost.group(1)) > 0, f"lost lines not counted: {back[0]}")
+            torn = [x for x in log.read_text(errors="replace").splitlines() if not LOG_LINE.match(x)]
+            res.figures["torn_log_lines"] = len(torn)
+        except TimeoutError as exc:
+            res.problems.append(str(exc))
+
+
+# ----------------------------------------------------------------------------- 6. gate
+
+
+def _raise_nofile(needed: int) -> int:
+    """The soft fd limit up to the hard one if ``needed`` sockets would not fit; the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed, soft))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+GATE_CONCURRENCY = 32
+# One long-poll's wait: short enough that a lost wake-up shows as slowness, not a hang.
+LONGPOLL_WAIT_S = 20
+
+
+async def _idle_load(url: str, requests: int) -> tuple[dict[int, int], float, float]:
+    import aiohttp
+
+    codes: dict[int, int] = {}
+    body = {"model": VLLM, "messages": [{"role": "user", "content": "hi"}]}
+    todo = iter(range(requests))
+    worst = 0.0
+    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout,
+                                     connector=aiohttp.TCPConnector(limit=GATE_CONCURRENCY)) as session:
+        async def worker() -> None:
+            nonlocal worst
+            for _ in todo:
+                t = time.monotonic()
+                try:
+                    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+                        await resp.read()
+                        codes[resp.status] = codes.get(resp.status, 0) + 1
+                except (aiohttp.ClientError, TimeoutError):
+                    codes[-1] = codes.get(-1, 0) + 1
+                worst = max(worst, time.monotonic() - t)
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(GATE_CONCURRENCY)))
+        return codes, time.monotonic() - t0, worst
+
+
+async def _follow(session: Any, url: str, seen: list[tuple[int, float]]) -> None:
+    """One UI: GET /status, then ?wait&since=last, forever (cancelled once everyone has the final state)."""
+    since: int | None = None
+    while True:
+        query = "" if since is None else f"?wait={LONGPOLL_WAIT_S}s&since={since}"
+        async with session.get(f"{url}/status{query}") as resp:
+            doc = json.loads(await resp.read())
+        since = int(doc["gate"]["generation"])
+        seen.append((since, time.monotonic()))
+
+
+async def _longpoll(url: str, clients: int, changes: Callable[[], tuple[int, float]]) -> dict[str, Any]:
+    import aiohttp
+
+    seen: list[list[tuple[int, float]]] = [[] for _ in range(clients)]
+    timeout = aiohttp.ClientTimeout(total=LONGPOLL_WAIT_S + 30)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks = [asyncio.create_task(_follow(session, url, s)) for s in seen]
+        final, t_final = await asyncio.to_thread(changes)
+        deadline = time.monotonic() + CONVERGE_LIMIT_S
+        while time.monotonic() < deadline and not all(
+                t.done() or (s and s[-1][0] >= final) for t, s in zip(tasks, seen, strict=True)):
+            await asyncio.sleep(POLL_S)  # a wait on a condition, with a deadline
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+    firsts = [min((t for r, t in s if r >= final), default=None) for s in seen]
+    got = [t for t in firsts if t is not None]
+    return {"seen": [[r for r, _ in s] for s in seen], "errors": errors, "final": final,
+            "all_seen_s": max(0.0, max(got) - t_final) if got else None}
+
+
+def gate(requests: int, clients: int, changes: int) -> Result:
+    """The gate beside an IDLE reconciler: a burst of refused requests, then many long-pollers across changes."""
+    res = Result("gate")
+    limit = _raise_nofile(clients + GATE_CONCURRENCY + 256)
+    res.figures["nofile_soft_limit"] = limit
+    engines = {VLLM: vllm_entry(free_port(), 0.05)}
+    with rig(res, engines, resync_s=0.5) as stack:
+        doc = yaml.safe_load(catalog_text(stack))
+        doc["gate"] = {"listen": f"127.0.0.1:{free_port()}"}
+        stack.config.write_text(yaml.safe_dump(doc))
+        census = Census(namespace_of(stack.state_dir))
+        stack.start()
+        wait_for("IDLE", lambda: stack.status().get("phase") == "IDLE", CONVERGE_LIMIT_S)
+        proc, url = _start_gate(stack, {})
+        try:
+            codes, spent, worst = asyncio.run(_idle_load(url, requests))
+            res.figures.update({"idle_requests": requests, "idle_codes": {str(k): v for k, v in codes.items()},
+                                "idle_req_per_s": round(requests / spent), "idle_worst_ms": round(worst * 1000, 1),
+                                "concurrency": GATE_CONCURRENCY})
+            res.check(codes == {428: requests}, f"while IDLE not all 428: {codes}")
+
+            def make_changes() -> tuple[int, float]:
+                model: str | None = None
+                for _ in range(changes):
+                    model = None if model else VLLM
+                    gen = toggle(stack, model)
+                    wait_for("converged", lambda m=model, g=gen: converged(stack, census, m, g), CONVERGE_LIMIT_S)
+                return int(stack.status()["revision"]), time.monotonic()
+            t0 = time.monotonic()
+            out = asyncio.run(_longpoll(url, clients, make_changes))
+            failed = out["errors"]
+            seen = out["seen"]
+            backwards = [s for s in seen if any(b < a for a, b in itertools.pairwise(s))]
+            missed = [s for s in seen if not s or s[-1] < out["final"]]
+            polls = [len(s) for s in seen]
+            res.figures.update({
+                "longpoll_clients": clients, "state_changes": changes, "final_revision": out["final"],
+                "seconds": round(time.monotonic() - t0, 1),
+                "all_clients_saw_final_after_s": None if out["all_seen_s"] is None else round(out["all_seen_s"], 3),
+                "polls_per_client_median": sorted(polls)[len(polls) // 2] if polls else 0,
+                "distinct_revisions_seen_median": sorted(len(set(s)) for s in seen)[len(seen) // 2] if seen else 0,
+                "client_errors": len(failed), "went_backwards": len(backwards), "missed_final": len(missed),
+            })
+            res.check(not failed, f"long-poll clients failed: {[repr(f)[:120] for f in failed[:3]]}")
+            res.check(not backwards and not missed, f"long-poll: {len(backwards)} went backwards, "
+                      f"{len(missed)} missed the final revision {out['final']}")
+            res.check(proc.poll() is None, "the gate died")
+        finally:
+            proc.terminate()
+            proc.wait(PROCESS_LIMIT_S)
+    return res
+
+
+# ----------------------------------------------------------------------------- 4. ports
+
+
+def ports(rounds: int) -> Result:
+    """A foreign process on the engine's port: waited for, never killed; the engine starts soon after it leaves."""
+    res = Result("ports")
+    port = free_port()
+    delays: list[float] = []
+    to_waiting: list[float] = []
+    with rig(res, {VLLM: vllm_entry(port, 0.1)}, resync_s=0.5) as stack:
+        census = Census(namespace_of(stack.state_dir))
+        stack.start()
+        for _ in range(rounds):
+            holder = subprocess.Popen([PY, "-c", (
+                "import socket,sys\n"
+                "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                f"s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True); sys.stdin.read()")],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert holder.stdout is not None and holder.stdin is not None
+            try:
+                res.check(holder.stdout.readline() == b"up\n", "the foreign holder could not bind")
+                t_toggle = time.monotonic()
+                gen = toggle(stack, VLLM)
+                doc = wait_for("WAITING_PORT", lambda g=gen: (d := stack.status()).get("phase") == "WAITING_PORT"
+                               and d.get("desired_generation", -1) >= g and d, CONVERGE_LIMIT_S)
+                to_waiting.append(round(time.monotonic() - t_toggle, 2))
+                holders = [h.get("pid") for h in doc.get("port_holders") or []]
+                res.check(holders == [holder.pid], f"port holders reported {holders}, expected {holder.pid}")
+                beat = (doc.get("reconciler") or {}).get("heartbeat")
+                wait_for("another pass", lambda b=beat: (stack.status().get("reconciler") or {}).get("heartbeat") != b,
+                         CONVERGE_LIMIT_S)
+                res.check(holder.poll() is None, "the foreign port holder was killed")
+                res.check(not census.pids(), "an engine started while the port was held")
+            finally:
+                holder.stdin.close()
+                holder.wait(PROCESS_LIMIT_S)
+            released = time.time()
+            pids = wait_for("engine started", census.pids, CONVERGE_LIMIT_S)
+            delays.append(round(min(psutil.Process(p).create_time() for p in pids) - released, 3))
+            wait_for("READY", lambda g=gen: converged(stack, census, VLLM, g), CONVERGE_LIMIT_S)
+            gen = toggle(stack, None)
+            wait_for("IDLE", lambda g=gen: converged(stack, census, None, g), CONVERGE_LIMIT_S)
+    res.figures.update({"rounds": rounds, "start_after_release_s": delays, "toggle_to_waiting_port_s": to_waiting,
+                        "median_s": sorted(delays)[len(delays) // 2] if delays else None})
+    res.check(all(d < 1.0 for d in delays), f"engine started late after the port was freed: {delays}")
+    return res
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -1101,6 +1440,9 @@ SCENARIOS: dict[str, Callable[[dict[str, int], int], list[Result]]] = {
     "faults": lambda s, seed: faults(s["restarts"]),
     "output": lambda s, seed: output(s["flood_s"]),
     "security": lambda s, seed: [security()],
+    "files": lambda s, seed: [files(), diskfull()],
+    "gate": lambda s, seed: [gate(s["gate_requests"], s["longpoll_clients"], s["state_changes"])],
+    "ports": lambda s, seed: [ports(s["port_rounds"])],
 }
 
 

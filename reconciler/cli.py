@@ -47,10 +47,7 @@ def _catalog(config: Path | None, demo: bool) -> Catalog:
     return catalog
 
 
-_held: list[StateLock] = []
-
-
-def _lock(catalog: Catalog) -> None:
+def _lock(catalog: Catalog) -> StateLock:
     """Held until the process exits (the kernel releases it, even after SIGKILL)."""
     lock = StateLock(catalog.state_dir)
     try:
@@ -58,7 +55,7 @@ def _lock(catalog: Catalog) -> None:
     except AlreadyRunning as exc:
         _err(f"ailayer: {exc}")
         raise typer.Exit(EXIT_FAILED) from None
-    _held.append(lock)  # a dropped reference would close the file and release the lock
+    return lock  # keep a reference: a dropped one would close the file and release the lock
 
 
 def _exit_code(phase: status.Phase, pending: bool) -> int:
@@ -94,7 +91,7 @@ def reconcile(
             typer.echo("ok: nothing to change")
         typer.echo(f"phase would be {result.plan.verdict.phase.value}: {result.plan.verdict.message}")
         raise typer.Exit(EXIT_CONVERGED if not result.plan.actions else EXIT_WAITING)
-    _lock(catalog)
+    rec.lock = _lock(catalog)
     if once:
         result = rec.step()
         rec.follower.poll()
@@ -132,12 +129,13 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
     from reconciler.loop import Reconciler
 
     catalog = _catalog(config, demo)
-    _lock(catalog)
+    lock = _lock(catalog)
     where = ["--config", str(catalog.path)] if catalog.path else ["--demo"]
     # The gate runs as its own process: the proxy's latency never waits on a process scan.
     gate_proc = subprocess.Popen([sys.executable, "-m", "reconciler.gate", *where])
     log = ActivityLog(catalog.log_file, catalog.state_dir, terminal=sys.stdout)
     rec = Reconciler(catalog, log)
+    rec.lock = lock
     host, port = catalog.gate.host, catalog.gate.port
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     toggle_cmd = "ailayer toggle" + (f" --config {catalog.path}" if catalog.path else "")

@@ -39,3 +39,28 @@ class StateLock:
         handle.write(str(os.getpid()))
         handle.flush()
         self._handle = handle
+
+    def reassert(self) -> bool:
+        """Take the lock again if its file was removed or replaced (the state dir deleted under us).
+
+        An flock lives on the inode: once ``rm -rf`` took the file, a second reconciler would
+        create a new one and lock it beside us. True when the lock had to be taken again;
+        AlreadyRunning when another process got there first.
+        """
+        if self._handle is None:
+            return False
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self._handle.fileno()).st_ino:
+                return False
+        except FileNotFoundError:
+            pass
+        old = self._handle
+        self._handle = None
+        try:
+            self.acquire()
+        finally:
+            if self._handle is None:
+                self._handle = old  # keep what we had; the caller decides what to do
+            else:
+                old.close()
+        return True

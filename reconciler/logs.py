@@ -46,6 +46,7 @@ class ActivityLog:
         self._terminal = terminal
         self._fallback = fallback_dir / "ai_layer_activity.log"
         self.path = path
+        self._wanted = path  # where the log belongs; the fallback is only while it cannot be written
         self._file: TextIO | None = None
         self._inode: int | None = None
         self._next_check = 0.0
@@ -54,23 +55,26 @@ class ActivityLog:
         self._open(first=True)
 
     def _open(self, first: bool = False) -> None:
-        for candidate in (self.path, self._fallback):
+        for candidate in (self._wanted, self._fallback):
             try:
                 ensure_dir(candidate.parent)
                 fd = os.open(candidate, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
             except OSError as exc:
-                if candidate == self.path and first:
-                    self._say(f"cannot write log file {self.path} ({exc.strerror}); "
+                # Said at start and on every move to the fallback (not on each retry while there).
+                if candidate == self._wanted and (first or self.path == self._wanted):
+                    self._say(f"cannot write log file {self._wanted} ({exc.strerror}); "
                               f"falling back to {self._fallback}")
                 continue
             self._file = os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
             self._inode = os.fstat(fd).st_ino
+            if candidate == self._wanted and self.path != self._wanted and not first:
+                self._say(f"log file {self._wanted} writable again (lines meanwhile are in {self.path})")
             self.path = candidate
             return
         self._file = None
         if self._failing is None:  # once, not for every line while it lasts
             self._failing = "no writable log file"
-            self._say(f"no writable log file (tried {self.path} and {self._fallback}); terminal only")
+            self._say(f"no writable log file (tried {self._wanted} and {self._fallback}); terminal only")
 
     def _say(self, message: str) -> None:
         if self._terminal is not None:
@@ -81,6 +85,8 @@ class ActivityLog:
         if now < self._next_check:
             return False
         self._next_check = now + ROTATE_CHECK_S
+        if self.path != self._wanted:
+            return True  # on the fallback: try the real path again
         try:
             return os.stat(self.path).st_ino != self._inode
         except OSError:

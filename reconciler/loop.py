@@ -19,6 +19,7 @@ from reconciler.catalog import Catalog, load_file
 from reconciler.executor import Executor, Outcome
 from reconciler.facts import Gpu, Observation, Proc
 from reconciler.follow import Follower
+from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.logs import ActivityLog
 from reconciler.ownership import Unit, classify
 from reconciler.planner import Memory, Plan, backoff_delay, plan
@@ -97,6 +98,8 @@ class Reconciler:
         self.wake = threading.Event()
         self._absent_since: float | None = None
         self.recheck_in: float | None = None  # an early next pass asked for by this one
+        # The state dir's lock, held by the CLI; re-taken each pass if the dir was removed.
+        self.lock: StateLock | None = None
 
     @property
     def catalog(self) -> Catalog:
@@ -285,6 +288,13 @@ class Reconciler:
         try:
             while not stop.is_set():
                 self.wake.clear()
+                if self.lock is not None:
+                    try:
+                        if self.lock.reassert():
+                            self.log.event(f"{self.lock.path} was removed; lock taken again")
+                    except AlreadyRunning as exc:
+                        self.log.event(f"lost the state dir lock ({exc}); this loop stops")
+                        break
                 try:
                     self.recheck_in = None
                     result = self.step()

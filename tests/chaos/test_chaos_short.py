@@ -54,3 +54,32 @@ def test_hostile_output_neither_blocks_nor_forges(mode: str) -> None:
 
 def test_security_checks() -> None:
     _ok(chaos.security())
+
+
+def test_files_removed_unwritable_or_rotated_mid_run() -> None:
+    result = chaos.files()
+    _ok(result)
+    assert result.figures["engine_pid_unchanged"]
+    assert result.figures["second_reconciler_refused_after_state_dir_removed"]
+    assert "falling back" in result.figures["terminal_says"]
+
+
+def test_log_disk_full_mid_run_keeps_converging_and_counts_lost_lines() -> None:
+    result = chaos.diskfull()
+    if "skipped" in result.figures:
+        pytest.skip(result.figures["skipped"])
+    _ok(result)
+    assert result.figures["lines_lost_reported"] > 0
+
+
+def test_gate_under_load_refuses_while_idle_and_long_polls_see_every_change() -> None:
+    result = chaos.gate(SHORT["gate_requests"], SHORT["longpoll_clients"], SHORT["state_changes"])
+    _ok(result)
+    assert result.figures["idle_codes"] == {"428": SHORT["gate_requests"]}
+    assert result.figures["missed_final"] == 0 and result.figures["went_backwards"] == 0
+
+
+def test_foreign_port_holder_is_waited_for_and_the_engine_starts_after_it() -> None:
+    result = chaos.ports(SHORT["port_rounds"])
+    _ok(result)
+    assert len(result.figures["start_after_release_s"]) == SHORT["port_rounds"]

@@ -89,3 +89,38 @@ def test_the_loop_never_waits_behind_a_busy_follower(tmp_path: Path) -> None:
     follower.poll(wait=False)
     assert follower.last_line(raw) == "line"
     log.close()
+
+
+def test_a_removed_state_dir_lock_is_taken_again(tmp_path: Path) -> None:
+    # chaos files: after `rm -rf` of the state dir a second reconciler could lock a new file
+    import shutil
+
+    lock = StateLock(tmp_path / "run")
+    lock.acquire()
+    assert lock.reassert() is False
+    shutil.rmtree(tmp_path / "run")
+    assert lock.reassert() is True
+    from reconciler.lock import AlreadyRunning
+    with pytest.raises(AlreadyRunning):
+        StateLock(tmp_path / "run").acquire()
+
+
+def test_the_log_says_when_it_falls_back_mid_run_and_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # chaos files: the log path became a directory mid-run; the fallback was silent and permanent
+    import io
+
+    from reconciler import logs
+    monkeypatch.setattr(logs, "ROTATE_CHECK_S", 0.0)
+    term = io.StringIO()
+    log = ActivityLog(tmp_path / "a.log", tmp_path / "run", terminal=term)
+    log.event("one")
+    os.rename(tmp_path / "a.log", tmp_path / "a.log.1")
+    (tmp_path / "a.log").mkdir()
+    log.event("two")
+    assert "falling back" in term.getvalue()
+    assert "two" in (tmp_path / "run" / "ai_layer_activity.log").read_text()
+    (tmp_path / "a.log").rmdir()
+    log.event("three")
+    assert "writable again" in term.getvalue()
+    assert "three" in (tmp_path / "a.log").read_text()
+    log.close()
