@@ -157,7 +157,9 @@ class Reconciler:
             likely = [p.pid for u in classify(obs, engines, self.namespace).units for p in u.procs]
             obs = replace(obs, procs=gather.with_listeners(obs.procs, engine.port, likely))
         mine = classify(obs, engines, self.namespace).of_model(engine.name)
-        result = probe.check(engine) if mine or not port_free else None
+        # Probe only what could be this engine: a foreign port holder that accepts and never
+        # answers would hold every pass for a whole probe timeout.
+        result = probe.check(engine) if mine else None
         instance = next((u.instance for u in mine if u.instance), None)
         return replace(obs, port_free={engine.port: port_free}, probe=result,
                        warmup=self.executor.warmup_state(instance))
