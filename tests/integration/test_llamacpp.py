@@ -245,7 +245,8 @@ def test_toggle_loads_then_serves_real_completions_through_the_gate(stack: Gated
         while not done.is_set():
             phase = stack.status().get("phase")
             gate = http_status(gate_url, body)
-            seen.append((phase, gate[0] if gate else None, gate[1].get("Retry-After") if gate else None))
+            if stack.status().get("phase") == phase:  # the state did not move during the request
+                seen.append((phase, gate[0] if gate else None, gate[1].get("Retry-After") if gate else None))
             done.wait(SAMPLE_GAP_S)
 
     def watch_health() -> None:
