@@ -59,6 +59,7 @@ from reconciler.demo.common import (
     stop_on_signals,
     stream_out,
     text_of,
+    worker_flags,
 )
 
 MODULE = "reconciler.demo.ollama_like"
@@ -230,22 +231,7 @@ class LoadedModel:
 
 def runner_argv(opts: EngineOptions, name: str, port: int) -> list[str]:
     """The runner child's command line (``reconciler.demo.ollama_like runner --model ...``)."""
-    return [
-        sys.executable,
-        "-m",
-        MODULE,
-        "runner",
-        "--model",
-        name,
-        "--port",
-        str(port),
-        "--vram-mb",
-        str(opts.vram_mb),
-        "--load-seconds",
-        str(opts.boot_seconds),
-        "--fail",
-        opts.fail,
-    ]
+    return [sys.executable, "-m", MODULE, "runner", *worker_flags(opts, name), "--port", str(port)]
 
 
 # --------------------------------------------------------------------------- server
