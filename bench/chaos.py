@@ -3,7 +3,8 @@
     .venv/bin/python bench/chaos.py [scenario ...] [--full] [--seed N] [--json PATH]
 
 Scenarios: flapping, sigkill, badinput, faults, output, security, files (with diskfull), gate,
-ports. Without ``--full`` each runs at its CI size (``tests/chaos/test_chaos_short.py`` runs
+ports, inflight (requests across a switch), sharedport (two entries on one port, late binding).
+Without ``--full`` each runs at its CI size (``tests/chaos/test_chaos_short.py`` runs
 exactly these); with ``--full`` at the issue's size (1,000 toggles, 100 SIGKILLs, >= 200 bad
 files, 10,000 idle requests, 1,000 long-poll clients across 50 toggles).
 
@@ -94,9 +95,11 @@ MIN_GENERATED = 20
 
 SIZES: dict[str, dict[str, int]] = {
     "short": {"toggles": 60, "kills": 10, "bad_files": 60, "restarts": 2, "flood_s": 2,
-              "gate_requests": 1000, "longpoll_clients": 100, "state_changes": 10, "port_rounds": 3},
+              "gate_requests": 1000, "longpoll_clients": 100, "state_changes": 10, "port_rounds": 3,
+              "inflight_requests": 20, "shared_switches": 4},
     "full": {"toggles": 1000, "kills": 100, "bad_files": 240, "restarts": 4, "flood_s": 3,
-             "gate_requests": 10_000, "longpoll_clients": 1000, "state_changes": 50, "port_rounds": 5},
+             "gate_requests": 10_000, "longpoll_clients": 1000, "state_changes": 50, "port_rounds": 5,
+             "inflight_requests": 200, "shared_switches": 10},
 }
 VLLM, OLLAMA = "gpt-oss", "gemma2"
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d\] \[([^\]]+)\] \[(\d+|-)\] (.*)$")
@@ -1430,6 +1433,248 @@ def ports(rounds: int) -> Result:
     return res
 
 
+# ----------------------------------------------------------------------------- 6. in flight across a switch
+
+
+# A request through the gate must end within this after it was sent; hitting it is a hang.
+INFLIGHT_CLIENT_TIMEOUT_S = 30.0
+# The engine's pace and each request's length: 20 ms a token, 500 tokens = 10 s a request,
+# far longer than it takes to get every request in flight, so the toggle lands mid-request.
+INFLIGHT_TOKEN_DELAY_MS = 20
+INFLIGHT_MAX_TOKENS = 500
+# How long all requests may take to reach the engine (200 on a loaded 2-core machine).
+INFLIGHT_START_LIMIT_S = 20.0
+SWITCH_REASON = "model_switched"
+
+
+def _with_token_delay(entry: dict[str, Any], delay_ms: int) -> dict[str, Any]:
+    command = entry["command"]
+    command[command.index("--token-delay-ms") + 1] = str(delay_ms)
+    return entry
+
+
+def _get_json(url: str) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _classify_stream(raw: bytes) -> str:
+    """An SSE answer: ``full`` (ends with [DONE]), ``stream_error_switch`` or ``stream_truncated``."""
+    events = [x[len(b"data: "):] for x in raw.split(b"\n\n") if x.startswith(b"data: ")]
+    for event in events:
+        if event.strip() == b"[DONE]":
+            continue
+        try:
+            doc = json.loads(event)
+        except ValueError:
+            return "stream_unparsable"
+        if isinstance(doc, dict) and "error" in doc:
+            code = (doc.get("error") or {}).get("code") if isinstance(doc.get("error"), dict) else None
+            return "stream_error_switch" if code == SWITCH_REASON else f"stream_error_{code}"
+    return "full" if events and events[-1].strip() == b"[DONE]" else "stream_truncated"
+
+
+async def _inflight_requests(url: str, n: int, toggled: Callable[[], float]) -> tuple[list[tuple[str, float]], float]:
+    """n requests (even ones streamed), then ``toggled()`` (returns the toggle's monotonic time);
+    each request's (outcome, end time)."""
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=INFLIGHT_CLIENT_TIMEOUT_S)
+    ends: list[tuple[str, float]] = []
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one(i: int) -> None:
+            stream = i % 2 == 0
+            body = {"model": VLLM, "messages": [{"role": "user", "content": f"request {i}"}],
+                    "max_tokens": INFLIGHT_MAX_TOKENS, "stream": stream}
+            try:
+                async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+                    raw = await resp.read()
+                    if resp.status == 200 and stream:
+                        kind = _classify_stream(raw)
+                    elif resp.status == 200:
+                        doc = json.loads(raw)
+                        kind = "full" if doc.get("choices") else "empty_200"
+                    else:
+                        try:
+                            err = json.loads(raw).get("error")
+                            code = err.get("code") if isinstance(err, dict) else None
+                        except (ValueError, AttributeError):
+                            code = "no_json"
+                        kind = f"{resp.status}_{'switch' if code == SWITCH_REASON else code}"
+            except TimeoutError:
+                kind = "hang"
+            except aiohttp.ClientError as exc:
+                kind = f"client_error_{type(exc).__name__}"
+            ends.append((("stream " if stream else "plain ") + kind, time.monotonic()))
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        t_toggle = await asyncio.to_thread(toggled)
+        await asyncio.gather(*tasks)
+    return ends, t_toggle
+
+
+def inflight(requests: int) -> Result:
+    """Requests in flight through the gate when the model is switched: each ends, none hangs."""
+    res = Result("inflight")
+    _raise_nofile(2 * requests + 256)
+    vport = free_port()
+    engines = {VLLM: _with_token_delay(vllm_entry(vport, 0.2), INFLIGHT_TOKEN_DELAY_MS),
+               OLLAMA: ollama_entry(free_port(), 0.2)}
+    with rig(res, engines, resync_s=0.5) as stack:
+        doc = yaml.safe_load(catalog_text(stack))
+        doc["gate"] = {"listen": f"127.0.0.1:{free_port()}"}
+        stack.config.write_text(yaml.safe_dump(doc))
+        census = Census(namespace_of(stack.state_dir))
+        stack.start()
+        gen = toggle(stack, VLLM)
+        wait_for("READY", lambda: converged(stack, census, VLLM, gen), CONVERGE_LIMIT_S)
+        proc, url = _start_gate(stack, {})
+        try:
+            wait_for("the gate admits", lambda: (_get_json(f"{url}/v1/models") or {}).get("data"), CONVERGE_LIMIT_S)
+            stats_url = f"http://127.0.0.1:{vport}/demo/stats"
+            new_gen: list[int] = []
+            in_flight_at_toggle: list[int] = []
+
+            def all_in_flight_then_toggle() -> float:
+                def active() -> int | None:
+                    s = _get_json(stats_url) or {}
+                    n = s.get("requests_started", 0) - s.get("requests_finished", 0) - s.get("requests_cancelled", 0)
+                    return n if n >= requests else None
+                try:
+                    in_flight_at_toggle.append(wait_for("all requests in flight", active, INFLIGHT_START_LIMIT_S))
+                except TimeoutError as exc:
+                    res.problems.append(str(exc))
+                t = time.monotonic()
+                new_gen.append(toggle(stack, OLLAMA))
+                return t
+
+            ends, t_toggle = asyncio.run(_inflight_requests(url, requests, all_in_flight_then_toggle))
+            try:
+                wait_for("the new engine READY", lambda: converged(stack, census, OLLAMA, new_gen[0]), CONVERGE_LIMIT_S)
+                res.figures["new_engine_ready_after_toggle_s"] = round(time.monotonic() - t_toggle, 2)
+            except TimeoutError as exc:
+                res.problems.append(str(exc))
+            res.check(proc.poll() is None, "the gate died")
+        finally:
+            proc.terminate()
+            proc.wait(PROCESS_LIMIT_S)
+    counts: dict[str, int] = {}
+    for kind, _ in ends:
+        counts[kind] = counts.get(kind, 0) + 1
+    after = sorted(round(t - t_toggle, 3) for _, t in ends)
+    ok_kinds = ("full", "stream_error_switch", "503_switch")
+    bad = {k: v for k, v in counts.items() if k.split(" ", 1)[1] not in ok_kinds}
+    res.figures.update({
+        "requests": requests, "in_flight_at_toggle": in_flight_at_toggle[0] if in_flight_at_toggle else None,
+        "outcomes": counts, "hangs": sum(v for k, v in counts.items() if k.endswith(" hang")),
+        "toggle_to_end_median_s": after[len(after) // 2] if after else None,
+        "toggle_to_end_max_s": after[-1] if after else None,
+        "client_timeout_s": INFLIGHT_CLIENT_TIMEOUT_S, "token_delay_ms": INFLIGHT_TOKEN_DELAY_MS,
+        "max_tokens": INFLIGHT_MAX_TOKENS,
+    })
+    res.check(len(ends) == requests, f"{len(ends)} of {requests} requests ended")
+    res.check(not bad, f"requests ended without a full answer or a clear switch error: {bad}")
+    return res
+
+
+# ----------------------------------------------------------------------------- 4. shared port, late bind
+
+
+SHARED_BOOT_S = 0.5
+
+
+def shared_entry(name: str, port: int) -> dict[str, Any]:
+    """A vLLM-like engine serving ``demo/NAME`` on ``port``; its match pattern names both."""
+    served = f"demo/{name}"
+    return {"kind": "vllm", "served_name": served, "port": port,
+            "command": ["{python}", "-m", "reconciler.demo.vllm_like", "serve", served, "--host", "{host}",
+                        "--port", "{port}", "--boot-seconds", str(SHARED_BOOT_S), "--token-delay-ms", "5"],
+            "match": [f"reconciler.demo.vllm_like serve {served} --host 127.0.0.1 --port {port} "],
+            "ready": {"period_s": 0.1}, "liveness": {"period_s": 0.5},
+            "restart_backoff": {"initial_s": 0.5, "max_s": 2}}
+
+
+class _FirstAnswer(threading.Thread):
+    """Polls ``/v1/models`` on a port until it lists ``served``; the wall time it first did."""
+
+    def __init__(self, port: int, served: str) -> None:
+        super().__init__(name="chaos-first-answer", daemon=True)
+        self.url, self.served = f"http://127.0.0.1:{port}/v1/models", served
+        self.at: float | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + CONVERGE_LIMIT_S
+        while not self._stop_event.is_set() and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url, timeout=0.5) as resp:
+                    ids = [m.get("id") for m in json.loads(resp.read()).get("data", [])]
+                if self.served in ids:
+                    self.at = time.time()
+                    return
+            except (OSError, ValueError):
+                pass
+            self._stop_event.wait(SAMPLE_S)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(PROCESS_LIMIT_S)
+
+
+def sharedport(switches: int) -> Result:
+    """Two catalog entries on one port: switches never overlap; the engine binds only after loading."""
+    from datetime import datetime
+
+    res = Result("sharedport")
+    port = free_port()
+    a, b = "vllm-a", "vllm-b"
+    engines = {a: shared_entry(a, port), b: shared_entry(b, port)}
+    times: list[float] = []
+    bind_after_spawn: list[float] = []
+    with rig(res, engines, resync_s=0.5) as stack:
+        census = Census(namespace_of(stack.state_dir))
+        stack.start()
+        gen = toggle(stack, a)
+        wait_for("READY", lambda: converged(stack, census, a, gen), CONVERGE_LIMIT_S)
+        with Sampler(census) as sampler:
+            model = a
+            for _ in range(switches):
+                model = b if model == a else a
+                first = _FirstAnswer(port, f"demo/{model}")
+                first.start()
+                t0 = time.monotonic()
+                gen = toggle(stack, model)
+                try:
+                    doc = wait_for("switch converged", lambda m=model, g=gen: converged(stack, census, m, g),
+                                   CONVERGE_LIMIT_S)
+                    times.append(round(time.monotonic() - t0, 3))
+                    first.join(PROCESS_LIMIT_S)
+                    started = datetime.fromisoformat(doc["engine"]["started_at"]).timestamp()
+                    if first.at is not None:
+                        bind_after_spawn.append(round(first.at - started, 3))
+                    else:
+                        res.problems.append(f"the new engine {model} never answered on port {port}")
+                except TimeoutError as exc:
+                    res.problems.append(str(exc))
+                finally:
+                    first.stop()
+        res.figures.update({"samples": sampler.samples, "overlaps": len(sampler.overlaps),
+                            "duplicates": len(sampler.duplicates)})
+        res.check(not sampler.overlaps, f"two engines alive on one port: {sampler.overlaps[:3]}")
+        res.check(not sampler.duplicates, f"two instances of one engine: {sampler.duplicates[:3]}")
+    res.figures.update({
+        "switches": switches, "boot_s": SHARED_BOOT_S, "switch_s": times,
+        "switch_median_s": sorted(times)[len(times) // 2] if times else None,
+        "spawn_to_port_answering_s": bind_after_spawn,
+        "spawn_to_port_answering_median_s": sorted(bind_after_spawn)[len(bind_after_spawn) // 2]
+        if bind_after_spawn else None,
+    })
+    res.check(len(times) == switches, f"{len(times)} of {switches} switches converged")
+    return res
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -1443,6 +1688,8 @@ SCENARIOS: dict[str, Callable[[dict[str, int], int], list[Result]]] = {
     "files": lambda s, seed: [files(), diskfull()],
     "gate": lambda s, seed: [gate(s["gate_requests"], s["longpoll_clients"], s["state_changes"])],
     "ports": lambda s, seed: [ports(s["port_rounds"])],
+    "inflight": lambda s, seed: [inflight(s["inflight_requests"])],
+    "sharedport": lambda s, seed: [sharedport(s["shared_switches"])],
 }
 
 

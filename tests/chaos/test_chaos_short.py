@@ -83,3 +83,19 @@ def test_foreign_port_holder_is_waited_for_and_the_engine_starts_after_it() -> N
     result = chaos.ports(SHORT["port_rounds"])
     _ok(result)
     assert len(result.figures["start_after_release_s"]) == SHORT["port_rounds"]
+
+
+def test_requests_in_flight_across_a_switch_end_with_an_answer_or_a_clear_error() -> None:
+    result = chaos.inflight(SHORT["inflight_requests"])
+    _ok(result)
+    assert result.figures["hangs"] == 0
+    assert result.figures["in_flight_at_toggle"] == SHORT["inflight_requests"]
+    assert sum(result.figures["outcomes"].values()) == SHORT["inflight_requests"]
+    assert result.figures["toggle_to_end_max_s"] < chaos.INFLIGHT_CLIENT_TIMEOUT_S
+
+
+def test_two_entries_sharing_a_port_never_overlap_and_bind_late() -> None:
+    result = chaos.sharedport(SHORT["shared_switches"])
+    _ok(result)
+    assert result.figures["overlaps"] == 0 and result.figures["duplicates"] == 0
+    assert len(result.figures["spawn_to_port_answering_s"]) == SHORT["shared_switches"]
