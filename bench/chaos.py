@@ -44,7 +44,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -243,7 +243,26 @@ class Census:
         return sorted(p for m in self.sample().values() for ps in m.values() for p in ps)
 
 
-class Sampler(threading.Thread):
+class Watcher(threading.Thread):
+    """A sampling thread used as a context manager: started on entry, stopped and joined on exit."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._stop_event = threading.Event()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=PROCESS_LIMIT_S)
+
+
+class Sampler(Watcher):
     """Every 10 ms: were processes of two engines (or two instances of one) alive at once?
 
     A sample reads processes one after another; a suspicious one is confirmed by looking at
@@ -251,12 +270,11 @@ class Sampler(threading.Thread):
     """
 
     def __init__(self, census: Census) -> None:
-        super().__init__(name="chaos-sampler", daemon=True)
+        super().__init__("chaos-sampler")
         self.census = census
         self.samples = 0
         self.overlaps: list[str] = []
         self.duplicates: list[str] = []
-        self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
@@ -270,14 +288,6 @@ class Sampler(threading.Thread):
                 if any(len(i) >= 2 for i in now.values()):
                     self.duplicates.append(f"{time.time():.3f} {now}")
             self._stop_event.wait(max(0.0, SAMPLE_S - (time.monotonic() - began)))
-
-    def __enter__(self) -> Sampler:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop_event.set()
-        self.join(timeout=PROCESS_LIMIT_S)
 
 
 def converged(stack: Stack, census: Census, model: str | None, generation: int,
@@ -383,15 +393,14 @@ def flapping(toggles: int, seed: int = 1) -> Result:
 # ----------------------------------------------------------------------------- 2. SIGKILL
 
 
-class StateReader(threading.Thread):
+class StateReader(Watcher):
     """Parses observed_state.json continuously; any torn or missing file after the first is counted."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(name="chaos-state-reader", daemon=True)
+        super().__init__("chaos-state-reader")
         self.path = path
         self.reads = 0
         self.failures: list[str] = []
-        self._stop_event = threading.Event()
 
     def run(self) -> None:
         seen = False
@@ -408,14 +417,6 @@ class StateReader(threading.Thread):
             except (OSError, ValueError) as exc:
                 self.failures.append(f"{type(exc).__name__}: {exc}")
             self._stop_event.wait(READ_SPIN_S)
-
-    def __enter__(self) -> StateReader:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop_event.set()
-        self.join(timeout=PROCESS_LIMIT_S)
 
 
 def sigkill(points: int, seed: int = 2) -> Result:
@@ -799,17 +800,16 @@ def badinput(total: int, seed: int = 5) -> Result:
 # ----------------------------------------------------------------------------- 3. engine faults
 
 
-class Timeline(threading.Thread):
+class Timeline(Watcher):
     """Every 10 ms: which instances are alive (by cookie) and what the observed state says."""
 
     def __init__(self, stack: Stack) -> None:
-        super().__init__(name="chaos-timeline", daemon=True)
+        super().__init__("chaos-timeline")
         self.stack = stack
         self.census = Census(namespace_of(stack.state_dir))
         self.starts: dict[str, float] = {}  # instance -> first seen (monotonic)
         self.deaths: dict[str, float] = {}  # instance -> first seen without a live process
         self.phases: list[tuple[float, str]] = []  # (monotonic, phase) at each change
-        self._stop_event = threading.Event()
 
     def run(self) -> None:
         alive: set[str] = set()
@@ -828,14 +828,6 @@ class Timeline(threading.Thread):
                 self.phases.append((now, phase))
                 last = phase
             self._stop_event.wait(SAMPLE_S)
-
-    def __enter__(self) -> Timeline:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop_event.set()
-        self.join(timeout=PROCESS_LIMIT_S)
 
     def first(self, phase: str, after: float) -> float | None:
         return next((t for t, p in self.phases if p == phase and t >= after), None)
@@ -906,14 +898,13 @@ def _get(url: str) -> tuple[int, bytes, float]:
         return exc.code, exc.read(), time.monotonic() - t0
 
 
-class Heartbeats(threading.Thread):
+class Heartbeats(Watcher):
     """When the observed state's heartbeat changed: a long gap is a stalled loop."""
 
     def __init__(self, stack: Stack) -> None:
-        super().__init__(name="chaos-heartbeats", daemon=True)
+        super().__init__("chaos-heartbeats")
         self.stack = stack
         self.changes: list[float] = []
-        self._stop_event = threading.Event()
 
     def run(self) -> None:
         last = None
@@ -927,14 +918,6 @@ class Heartbeats(threading.Thread):
 
     def max_gap(self) -> float:
         return max((b - a for a, b in itertools.pairwise(self.changes)), default=0.0)
-
-    def __enter__(self) -> Heartbeats:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop_event.set()
-        self.join(timeout=PROCESS_LIMIT_S)
 
 
 def output_fault(mode: str, flood_s: int) -> Result:
@@ -1596,14 +1579,13 @@ def shared_entry(name: str, port: int) -> dict[str, Any]:
             "restart_backoff": {"initial_s": 0.5, "max_s": 2}}
 
 
-class _FirstAnswer(threading.Thread):
+class _FirstAnswer(Watcher):
     """Polls ``/v1/models`` on a port until it lists ``served``; the wall time it first did."""
 
     def __init__(self, port: int, served: str) -> None:
-        super().__init__(name="chaos-first-answer", daemon=True)
+        super().__init__("chaos-first-answer")
         self.url, self.served = f"http://127.0.0.1:{port}/v1/models", served
         self.at: float | None = None
-        self._stop_event = threading.Event()
 
     def run(self) -> None:
         deadline = time.monotonic() + CONVERGE_LIMIT_S
@@ -1617,10 +1599,6 @@ class _FirstAnswer(threading.Thread):
             except (OSError, ValueError):
                 pass
             self._stop_event.wait(SAMPLE_S)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(PROCESS_LIMIT_S)
 
 
 def sharedport(switches: int) -> Result:
