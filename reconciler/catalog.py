@@ -1,13 +1,15 @@
 """The engine catalog: which models exist, how to start each, and how to recognise its processes.
 
 The catalog is the admin's file and the only source of commands: the desired state can
-name an entry but never a command, and the reconciler only ever kills processes that an
-entry recognises (or that carry our instance cookie).
+name an entry but never a command. What the reconciler may kill is decided in
+reconciler/ownership.py by the rules of docs/OWNERSHIP.md: its own recorded instances, and
+strays that an entry recognises precisely (``strays``) and that get in the wanted engine's way.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -78,6 +80,23 @@ class ReadyProbe:
 
 
 @dataclass(frozen=True)
+class Strays:
+    """How to recognise copies of an engine that ailayer did not start, and whose may die.
+
+    ``argv``: argv prefixes. Element 0 is compared with the program: its basename, or the
+    end of its path when the pattern has a '/', and ``{python}`` stands for any Python
+    interpreter. Every other element must be equal. ``titles``: exact process titles
+    (setproctitle), where ``T`` also matches ``T_<rank suffix>`` (``VLLM::Worker_TP1``).
+    Never a substring of the command line: that made root kill ``tail -f 'vllm serve.log'``.
+    ``uids``: only strays running as one of these users are ever killed.
+    """
+
+    argv: tuple[tuple[str, ...], ...] = ()
+    titles: tuple[str, ...] = ()
+    uids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
 class Engine:
     name: str
     kind: str
@@ -88,7 +107,7 @@ class Engine:
     served_name: str
     boot_timeout_s: float
     ready: ReadyProbe
-    match: tuple[str, ...]
+    strays: Strays = field(default_factory=Strays)
     cwd: str | None = None
     liveness_period_s: float = DEFAULT_LIVENESS_PERIOD_S
     liveness_failures: int = DEFAULT_LIVENESS_FAILURES
@@ -114,6 +133,17 @@ class GateConfig:
     stale_after_s: float = DEFAULT_STALE_AFTER_S
 
 
+IDENTITY_MODES = ("auto", "cgroup", "record")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How engine instances are told apart: see reconciler/records.py and docs/OWNERSHIP.md."""
+
+    mode: str = "auto"  # one of IDENTITY_MODES
+    cgroup_parent: Path | None = None  # where instance cgroups go; default: beside our own
+
+
 @dataclass(frozen=True)
 class Catalog:
     source: str
@@ -124,6 +154,7 @@ class Catalog:
     engines: Mapping[str, Engine]
     gate: GateConfig = field(default_factory=GateConfig)
     resync_interval_s: float = DEFAULT_RESYNC_INTERVAL_S
+    identity: Identity = field(default_factory=Identity)
     path: Path | None = None
     """The catalog file, re-read by the loop when it changes; None for the demo."""
 
@@ -141,7 +172,12 @@ def _kind_defaults(kind: str, served_name: str, boot_timeout_s: float) -> dict[s
     if kind == "vllm":
         return {
             "ready": {"url": "/health"},
-            "match": ["vllm serve", "VLLM::", "vllm.entrypoints"],
+            "strays": {
+                "argv": [["vllm", "serve"], ["{python}", "-m", "vllm.entrypoints.openai.api_server"],
+                         ["{python}", "-m", "vllm.entrypoints.cli.main", "serve"]],
+                # vllm/utils/system_utils.py set_process_title: "VLLM::<name>[_<ranks>]"
+                "titles": ["VLLM::EngineCore", "VLLM::Worker", "VLLM::APIServer", "VLLM::DPCoordinator"],
+            },
             # vLLM gives up waiting for its engine core after 600 s by default.
             "env": {"VLLM_ENGINE_READY_TIMEOUT_S": engine_timeout},
         }
@@ -153,13 +189,17 @@ def _kind_defaults(kind: str, served_name: str, boot_timeout_s: float) -> dict[s
                 "warmup": {"url": "/api/generate", "json": {"model": served_name, "keep_alive": -1}},
                 "json_check": {"url": "/api/ps", "path": "models.*.name", "equals": served_name},
             },
-            "match": ["ollama serve", "ollama runner"],
+            # v0.30+ runs <prefix>/lib/ollama/llama-server per model; older: "ollama runner",
+            # and before that ollama_llama_server.
+            "strays": {"argv": [["ollama", "serve"], ["ollama", "runner"], ["ollama_llama_server"],
+                                ["lib/ollama/llama-server"]], "users": ["ollama"]},
             # OLLAMA_LOAD_TIMEOUT (default 5 min) aborts a slow load; OLLAMA_HOST sets the port.
             "env": {"OLLAMA_LOAD_TIMEOUT": f"{engine_timeout}s", "OLLAMA_KEEP_ALIVE": "-1"},
         }
     if kind == "llamacpp":
-        return {"ready": {"url": "/health"}, "match": ["llama-server", "reconciler.llamacpp"]}
-    return {"ready": {"url": "/health"}, "match": []}
+        return {"ready": {"url": "/health"},
+                "strays": {"argv": [["llama-server"], ["{python}", "-m", "reconciler.llamacpp", "serve"]]}}
+    return {"ready": {"url": "/health"}}
 
 
 def _substitute(arg: str, values: Mapping[str, str]) -> str:
@@ -168,7 +208,35 @@ def _substitute(arg: str, values: Mapping[str, str]) -> str:
     return arg
 
 
-def _engine(name: str, raw: Mapping[str, Any]) -> Engine:
+def _uid_of(user: str | int, source: str, explicit: bool) -> int | None:
+    """A user name or uid; a kind's default user that does not exist here is skipped."""
+    if isinstance(user, int):
+        return user
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        if explicit:
+            raise InvalidFile(source, f"strays.users: no user named {user!r} on this machine") from None
+        return None
+
+
+def _strays(raw: Mapping[str, Any], defaults: Mapping[str, Any], own: tuple[str, ...],
+            values: Mapping[str, str], source: str) -> Strays:
+    """The entry's own command always recognises its copies; the kind adds known forms."""
+    given = raw.get("strays", {})
+    argv = [tuple(_substitute(a, values) for a in pattern)
+            for pattern in given.get("argv", defaults.get("argv", []))]
+    users: list[str | int] = ["root", os.geteuid(), *defaults.get("users", [])]
+    uids = {_uid_of(u, source, explicit=False) for u in users}
+    uids |= {_uid_of(u, source, explicit=True) for u in given.get("users", [])}
+    return Strays(
+        argv=tuple(dict.fromkeys([own, *argv])),
+        titles=tuple(given.get("titles", defaults.get("titles", []))),
+        uids=frozenset(u for u in uids if u is not None),
+    )
+
+
+def _engine(name: str, raw: Mapping[str, Any], source: str) -> Engine:
     kind = raw.get("kind", "generic")
     port = int(raw["port"])
     host = str(raw.get("host", "127.0.0.1"))
@@ -176,6 +244,7 @@ def _engine(name: str, raw: Mapping[str, Any]) -> Engine:
     boot = float(raw.get("boot_timeout_s", DEFAULT_BOOT_TIMEOUT_S))
     defaults = _kind_defaults(kind, served_name, boot)
     values = {"port": str(port), "host": host, "python": sys.executable, "served_name": served_name}
+    pattern_values = {k: v for k, v in values.items() if k != "python"}  # {python}: any interpreter
     env = {k: _substitute(str(v), values) for k, v in defaults.get("env", {}).items()}
     if kind == "ollama":
         env["OLLAMA_HOST"] = f"{host}:{port}"
@@ -204,7 +273,9 @@ def _engine(name: str, raw: Mapping[str, Any]) -> Engine:
         served_name=served_name,
         boot_timeout_s=boot,
         ready=ready,
-        match=tuple(raw.get("match", defaults["match"])),
+        strays=_strays(raw, defaults.get("strays", {}),
+                       tuple(_substitute(a, pattern_values) for a in raw["command"]),
+                       pattern_values, source),
         cwd=raw.get("cwd"),
         liveness_period_s=float(live.get("period_s", DEFAULT_LIVENESS_PERIOD_S)),
         liveness_failures=int(live.get("failure_threshold", DEFAULT_LIVENESS_FAILURES)),
@@ -231,11 +302,22 @@ def _gate(raw: Mapping[str, Any]) -> GateConfig:
     )
 
 
+def _refuse_match(document: object, source: str) -> None:
+    """``match`` substrings are gone; say so plainly rather than "additional property"."""
+    engines = document.get("engines") if isinstance(document, dict) else None
+    for name, raw in (engines.items() if isinstance(engines, dict) else ()):
+        if isinstance(raw, dict) and "match" in raw:
+            raise InvalidFile(source, f"engines.{name}.match was replaced by engines.{name}.strays "
+                              "(argv prefixes and exact process titles; a command-line substring "
+                              "matched bystanders): see docs/OWNERSHIP.md")
+
+
 def from_document(document: object, source: str, base: Path) -> Catalog:
     """Validate and build. Relative paths are relative to ``base`` (the config's folder)."""
+    _refuse_match(document, source)
     schemas.validate("catalog", document, source)
     assert isinstance(document, dict)
-    engines = {name: _engine(name, raw) for name, raw in document["engines"].items()}
+    engines = {name: _engine(name, raw, source) for name, raw in document["engines"].items()}
 
     def path(key: str, default: Path) -> Path:
         try:
@@ -252,7 +334,13 @@ def from_document(document: object, source: str, base: Path) -> Catalog:
         engines=engines,
         gate=_gate(document.get("gate", {})),
         resync_interval_s=float(document.get("resync_interval_s", DEFAULT_RESYNC_INTERVAL_S)),
+        identity=_identity(document.get("identity", {})),
     )
+
+
+def _identity(raw: Mapping[str, Any]) -> Identity:
+    parent = raw.get("cgroup_parent")
+    return Identity(mode=str(raw.get("mode", "auto")), cgroup_parent=Path(parent) if parent else None)
 
 
 def load_file(path: Path, how: str) -> Catalog:
@@ -274,7 +362,8 @@ def demo_document() -> dict[str, Any]:
                             "openai/gpt-oss-20b", "--host", "{host}", "--port", "{port}"],
                 "port": 18000,
                 "served_name": "openai/gpt-oss-20b",
-                "match": ["reconciler.demo.vllm_like"],
+                # Only the entry's own command (port included): two demos never touch each other.
+                "strays": {"argv": [], "titles": []},
             },
             "gemma2": {
                 "kind": "ollama",
@@ -282,7 +371,7 @@ def demo_document() -> dict[str, Any]:
                             "--host", "{host}", "--port", "{port}", "--models", "gemma2:9b"],
                 "port": 18434,
                 "served_name": "gemma2:9b",
-                "match": ["reconciler.demo.ollama_like"],
+                "strays": {"argv": [], "titles": []},
             },
         }
     }

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from reconciler import clock, killer, ports, probe
+import psutil
+
+from reconciler import cgroups, clock, killer, ports, probe
 from reconciler.catalog import Engine
-from reconciler.facts import Proc
+from reconciler.cgroups import Mode
+from reconciler.facts import Proc, Record
 from reconciler.logs import ActivityLog
 from reconciler.planner import Action, AwaitPort, Kill, Start, Warmup
+from reconciler.records import Records
 from reconciler.spawn import Spawned, new_cookie, spawn
 
 # After SIGKILL the kernel releases a listening socket at once, but a foreign process can
@@ -40,10 +46,12 @@ def _describe_exit(code: int) -> str:
 class Executor:
     """Owns the side effects: child processes, warm-up threads, kills, port waits."""
 
-    def __init__(self, state_dir: Path, namespace: str, log: ActivityLog) -> None:
+    def __init__(self, state_dir: Path, namespace: str, log: ActivityLog, mode: Mode) -> None:
         self.state_dir = state_dir
         self.namespace = namespace
         self.log = log
+        self.mode = mode
+        self.records = Records(state_dir)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.exits: dict[str, str] = {}
         self.warmups: dict[str, str] = {}
@@ -87,11 +95,7 @@ class Executor:
         outcome: Outcome,
     ) -> bool:
         if isinstance(action, Kill):
-            result = killer.cleanup_active_processes(
-                action.targets, lambda: rescan(action.units), self.reap)
-            if not result.ok:
-                outcome.errors.append(f"KillFailed: pids {list(result.survivors)} survived SIGKILL")
-            return result.ok
+            return self._kill(action, rescan, outcome)
         if isinstance(action, AwaitPort):
             deadline = clock.monotonic() + PORT_RELEASE_WAIT_S
             while not ports.is_free(action.host, action.port):
@@ -103,14 +107,25 @@ class Executor:
         if isinstance(action, Start):
             engine = engines[action.model]
             cookie = new_cookie(self.namespace, engine.name, clock.now().timestamp())
+            # Written before the spawn in cgroup mode (membership is the cgroup, so a
+            # reconciler killed right after the fork still finds it), and again with the leader.
+            record = Record(engine.name, cookie.instance, cookie.started_at, uid=os.geteuid())
+            group = None
             try:
-                spawned = spawn(engine, cookie, self.state_dir)
+                if self.mode.base is not None:
+                    group = cgroups.create(self.mode.base, cookie.instance)
+                    record = replace(record, cgroup=str(group))
+                self.records.write(record)
+                spawned = spawn(engine, cookie, self.state_dir, group)
             except OSError as exc:
                 self.exits[cookie.instance] = f"could not be started: {exc}"
                 outcome.errors.append(f"SpawnFailed: {engine.command[0]}: {exc}")
                 outcome.started = None
+                self._forget(record)
                 return False
             self.children[cookie.instance] = spawned.process
+            self.records.write(replace(record, leader_pid=spawned.process.pid,
+                                       leader_create_time=_create_time(spawned.process.pid)))
             outcome.started = spawned
             self.log.event(f"started {engine.name} pid {spawned.process.pid} "
                            f"instance {cookie.instance} on port {engine.port}")
@@ -119,6 +134,45 @@ class Executor:
             self._warmup(engines[action.model], action.instance)
             return True
         raise TypeError(f"unknown action {action!r}")
+
+    def _kill(
+        self,
+        action: Kill,
+        rescan: Callable[[tuple[tuple[str, str | None], ...]], Iterable[Proc]],
+        outcome: Outcome,
+    ) -> bool:
+        """cgroup.kill each doomed instance's cgroup, SIGKILL the other targets, prove all gone."""
+        doomed = {i for _, i in action.units if i is not None}
+        records = [r for r in self.records.load() if r.instance in doomed]
+        groups = [Path(r.cgroup) for r in records if r.cgroup is not None]
+        for group in groups:
+            with contextlib.suppress(OSError):
+                cgroups.kill(group)
+        deadline = clock.monotonic() + killer.KILL_VERIFY_S
+        result = killer.cleanup_active_processes(action.targets, lambda: rescan(action.units), self.reap)
+        full = [str(g) for g in groups if not cgroups.wait_empty(g, deadline)]
+        if not result.ok:
+            outcome.errors.append(f"KillFailed: pids {list(result.survivors)} survived SIGKILL")
+        if full:
+            outcome.errors.append(f"KillFailed: cgroups {full} still have members after SIGKILL")
+        if result.ok and not full:
+            for record in records:
+                self._forget(record)
+        return result.ok and not full
+
+    def _forget(self, record: Record) -> None:
+        """Drop an instance that is gone: its record and its (empty) cgroup."""
+        if record.cgroup is not None:
+            with contextlib.suppress(OSError):
+                cgroups.remove(Path(record.cgroup))
+        self.records.remove(record.instance)
+
+    def prune(self, live: set[str]) -> None:
+        """Forget recorded instances with no process left (crashed, or killed by someone else)."""
+        for record in self.records.load():
+            if record.instance not in live and record.instance not in self.children and (
+                    record.cgroup is None or not cgroups.populated(Path(record.cgroup))):
+                self._forget(record)
 
     def _warmup(self, engine: Engine, instance: str) -> None:
         """In a thread: Ollama's preload can take as long as the boot budget allows."""
@@ -132,3 +186,10 @@ class Executor:
             self.log.event(f"warm-up of {engine.name}: {result}")
 
         threading.Thread(target=send, name=f"warmup-{instance}", daemon=True).start()
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None

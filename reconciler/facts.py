@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 COOKIE_ENV = "AILAYER_INSTANCE"
 """Every engine we spawn carries ``AILAYER_INSTANCE=<namespace>/<model>/<id>/<started_ms>``.
 
-Children inherit it, so it finds workers that re-parented to init or left the session;
-the namespace (a hash of the state dir) keeps two ailayer installs out of each other's way.
+Children inherit it. It only corroborates (docs/OWNERSHIP.md): anyone can set an
+environment variable, and setproctitle (vLLM's workers) wipes it from /proc/PID/environ.
+The namespace (a hash of the state dir) tells two ailayer installs' processes apart.
 """
 
 
@@ -50,11 +51,39 @@ class Proc:
     pgid: int = 0
     sid: int = 0
     cookie: Cookie | None = None
-    listens: frozenset[int] = frozenset()
+    listens: frozenset[int] = frozenset()  # ports it holds bound or listening (where looked at)
     zombie: bool = False
+    uid: int = 0
+    argv: tuple[str, ...] = ()
+    cgroup: str | None = None  # its cgroup v2 path, e.g. "/ailayer-1a2b/3c4d5e6f"
 
     def key(self) -> tuple[int, float]:
         return (self.pid, self.create_time)
+
+
+@dataclass(frozen=True)
+class Record:
+    """An engine instance as the executor wrote it down when it started it (state dir).
+
+    This, not the cookie, is who the instance is: the leader by (pid, create time), its
+    session and group, the uid it runs as, and in cgroup mode the cgroup it was placed in.
+    """
+
+    model: str
+    instance: str
+    started_at: float  # clock-seam epoch seconds: the boot budget counts from here
+    leader_pid: int | None = None
+    leader_create_time: float | None = None  # real epoch seconds, comparable with Proc.create_time
+    uid: int = 0
+    cgroup: str | None = None  # absolute directory of its cgroup, in cgroup mode
+
+    @property
+    def sid(self) -> int | None:
+        return self.leader_pid  # spawned with start_new_session: the leader leads both
+
+    @property
+    def pgid(self) -> int | None:
+        return self.leader_pid
 
 
 @dataclass(frozen=True)
@@ -89,3 +118,9 @@ class Observation:
     exits: dict[str, str] = field(default_factory=dict)  # instance id -> how it ended
     gpu: Gpu = Gpu(False, "not gathered")
     self_pids: frozenset[int] = frozenset()  # the reconciler and its ancestors: never targets
+    self_uid: int = 0
+    records: tuple[Record, ...] = ()
+    members: dict[str, frozenset[int]] = field(default_factory=dict)  # instance -> cgroup.procs
+    # port -> pids with a listening socket on it; bound-only holders are in Proc.listens
+    listening: dict[int, frozenset[int]] = field(default_factory=dict)
+    identity: str = "record"  # "cgroup" or "record": how instances are told apart (see records)

@@ -9,85 +9,110 @@ from dataclasses import replace
 
 import psutil
 
+from reconciler import ports
 from reconciler.facts import COOKIE_ENV, Cookie, Proc
 
 # A process's environ is fixed once it has exec'd; cache it by (pid, create_time, cmdline)
 # so a pass costs one /proc read per *new* process. The cmdline is in the key because a
 # child caught between fork and exec still shows its parent's environ (no cookie yet).
-_cookie_cache: dict[tuple[int, float, str], Cookie | None] = {}
+# Its cgroup is cached the same way: only root moves a process, and we do it before exec.
+_cookie_cache: dict[tuple[int, float, str], tuple[Cookie | None, str | None]] = {}
 
 
-def _cookie(proc: psutil.Process, key: tuple[int, float, str]) -> Cookie | None:
+def _identity(proc: psutil.Process, key: tuple[int, float, str]) -> tuple[Cookie | None, str | None]:
     if key in _cookie_cache:
         return _cookie_cache[key]
     try:
         raw = proc.environ().get(COOKIE_ENV)
     except (psutil.Error, OSError):
         raw = None
-    cookie = Cookie.decode(raw) if raw else None
-    _cookie_cache[key] = cookie
-    return cookie
+    found = (Cookie.decode(raw) if raw else None, _cgroup(key[0]))
+    _cookie_cache[key] = found
+    return found
 
 
-def listeners(ports: Iterable[int]) -> dict[int, set[int]]:
-    """pid -> ports it listens on (or holds bound), among ``ports``."""
-    wanted = set(ports)
-    found: dict[int, set[int]] = {}
-    if not wanted:
-        return found
+def _socket_inodes(pid: int) -> set[int]:
     try:
-        conns = psutil.net_connections(kind="inet")
-    except (psutil.AccessDenied, OSError):
-        return found
-    for conn in conns:
-        if conn.pid and conn.laddr and conn.laddr.port in wanted and (
-            conn.status == psutil.CONN_LISTEN or not conn.raddr
-        ):
-            found.setdefault(conn.pid, set()).add(conn.laddr.port)
-    return found
-
-
-def _listening(pids: Iterable[int], port: int) -> set[int]:
-    """Which of ``pids`` listen on ``port``: a per-process look, far cheaper than a full scan."""
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return set()
     found = set()
-    for pid in pids:
-        try:
-            conns = psutil.Process(pid).net_connections(kind="inet")
-        except psutil.Error:
-            continue
-        if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in conns):
-            found.add(pid)
+    for name in names:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+            if link.startswith("socket:["):
+                found.add(int(link[8:-1]))
     return found
 
 
-def with_listeners(procs: tuple[Proc, ...], port: int, likely: Iterable[int]) -> tuple[Proc, ...]:
-    """Mark who holds a busy ``port``: first among ``likely`` (engine processes), else everyone.
+def _all_pids() -> list[int]:
+    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
 
-    The machine-wide socket table costs a /proc/*/fd walk of every process, so it is read
-    only when the port is busy and none of the engines we know holds it.
+
+def _holders_by_table(port: int) -> dict[int, bool]:
+    """The bind-test fallback: psutil sees listening sockets only (via /proc/net/tcp)."""
+    found: dict[int, bool] = {}
+    with contextlib.suppress(psutil.AccessDenied, OSError):
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.pid and conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+                found[conn.pid] = True
+    return found
+
+
+def port_holders(port: int, likely: Iterable[int]) -> dict[int, bool]:
+    """pid -> whether it listens, for every process holding ``port`` bound or listening.
+
+    The kernel's table names socket inodes; finding their processes means reading
+    /proc/PID/fd. The ``likely`` pids (our engines) are looked at first, and the whole
+    machine only when some socket is still unaccounted for.
     """
-    holders = _listening(likely, port)
-    if not holders:
-        holders = {pid for pid, held in listeners({port}).items() if port in held}
+    if ports.observer() != "sock_diag":
+        return _holders_by_table(port)
+    sockets = {s.inode: s.listening for s in ports.holders(port)}
+    found: dict[int, bool] = {}
+    for batch in (list(likely), None):
+        for pid in batch if batch is not None else _all_pids():
+            if not sockets:
+                return found
+            for inode in _socket_inodes(pid) & set(sockets):
+                found[pid] = found.get(pid, False) or sockets.pop(inode)
+    return found
+
+
+def with_holders(procs: tuple[Proc, ...], port: int, holders: dict[int, bool]) -> tuple[Proc, ...]:
     return tuple(replace(p, listens=p.listens | {port}) if p.pid in holders else p for p in procs)
+
+
+def _cgroup(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cgroup") as handle:
+            for line in handle:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        return None
+    return None
 
 
 def processes() -> tuple[Proc, ...]:
     seen: list[Proc] = []
     live_keys: set[tuple[int, float, str]] = set()
-    attrs = ["pid", "ppid", "name", "cmdline", "create_time", "status"]
+    attrs = ["pid", "ppid", "name", "cmdline", "create_time", "status", "uids"]
     for proc in psutil.process_iter(attrs):
         info = proc.info
         if info.get("create_time") is None:
             continue
         pid = int(info["pid"])
-        cmdline = " ".join(info.get("cmdline") or [])
+        argv = tuple(info.get("cmdline") or ())
+        cmdline = " ".join(argv)
         key = (pid, float(info["create_time"]), cmdline)
         live_keys.add(key)
         try:
             pgid, sid = os.getpgid(pid), os.getsid(pid)
         except OSError:
             continue
+        uids = info.get("uids")
+        cookie, cgroup = _identity(proc, key)
         seen.append(Proc(
             pid=pid,
             ppid=int(info["ppid"] or 0),
@@ -96,12 +121,23 @@ def processes() -> tuple[Proc, ...]:
             name=info.get("name") or "",
             pgid=pgid,
             sid=sid,
-            cookie=_cookie(proc, key),
+            cookie=cookie,
             zombie=info.get("status") == psutil.STATUS_ZOMBIE,
+            uid=int(uids.real) if uids is not None else -1,
+            argv=argv,
+            cgroup=cgroup,
         ))
     for stale in set(_cookie_cache) - live_keys:
         del _cookie_cache[stale]
     return tuple(seen)
+
+
+def rss(pids: Iterable[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_info().rss
+    return total
 
 
 def self_and_ancestors() -> frozenset[int]:

@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from reconciler import clock, desired, gather, gpu, ports, probe, status
+from reconciler import cgroups, clock, desired, gather, gpu, ports, probe, status
 from reconciler.catalog import Catalog, load_file
 from reconciler.executor import Executor, Outcome
-from reconciler.facts import Gpu, Observation, Proc
+from reconciler.facts import Gpu, Observation, Probe, Proc
 from reconciler.follow import Follower
 from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.logs import ActivityLog
@@ -88,7 +88,8 @@ class Reconciler:
         self.namespace = namespace_of(self.state_dir)
         self.log = log
         self.follower = Follower(log, self.state_dir)
-        self.executor = Executor(self.state_dir, self.namespace, log)
+        self.mode = cgroups.detect(self.namespace, catalog.identity)
+        self.executor = Executor(self.state_dir, self.namespace, log, self.mode)
         self.memory = Memory()
         self.previous: Status | None = self._load_previous()
         self.last_good: desired.Desired | None = None
@@ -145,30 +146,45 @@ class Reconciler:
         self._absent_since = None
         return False
 
+    def _snapshot(self) -> Observation:
+        """The process table with our instance records and their cgroups' members."""
+        records = self.executor.records.load()
+        members = {r.instance: cgroups.procs(Path(r.cgroup)) for r in records if r.cgroup}
+        return Observation(now=clock.now().timestamp(), procs=gather.processes(),
+                           self_pids=gather.self_and_ancestors(), self_uid=os.geteuid(),
+                           records=records, members=members, exits=dict(self.executor.exits),
+                           gpu=self._gpu_sample(), identity=self.mode.name)
+
     def _observe(self, wanted: str | None) -> Observation:
         engines = self.catalog.engines
-        obs = Observation(now=clock.now().timestamp(), procs=gather.processes(),
-                          self_pids=gather.self_and_ancestors(), exits=dict(self.executor.exits))
+        obs = self._snapshot()
         engine = engines.get(wanted) if wanted else None
         if engine is None:
             return obs
-        port_free = ports.is_free(engine.host, engine.port)
-        if not port_free:
-            likely = [p.pid for u in classify(obs, engines, self.namespace).units for p in u.procs]
-            obs = replace(obs, procs=gather.with_listeners(obs.procs, engine.port, likely))
-        mine = classify(obs, engines, self.namespace).of_model(engine.name)
-        # Probe only what could be this engine: a foreign port holder that accepts and never
-        # answers would hold every pass for a whole probe timeout.
-        result = probe.check(engine) if mine else None
+        view = classify(obs, engines, self.namespace)
+        likely = [p.pid for u in view.units for p in u.procs]
+        holders = gather.port_holders(engine.port, likely)
+        port_free = not holders and ports.is_free(engine.host, engine.port)
+        listening = frozenset(pid for pid, listens in holders.items() if listens)
+        obs = replace(obs, procs=gather.with_holders(obs.procs, engine.port, holders),
+                      listening={engine.port: listening})
+        mine = [u for u in classify(obs, engines, self.namespace).of_model(engine.name)
+                if u.record is not None or u.instance is None]
+        # Probe only a listener that belongs to this engine: a squatter never gets our probe
+        # (nor, so, READY), and a foreign holder that accepts and never answers would hold
+        # every pass for a whole probe timeout.
+        ours_listen = any(listening & set(u.pids) for u in mine)
+        result = probe.check(engine) if ours_listen else Probe(False, _not_listening(mine, engine.port))
         instance = next((u.instance for u in mine if u.instance), None)
         return replace(obs, port_free={engine.port: port_free}, probe=result,
                        warmup=self.executor.warmup_state(instance))
 
     def _rescan(self, keys: tuple[tuple[str, str | None], ...]) -> Iterable[Proc]:
-        engines = self.catalog.engines
-        obs = Observation(now=0.0, procs=gather.processes(), self_pids=gather.self_and_ancestors())
-        view = classify(obs, engines, self.namespace)
+        view = classify(self._snapshot(), self.catalog.engines, self.namespace)
         return [p for u in view.units if (u.model, u.instance) in keys for p in u.procs]
+
+    def _identity(self) -> dict[str, str]:
+        return {"mode": self.mode.name, "reason": self.mode.reason, "port_holders": ports.observer()}
 
     def _gpu_sample(self) -> Gpu:
         now = clock.monotonic()
@@ -181,11 +197,10 @@ class Reconciler:
         last, leader = None, None
         live: dict[Path, tuple[str, int]] = {}
         for unit in units:
-            cookie = next((p.cookie for p in unit.procs if p.cookie is not None), None)
-            if unit.instance is None or cookie is None:
+            if unit.instance is None or unit.record is None or not unit.procs:
                 continue
-            pid = min((p.pid for p in unit.procs if p.pid == p.pgid), default=min(unit.pids))
-            live[raw_log_path(self.state_dir, cookie)] = (unit.model, pid)
+            pid = unit.root_pid or min(unit.pids)
+            live[raw_log_path(self.state_dir, unit.model, unit.instance)] = (unit.model, pid)
         for path, (model, pid) in live.items():
             self.follower.track(path, model, pid)
         self.follower.retain(set(live))
@@ -217,13 +232,15 @@ class Reconciler:
             recap = {"ok": int(not current.actions), "changed": outcome.changed,
                      "failed": outcome.failed + int(current.verdict.phase is Phase.FAILED)}
             new = compose(PassInput(self.catalog, wish.model, generation, generation, current, obs,
-                                    tuple(errors), last_line, recap, leader),
+                                    tuple(errors), last_line, recap, leader, self._identity(),
+                                    _memory(current.active)),
                           self.previous, self._gpu_sample())
             self._publish(new)
             return new
 
         self.memory = the_plan.memory
         units_before = classify(obs, self.catalog.engines, self.namespace).units
+        self.executor.prune({u.instance for u in units_before if u.instance is not None})
         if not the_plan.actions:
             return PassResult(the_plan, report(the_plan, units_before), None)
         # Say what is about to happen before doing it: the gate stops proxying at once.
@@ -234,8 +251,7 @@ class Reconciler:
         after = the_plan
         if not outcome.stopped_early and the_plan.then is not None:
             after = replace(the_plan, verdict=the_plan.then)
-        units = classify(replace(obs, procs=gather.processes()), self.catalog.engines,
-                         self.namespace).units
+        units = classify(self._snapshot(), self.catalog.engines, self.namespace).units
         if outcome.started is not None:
             cookie = outcome.started.cookie
             fresh = Unit(cookie.model, cookie.instance, (), cookie.started_at)
@@ -287,6 +303,8 @@ class Reconciler:
         observer = watch(files, self.wake)
         self.log.event(f"reconciler started (pid {os.getpid()}, {self.catalog.source}, "
                        f"desired state {self.catalog.desired_path}, state dir {self.state_dir})")
+        self.log.event(f"engine identity: {self.mode.name} mode: {self.mode.reason}; "
+                       f"port holders seen by {ports.observer()}")
         try:
             while not stop.is_set():
                 self.wake.clear()
@@ -315,9 +333,23 @@ class Reconciler:
 
     def stop_engines(self) -> None:
         """--stop-on-exit: converge to nothing before leaving."""
-        obs = Observation(now=clock.now().timestamp(),
-                          procs=gather.processes(),
-                          self_pids=gather.self_and_ancestors())
+        obs = self._snapshot()
         idle = plan(None, self.catalog.engines, obs, Memory(), self.namespace)
         self.executor.run(idle.actions, self.catalog.engines, self._rescan)
         self.follower.poll()
+
+
+def _not_listening(units: list[Unit], port: int) -> str:
+    bound = any(port in p.listens for u in units for p in u.procs)
+    return f"port {port} bound, not listening yet" if bound else "not listening yet"
+
+
+def _memory(unit: Unit | None) -> tuple[int | None, str | None]:
+    """The engine's memory: its cgroup's memory.current where kept, else its members' RSS."""
+    if unit is None or not unit.procs:
+        return None, None
+    if unit.record is not None and unit.record.cgroup is not None:
+        current = cgroups.memory_bytes(Path(unit.record.cgroup))
+        if current is not None:
+            return current, "cgroup"
+    return gather.rss(unit.pids), "rss"

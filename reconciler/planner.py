@@ -95,12 +95,21 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class Spared:
+    """A stray we recognise but may not kill, and why: reported, never signalled."""
+
+    unit: Unit
+    why: str
+
+
+@dataclass(frozen=True)
 class Plan:
     actions: tuple[Action, ...]
     verdict: Verdict
     memory: Memory
     active: Unit | None = None
     port_holders: tuple[Proc, ...] = ()
+    spared: tuple[Spared, ...] = ()
     requeue_after: float = 1.0
     notes: tuple[str, ...] = field(default=())
     then: Verdict | None = None  # the verdict once every action has succeeded
@@ -117,15 +126,46 @@ def probe_interval(engine: Engine, elapsed: float) -> float:
 
 
 def _keeper(view: View, engine: Engine, obs: Observation, memory: Memory) -> tuple[Unit | None, bool]:
-    """The unit of the desired model we keep (and whether it is adopted rather than ours)."""
-    ours = [u for u in view.of_model(engine.name) if u.instance is not None]
+    """The unit of the desired model we keep (and whether it is adopted rather than ours).
+
+    Only a recorded instance of ours is kept, never the newest cookie: a cookie can be forged.
+    """
+    ours = [u for u in view.of_model(engine.name) if u.record is not None]
     if ours:
         tracked = [u for u in ours if u.instance == memory.tracked]
         return (tracked or sorted(ours, key=lambda u: u.started_at, reverse=True))[0], False
-    for unit in view.of_model(engine.name):
-        if unit.instance is None and unit.listens_on(engine.port) and obs.probe and obs.probe.ok:
+    for unit in view.strays():
+        if (unit.model == engine.name and _listener_in(unit, engine, obs)
+                and unit.uids() <= engine.strays.uids and obs.probe and obs.probe.ok):
             return unit, True  # a healthy engine someone else started: adopt, never restart
     return None, False
+
+
+def _listener_in(unit: Unit, engine: Engine, obs: Observation) -> bool:
+    return bool(obs.listening.get(engine.port, frozenset()) & set(unit.pids))
+
+
+def _conflict(unit: Unit, engine: Engine | None, obs: Observation) -> str | None:
+    """How a stray gets in the wanted engine's way; None: it does not, so it lives."""
+    if engine is None:
+        return None
+    if unit.listens_on(engine.port):
+        return f"holds port {engine.port}"
+    on_gpu = {g.pid for g in obs.gpu.processes} if obs.gpu.observable else set()
+    if on_gpu & set(unit.pids):
+        return "holds GPU memory"
+    return None
+
+
+def _spare_reason(unit: Unit, engine: Engine | None, obs: Observation) -> str | None:
+    """Why a stray must not be killed, or None when it conflicts and may be."""
+    conflict = _conflict(unit, engine, obs)
+    if engine is None or conflict is None:
+        return "does not hold the wanted engine's port or GPU memory"
+    strangers = sorted(unit.uids() - engine.strays.uids)
+    if strangers:
+        return f"{conflict}, but runs as uid {strangers[0]}, not one of {engine.name}'s strays.users"
+    return None
 
 
 def _respawning(model: str, memory: Memory, now: float) -> bool:
@@ -158,11 +198,17 @@ def plan(
 
     actions: list[Action] = []
     notes: list[str] = []
-    surplus = [u for u in view.units if u is not keeper]
     killable: list[Unit] = []
+    spared: list[Spared] = []
     stray_kills = tuple((m, t) for m, t in memory.stray_kills if now - t <= RESPAWN_WINDOW_S)
     respawners: list[Unit] = []
-    for unit in surplus:
+    for unit in view.units:
+        if unit is keeper:
+            continue
+        why_spared = _spare_reason(unit, engine, obs) if unit.instance is None else None
+        if why_spared is not None:
+            spared.append(Spared(unit, why_spared))
+            continue
         if unit.instance is None and _respawning(unit.model, memory, now):
             respawners.append(unit)
             notes.append(
@@ -190,11 +236,13 @@ def plan(
         idle = Verdict(Phase.IDLE, "NoModelSelected", "no model selected; waiting for the toggle")
         return Plan(tuple(actions), Verdict(phase, reason, message), memory,
                     requeue_after=0.0 if actions else IDLE_RESYNC_S, notes=tuple(notes),
-                    then=idle if phase is Phase.STOPPING else None)
+                    then=idle if phase is Phase.STOPPING else None, spared=tuple(spared))
 
     if keeper is not None:
-        return _plan_keeper(engine, keeper, adopted, obs, memory, actions, notes)
-    return _plan_start(engine, view, obs, memory, actions, notes, killable, respawners)
+        result = _plan_keeper(engine, keeper, adopted, obs, memory, actions, notes)
+    else:
+        result = _plan_start(engine, view, obs, memory, actions, notes, killable, respawners, spared)
+    return replace(result, spared=tuple(spared))
 
 
 def _why_surplus(unit: Unit, desired: str | None) -> str:
@@ -227,6 +275,17 @@ def _plan_keeper(
         return Plan(tuple(actions), verdict, mem, active=keeper,
                     requeue_after=0.0 if actions else requeue, notes=tuple(notes))
 
+    gone = _leader_gone(keeper, obs)
+    squatters = _squatters(keeper, engine, obs)
+    if squatters:
+        who = ", ".join(f"pid {p.pid} (uid {p.uid}, {p.name})" for p in squatters)
+        if gone is not None:
+            return _fail(engine, keeper, obs, memory, actions, notes, "PortSquatted",
+                         f"main process {gone}; port {engine.port} is held by {who}")
+        message = (f"port {engine.port} is listened on by {who}, not by {engine.name}'s "
+                   "instance; nothing is proxied to it")
+        squatted = done(Verdict(Phase.LOADING, "PortSquatted", message), memory, PORT_POLL_S * 4)
+        return replace(squatted, port_holders=squatters)
     if ready:
         since = memory.ready_since or now
         # Like Kubernetes, forgive past crashes only after a stretch of healthy running: an
@@ -238,10 +297,10 @@ def _plan_keeper(
         return done(Verdict(Phase.READY, "Ready", how), memory, engine.liveness_period_s)
 
     detail = probe.detail if probe else "not probed"
-    if keeper.instance is not None and keeper.instance in obs.exits:
-        # Its main process is gone (we reaped it); orphaned workers are not an engine.
+    if gone is not None:
+        # Orphaned workers (vLLM's EngineCore outlives a killed API server) are not an engine.
         return _fail(engine, keeper, obs, memory, actions, notes, "EngineExited",
-                     f"main process {obs.exits[keeper.instance]}; its workers are killed too")
+                     f"main process {gone}; its workers are killed too")
     if memory.ready_since is not None:
         failures = memory.liveness_failures + 1
         if failures < engine.liveness_failures:
@@ -267,6 +326,23 @@ def _plan_keeper(
     message = f"loading: {detail}" if obs.warmup is None else f"loading: warm-up {obs.warmup}"
     return done(Verdict(Phase.LOADING, "Loading", message), memory,
                 probe_interval(engine, now - keeper.started_at))
+
+
+def _leader_gone(keeper: Unit, obs: Observation) -> str | None:
+    """How the instance's main process ended, if it did (reaped by us, or simply absent)."""
+    if keeper.instance is not None and keeper.instance in obs.exits:
+        return obs.exits[keeper.instance]
+    record = keeper.record
+    if record is None or record.leader_pid is None or keeper.root_pid == record.leader_pid:
+        return None
+    return f"pid {record.leader_pid} is gone"
+
+
+def _squatters(keeper: Unit, engine: Engine, obs: Observation) -> tuple[Proc, ...]:
+    """Processes outside the kept instance that listen on its port: never proxied to."""
+    by_pid = {p.pid: p for p in obs.procs}
+    outside = obs.listening.get(engine.port, frozenset()) - set(keeper.pids)
+    return tuple(by_pid[pid] for pid in sorted(outside) if pid in by_pid)
 
 
 def _fail(
@@ -298,6 +374,7 @@ def _plan_start(
     notes: list[str],
     killable: list[Unit],
     respawners: list[Unit],
+    spared: list[Spared],
 ) -> Plan:
     now = obs.now
     if memory.tracked is not None:
@@ -323,10 +400,12 @@ def _plan_start(
     if blockers:
         return plan_of(Verdict(Phase.FAILED, "EngineRespawning", notes[-1]), PORT_POLL_S * 4,
                        blockers[0].procs)
-    foreign = view.foreign_listeners.get(engine.port, ())
+    foreign = view.foreign_listeners.get(engine.port, ()) + tuple(
+        p for s in spared if s.unit.listens_on(engine.port) for p in s.unit.procs
+        if engine.port in p.listens)
     if foreign:
-        who = ", ".join(f"pid {p.pid} ({p.name})" for p in foreign)
-        message = f"port {engine.port} is held by {who}, not an engine we manage; waiting for it"
+        who = ", ".join(f"pid {p.pid} (uid {p.uid}, {p.name})" for p in foreign)
+        message = f"port {engine.port} is held by {who}, not an engine we may stop; waiting for it"
         return plan_of(Verdict(Phase.WAITING_PORT, "PortHeldByForeignProcess", message),
                        PORT_POLL_S, foreign)
     port_free = obs.port_free.get(engine.port, True)

@@ -18,6 +18,7 @@ from reconciler.status import (
     Holder,
     Phase,
     Status,
+    StrayInfo,
     with_revision,
 )
 
@@ -34,6 +35,8 @@ class PassInput:
     last_log_line: str | None
     recap: dict[str, int]
     leader_pid: int | None
+    identity: dict[str, str]
+    memory: tuple[int | None, str | None] = (None, None)  # the active engine's bytes, and whence
 
 
 def _iso(epoch: float) -> str:
@@ -90,6 +93,8 @@ def compose(p: PassInput, previous: Status | None, gpu: Gpu) -> Status:
                 url=engine.base_url,
                 started_at=_iso(active.started_at),
                 adopted=active.instance is None,
+                memory_bytes=p.memory[0],
+                memory_source=p.memory[1],
             )
             if verdict.phase is Phase.LOADING:
                 boot = BootInfo(
@@ -112,7 +117,10 @@ def compose(p: PassInput, previous: Status | None, gpu: Gpu) -> Status:
         last_error = ErrorInfo(reason, message, clock.iso())
         if previous and previous.last_error and previous.last_error.message == message:
             last_error = previous.last_error
-    holders = [Holder(h.pid, h.name, h.cmdline[:300], ours=False) for h in plan.port_holders]
+    holders = [Holder(h.pid, h.name, h.cmdline[:300], ours=False, uid=h.uid) for h in plan.port_holders]
+    strays = [StrayInfo(s.unit.model, s.unit.pids, sorted(s.unit.uids()),
+                        min(s.unit.procs, key=lambda q: q.pid).cmdline[:300], s.why)
+              for s in plan.spared]
     backoff = plan.memory.backoff_until
     status = Status(
         phase=verdict.phase,
@@ -132,6 +140,8 @@ def compose(p: PassInput, previous: Status | None, gpu: Gpu) -> Status:
         next_retry_at=_iso(backoff) if backoff and backoff > obs.now else None,
         gpu={"observable": gpu.observable, "message": gpu.message,
              "processes": [{"pid": g.pid, "used_mib": g.used_mib} for g in gpu.processes]},
+        identity=p.identity,
+        strays=strays,
         recap=p.recap,
         reconciler={"pid": os.getpid(), "heartbeat": clock.iso(), "version": __version__,
                     "resync_interval_s": catalog.resync_interval_s},

@@ -1,4 +1,4 @@
-"""Start an engine: its own session, our cookie in its environment, output to a file."""
+"""Start an engine: its own session (and cgroup, in cgroup mode), our cookie, output to a file."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler import cgroups
 from reconciler.atomicfile import ensure_dir
 from reconciler.catalog import Engine
 from reconciler.facts import COOKIE_ENV, Cookie
@@ -20,18 +21,22 @@ class Spawned:
     log_path: Path
 
 
-def raw_log_path(state_dir: Path, cookie: Cookie) -> Path:
-    """Where an instance's stdout+stderr go; derivable from the cookie after a restart."""
-    return state_dir / "engines" / f"{cookie.model}.{cookie.instance}.log"
+def raw_log_path(state_dir: Path, model: str, instance: str) -> Path:
+    """Where an instance's stdout+stderr go; derivable from its record after a restart."""
+    return state_dir / "engines" / f"{model}.{instance}.log"
 
 
 def new_cookie(namespace: str, model: str, started_at: float) -> Cookie:
     return Cookie(namespace, model, secrets.token_hex(4), started_at)
 
 
-def spawn(engine: Engine, cookie: Cookie, state_dir: Path) -> Spawned:
-    """Raises OSError (e.g. FileNotFoundError for a missing binary) for the caller to report."""
-    log_path = raw_log_path(state_dir, cookie)
+def spawn(engine: Engine, cookie: Cookie, state_dir: Path, cgroup: Path | None = None) -> Spawned:
+    """Raises OSError (e.g. FileNotFoundError for a missing binary) for the caller to report.
+
+    With ``cgroup`` the child joins it between fork and exec, so the engine and everything
+    it will ever fork are members from the first instruction.
+    """
+    log_path = raw_log_path(state_dir, cookie.model, cookie.instance)
     ensure_dir(log_path.parent)
     env = {k: v for k, v in os.environ.items() if k != COOKIE_ENV}
     env.update(engine.env)
@@ -46,8 +51,9 @@ def spawn(engine: Engine, cookie: Cookie, state_dir: Path) -> Spawned:
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=fd,
-            start_new_session=True,  # no SIGHUP from our terminal; a group to kill
+            start_new_session=True,  # no SIGHUP from our terminal; a session and group of its own
             close_fds=True,
+            preexec_fn=(lambda: cgroups.join_self(cgroup)) if cgroup is not None else None,
         )
     finally:
         os.close(fd)

@@ -50,6 +50,8 @@ class EngineInfo:
     url: str
     started_at: str | None
     adopted: bool
+    memory_bytes: int | None = None  # cgroup memory.current, else the members' summed RSS
+    memory_source: str | None = None  # "cgroup" or "rss"
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,18 @@ class Holder:
     name: str
     cmdline: str
     ours: bool
+    uid: int = -1
+
+
+@dataclass(frozen=True)
+class StrayInfo:
+    """A copy of a catalog engine that ailayer did not start and does not kill, and why."""
+
+    model: str
+    pids: list[int]
+    uids: list[int]
+    cmdline: str
+    why: str
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,8 @@ class Status:
     restarts: int = 0
     next_retry_at: str | None = None
     gpu: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, str] = field(default_factory=dict)
+    strays: list[StrayInfo] = field(default_factory=list)
     recap: dict[str, int] = field(default_factory=dict)
     reconciler: dict[str, Any] = field(default_factory=dict)
     config: str = ""
@@ -113,6 +129,8 @@ class Status:
             data.pop(volatile)
         if data["boot"]:
             data["boot"] = {k: v for k, v in data["boot"].items() if k != "elapsed_s"}
+        if data["engine"]:
+            data["engine"] = {k: v for k, v in data["engine"].items() if k != "memory_bytes"}
         return data
 
 
@@ -161,6 +179,8 @@ def from_dict(data: dict[str, Any]) -> Status:
         restarts=int(data.get("restarts", 0)),
         next_retry_at=data.get("next_retry_at"),
         gpu=data.get("gpu", {}),
+        identity=data.get("identity", {}),
+        strays=[StrayInfo(**x) for x in data.get("strays", [])],
         recap=data.get("recap", {}),
         reconciler=data.get("reconciler", {}),
         config=data.get("config", ""),

@@ -2,16 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import TEST_RUN_ENV, kill_all, ours_since
+from reconciler import cgroups
+from tests.helpers import SESSION_CGROUP_ENV, TEST_RUN_ENV, kill_all, ours_since
 
 os.environ.setdefault(TEST_RUN_ENV, uuid.uuid4().hex)
+SESSION_PREFIX = "ailayer-tests-"
+
+
+def _enter_session_cgroup() -> Path | None:
+    """Put this pytest session in a cgroup of its own (root with cgroup v2 only).
+
+    Stale session cgroups of runs that were killed are removed when empty.
+    """
+    mount, own = cgroups.cgroup2_mount(), cgroups.own_cgroup()
+    if mount is None or own is None or os.geteuid() != 0:
+        return None
+    parent = mount / own.lstrip("/")
+    for stale in parent.glob(SESSION_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            cgroups.remove(stale)
+    path = parent / (SESSION_PREFIX + os.environ[TEST_RUN_ENV])
+    try:
+        path.mkdir(exist_ok=True)
+        (path / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError:
+        return None
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cgroup() -> Iterator[Path | None]:
+    path = _enter_session_cgroup()
+    if path is not None:
+        os.environ[SESSION_CGROUP_ENV] = str(path)
+    yield path
+    if path is not None:
+        (path.parent / "cgroup.procs").write_text(str(os.getpid()))
+        with contextlib.suppress(OSError):
+            cgroups.remove(path)
 
 
 @pytest.fixture(autouse=True)

@@ -58,10 +58,9 @@ def demo_engine(kind: str, port: int, boot_s: float = 0.3, **extra: Any) -> dict
                    "--port", "{port}", "--models", "gemma2:9b", "--load-seconds", str(boot_s),
                    "--token-delay-ms", "5"]
         entry = {"kind": "ollama", "served_name": "gemma2:9b"}
-    # Per-port patterns: a test must never take a developer's running demo engine (or a
-    # concurrent test's) for a stray of its own. Children are still found by cookie and tree.
-    head = command[1:command.index("{port}") + 1]
-    entry["match"] = [" ".join(head).replace("{host}", "127.0.0.1").replace("{port}", f"{port} ")]
+    # Only the entry's own command (port included) recognises a stray: a test must never take
+    # a developer's running demo engine (or a concurrent test's) for one of its own.
+    entry["strays"] = {"argv": [], "titles": []}
     entry.update({"command": command + list(extra.pop("args", [])), "port": port,
                   "ready": {"period_s": 0.1}, "liveness": {"period_s": 0.5},
                   "restart_backoff": {"initial_s": 0.5, "max_s": 2}})
@@ -150,29 +149,36 @@ class Stack:
         return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
 
 
-def engine_procs(marker: str) -> list[psutil.Process]:
-    """This test session's live processes whose command line contains ``marker``."""
-    found = []
-    run = os.environ.get(TEST_RUN_ENV)
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if marker in " ".join(proc.info["cmdline"] or []) and proc.environ().get(TEST_RUN_ENV) == run:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
 TEST_RUN_ENV = "AILAYER_TEST_RUN"
 """Set once per pytest session and inherited by everything a test starts (engines too, even
-after they re-parent to init), so leak checks find exactly our processes and nobody else's."""
+after they re-parent to init), so leak checks find exactly our processes and nobody else's.
+setproctitle wipes it (vLLM's workers), which is why the session cgroup below exists."""
+
+SESSION_CGROUP_ENV = "AILAYER_TEST_CGROUP"
+"""Where a root run with cgroup v2 puts the whole pytest session (tests/conftest.py). Every
+process a test starts is in it or below it, whatever it does to its title or environment, and
+so are the reconcilers' instance cgroups (they are made beside the reconciler's own)."""
 
 
-def ours_since(started: float) -> list[psutil.Process]:
-    """Live processes started since ``started`` that carry this test session's marker."""
+def _session_pids() -> set[int]:
+    root = os.environ.get(SESSION_CGROUP_ENV)
+    pids: set[int] = set()
+    if not root:
+        return pids
+    for directory, _, files in os.walk(root):
+        if "cgroup.procs" in files:
+            with contextlib.suppress(OSError):
+                pids.update(int(x) for x in Path(directory, "cgroup.procs").read_text().split())
+    return pids
+
+
+def session_procs(started: float = 0.0) -> list[psutil.Process]:
+    """Live, non-zombie processes of this pytest session (but pytest) created since ``started``.
+
+    The session cgroup where there is one, and the environment marker everywhere.
+    """
     marker = os.environ.get(TEST_RUN_ENV)
+    in_cgroup = _session_pids()
     found = []
     me = os.getpid()
     for proc in psutil.process_iter(["create_time", "status", "pid"]):
@@ -181,10 +187,25 @@ def ours_since(started: float) -> list[psutil.Process]:
                 continue
             if proc.info["create_time"] < started - 1:
                 continue
-            if marker and proc.environ().get(TEST_RUN_ENV) == marker:
+            if proc.info["pid"] in in_cgroup or (marker and proc.environ().get(TEST_RUN_ENV) == marker):
                 found.append(proc)
         except psutil.Error:
             continue
+    return found
+
+
+def ours_since(started: float) -> list[psutil.Process]:
+    """Live processes started since ``started`` by this test session."""
+    return session_procs(started)
+
+
+def engine_procs(marker: str) -> list[psutil.Process]:
+    """This test session's live processes whose command line (or title) contains ``marker``."""
+    found = []
+    for proc in session_procs():
+        with contextlib.suppress(psutil.Error):
+            if marker in " ".join(proc.cmdline()):
+                found.append(proc)
     return found
 
 
@@ -197,16 +218,11 @@ def kill_all(procs: list[psutil.Process]) -> None:
 
 def sampler(markers: tuple[str, str], stop: Callable[[], bool]) -> Iterator[tuple[int, int]]:
     """Yield (count of this session's processes matching markers[0], markers[1]) every ~10 ms."""
-    run = os.environ.get(TEST_RUN_ENV)
     while not stop():
         counts = [0, 0]
-        for proc in psutil.process_iter(["cmdline", "status"]):
+        for proc in session_procs():
             try:
-                if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                    continue
-                cmd = " ".join(proc.info["cmdline"] or [])
-                if not any(m in cmd for m in markers) or proc.environ().get(TEST_RUN_ENV) != run:
-                    continue
+                cmd = " ".join(proc.cmdline())
             except psutil.Error:
                 continue
             for i, marker in enumerate(markers):

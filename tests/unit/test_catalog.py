@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,10 @@ def test_vllm_defaults() -> None:
     engine = build(engine_doc(kind="vllm", served_name="org/model"))
     assert engine.ready.url == "/health"
     assert engine.ready.warmup is None and engine.ready.json_check is None
-    assert engine.match == ("vllm serve", "VLLM::", "vllm.entrypoints")
+    assert engine.strays.argv == (("/bin/engine", "--port", "9000"), ("vllm", "serve"),
+                                  ("{python}", "-m", "vllm.entrypoints.openai.api_server"),
+                                  ("{python}", "-m", "vllm.entrypoints.cli.main", "serve"))
+    assert "VLLM::EngineCore" in engine.strays.titles and "VLLM::Worker" in engine.strays.titles
     assert int(engine.env["VLLM_ENGINE_READY_TIMEOUT_S"]) > engine.boot_timeout_s
     assert engine.url(engine.ready.url) == "http://127.0.0.1:9000/health"
 
@@ -88,7 +92,8 @@ def test_ollama_defaults() -> None:
     load_timeout = engine.env["OLLAMA_LOAD_TIMEOUT"]
     assert load_timeout.endswith("s")
     assert int(load_timeout[:-1]) > engine.boot_timeout_s
-    assert engine.match == ("ollama serve", "ollama runner")
+    assert engine.strays.argv == (("/bin/engine", "--port", "11500"), ("ollama", "serve"), ("ollama", "runner"),
+                                  ("ollama_llama_server",), ("lib/ollama/llama-server",))
 
 
 def test_ollama_served_name_defaults_to_the_catalog_name() -> None:
@@ -97,9 +102,36 @@ def test_ollama_served_name_defaults_to_the_catalog_name() -> None:
     assert engine.ready.json_check is not None and engine.ready.json_check.equals == "llama3:8b"
 
 
-def test_explicit_match_replaces_the_kind_patterns() -> None:
-    engine = build(engine_doc(kind="vllm", match=["my-wrapper.sh"]))
-    assert engine.match == ("my-wrapper.sh",)
+def test_explicit_strays_replace_the_kind_patterns_but_keep_the_own_command() -> None:
+    engine = build(engine_doc(kind="vllm", strays={"argv": [["my-wrapper.sh", "{port}"]], "titles": []}))
+    assert engine.strays.argv == (("/bin/engine", "--port", "9000"), ("my-wrapper.sh", "9000"))
+    assert engine.strays.titles == ()
+
+
+def test_own_command_pattern_keeps_python_as_any_interpreter() -> None:
+    engine = build(engine_doc(command=["{python}", "-m", "x", "--port", "{port}"]))
+    assert engine.strays.argv == (("{python}", "-m", "x", "--port", "9000"),)
+
+
+def test_match_is_refused_with_a_pointer_to_strays() -> None:
+    with pytest.raises(InvalidFile, match=r"engines\.m\.match was replaced by engines\.m\.strays"):
+        build(engine_doc(match=["vllm serve"]))
+
+
+def test_strays_users_default_to_root_and_self_and_unknown_users_are_errors() -> None:
+    engine = build(engine_doc())
+    assert {0, os.geteuid()} <= engine.strays.uids
+    assert build(engine_doc(strays={"users": [4242]})).strays.uids >= {4242}
+    with pytest.raises(InvalidFile, match="no user named 'no-such-user-x'"):
+        build(engine_doc(strays={"users": ["no-such-user-x"]}))
+
+
+def test_identity_mode_and_cgroup_parent() -> None:
+    doc = {"engines": {"m": engine_doc()}, "identity": {"mode": "record", "cgroup_parent": "/sys/fs/cgroup/x"}}
+    built = catalog.from_document(doc, "test", Path("/srv"))
+    assert built.identity == catalog.Identity("record", Path("/sys/fs/cgroup/x"))
+    with pytest.raises(InvalidFile):
+        catalog.from_document({**doc, "identity": {"mode": "sometimes"}}, "test", Path("/srv"))
 
 
 def test_explicit_ready_overrides_only_what_it_names() -> None:
@@ -121,10 +153,10 @@ def test_generic_and_llamacpp_defaults() -> None:
     generic = build(engine_doc())
     assert generic.kind == "generic"
     assert generic.ready.url == "/health"
-    assert generic.match == ()
+    assert generic.strays.argv == (("/bin/engine", "--port", "9000"),) and generic.strays.titles == ()
     assert dict(generic.env) == {}
     llama = build(engine_doc(kind="llamacpp"))
-    assert "llama-server" in llama.match
+    assert ("llama-server",) in llama.strays.argv
 
 
 def test_boot_timeout_defaults_to_45_minutes() -> None:

@@ -1,15 +1,23 @@
-"""The planner from tables of cases: no processes, no sockets, no clock."""
+"""The planner from tables of cases: no processes, no sockets, no clock.
+
+Each case pins the whole plan: the verdict's phase and reason, and every action with its
+targets (pids and the instance keys to re-scan), its port or its model, the way pyinfra's
+operation fixtures pin exact commands. A case named "kills the duplicate" fails if the
+wrong instance is killed.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from reconciler.catalog import demo
-from reconciler.facts import Cookie, Observation, Probe, Proc
+from reconciler.facts import Cookie, Gpu, GpuProc, Observation, Probe, Proc, Record
 from reconciler.planner import (
     RESPAWN_LIMIT,
+    Action,
     AwaitPort,
     Kill,
     Memory,
@@ -20,131 +28,193 @@ from reconciler.planner import (
 )
 from reconciler.status import Phase
 
-NS = "testns"
+NS = "0123456789ab"
 NOW = 1_800_000_000.0
 ENGINES = demo().engines
 VLLM, OLLAMA = ENGINES["gpt-oss"], ENGINES["gemma2"]
+VLLM_ARGV = ("/usr/bin/python3", "-m", "reconciler.demo.vllm_like", "serve", "openai/gpt-oss-20b",
+             "--host", "127.0.0.1", "--port", "18000")
+OLLAMA_ARGV = ("/usr/bin/python3", "-m", "reconciler.demo.ollama_like", "serve", "--host", "127.0.0.1",
+               "--port", "18434", "--models", "gemma2:9b")
+USER = 1000
 
 
-def vllm(pid: int, instance: str | None = "a1", started: float = NOW - 10, **kw: object) -> Proc:
-    cookie = Cookie(NS, "gpt-oss", instance, started) if instance else None
-    fields: dict[str, object] = {
-        "ppid": 1, "create_time": started, "pgid": pid, "sid": pid, "cookie": cookie,
-        "cmdline": "python -m reconciler.demo.vllm_like serve openai/gpt-oss-20b --port 18000",
-    }
+def proc(pid: int, argv: tuple[str, ...], started: float = NOW - 10, **kw: Any) -> Proc:
+    fields: dict[str, Any] = {"ppid": 1, "pgid": pid, "sid": pid, "uid": 0}
     fields.update(kw)
-    return Proc(pid=pid, **fields)  # type: ignore[arg-type]
+    return Proc(pid=pid, create_time=started, cmdline=" ".join(argv), name=argv[0].rsplit("/")[-1],
+                argv=argv, **fields)
 
 
-def ollama(pid: int, instance: str | None = "b1", started: float = NOW - 10, **kw: object) -> Proc:
-    cookie = Cookie(NS, "gemma2", instance, started) if instance else None
-    fields: dict[str, object] = {
-        "ppid": 1, "create_time": started, "pgid": pid, "sid": pid, "cookie": cookie,
-        "cmdline": "python -m reconciler.demo.ollama_like serve --port 18434",
-    }
-    fields.update(kw)
-    return Proc(pid=pid, **fields)  # type: ignore[arg-type]
+def vllm(pid: int, started: float = NOW - 10, **kw: Any) -> Proc:
+    return proc(pid, VLLM_ARGV, started, **kw)
 
 
-def foreign(pid: int, port: int) -> Proc:
-    return Proc(pid=pid, ppid=1, create_time=NOW - 99, cmdline="nginx: master process",
-                name="nginx", pgid=pid, sid=pid, listens=frozenset({port}))
+def ollama(pid: int, started: float = NOW - 10, **kw: Any) -> Proc:
+    return proc(pid, OLLAMA_ARGV, started, **kw)
 
 
-def obs(*procs: Proc, probe: Probe | None = None, port_free: bool = True, **kw: object) -> Observation:
-    return Observation(now=NOW, procs=procs, port_free={18000: port_free, 18434: port_free},
-                       probe=probe, **kw)  # type: ignore[arg-type]
+def rec(instance: str, model: str, leader: int, started: float = NOW - 10) -> Record:
+    return Record(model, instance, started, leader_pid=leader, leader_create_time=started, uid=0)
 
 
+A1, A2, B1 = rec("aaaaaaa1", "gpt-oss", 10), rec("aaaaaaa2", "gpt-oss", 20), rec("bbbbbbb1", "gemma2", 30)
+
+
+def foreign(pid: int, port: int, uid: int = 33) -> Proc:
+    return proc(pid, ("nginx: master process",), NOW - 99, listens=frozenset({port}), uid=uid)
+
+
+def obs(*procs: Proc, records: tuple[Record, ...] = (), probe: Probe | None = None,
+        port_free: bool = True, listening: dict[int, frozenset[int]] | None = None, **kw: Any) -> Observation:
+    if listening is None:  # the engine processes that hold a port listen on it
+        listening = {port: frozenset(p.pid for p in procs if port in p.listens) for port in (18000, 18434)}
+    return Observation(now=NOW, procs=procs, records=records, probe=probe, listening=listening,
+                       port_free={18000: port_free, 18434: port_free}, **kw)
+
+
+ON_V = frozenset({18000})
+ON_O = frozenset({18434})
 READY = Probe(True, "HTTP 200")
 DOWN = Probe(False, "connection refused")
+KEY_A1 = ("gpt-oss", "aaaaaaa1")
+KEY_A2 = ("gpt-oss", "aaaaaaa2")
+STRAY_V = ("gpt-oss", None)
+STRAY_O = ("gemma2", None)
 
 
-def kinds(actions: tuple[object, ...]) -> list[str]:
-    return [type(a).__name__ for a in actions]
+def shape(action: Action) -> tuple[Any, ...]:
+    if isinstance(action, Kill):
+        return ("Kill", sorted(p.pid for p in action.targets), list(action.units))
+    if isinstance(action, AwaitPort):
+        return ("AwaitPort", action.port)
+    if isinstance(action, Start):
+        return ("Start", action.model, action.attempt)
+    return ("Warmup", action.model, action.instance)
 
 
-# (id, desired, observation, memory, expected phase, expected action kinds)
-CASES = [
-    ("idle, nothing running", None, obs(), Memory(), Phase.IDLE, []),
-    ("idle kills our leftover", None, obs(vllm(10)), Memory(), Phase.STOPPING, ["Kill"]),
-    ("idle kills a stray match", None, obs(vllm(10, instance=None)), Memory(), Phase.STOPPING, ["Kill"]),
-    ("idle never kills a foreign process", None, obs(foreign(5, 18000)), Memory(), Phase.IDLE, []),
-    ("fresh start", "gpt-oss", obs(), Memory(), Phase.LOADING, ["Start"]),
-    ("switch kills, waits for the port, starts", "gemma2", obs(vllm(10)), Memory(model="gpt-oss", tracked="a1"),
-     Phase.STOPPING, ["Kill", "AwaitPort", "Start"]),
-    ("loading while probe refuses", "gpt-oss", obs(vllm(10), probe=DOWN), Memory(model="gpt-oss", tracked="a1"),
-     Phase.LOADING, []),
-    ("ready when probe answers", "gpt-oss", obs(vllm(10), probe=READY), Memory(model="gpt-oss", tracked="a1"),
-     Phase.READY, []),
-    ("adopt our own instance after restart", "gpt-oss", obs(vllm(10), probe=READY), Memory(),
-     Phase.READY, []),
-    ("adopt a healthy stray on the port", "gpt-oss",
-     obs(vllm(10, instance=None, listens=frozenset({18000})), probe=READY), Memory(), Phase.READY, []),
+TRACK_A1 = Memory(model="gpt-oss", tracked="aaaaaaa1")
+TRACK_B1 = Memory(model="gemma2", tracked="bbbbbbb1")
+# (id, desired, observation, memory, phase, reason, actions)
+CASES: list[tuple[str, str | None, Observation, Memory, Phase, str, list[tuple[Any, ...]]]] = [
+    ("idle, nothing running", None, obs(), Memory(), Phase.IDLE, "NoModelSelected", []),
+    ("idle kills our leftover", None, obs(vllm(10), records=(A1,)), Memory(), Phase.STOPPING, "Stopping",
+     [("Kill", [10], [KEY_A1])]),
+    ("idle spares a stray: it gets in nobody's way", None, obs(vllm(10, listens=ON_V)), Memory(),
+     Phase.IDLE, "NoModelSelected", []),
+    ("idle never kills a foreign process", None, obs(foreign(5, 18000)), Memory(), Phase.IDLE,
+     "NoModelSelected", []),
+    ("fresh start", "gpt-oss", obs(), Memory(), Phase.LOADING, "Starting", [("Start", "gpt-oss", 1)]),
+    ("switch kills ours, waits for the port, starts", "gemma2", obs(vllm(10, listens=ON_V), records=(A1,)),
+     TRACK_A1, Phase.STOPPING, "Switching",
+     [("Kill", [10], [KEY_A1]), ("AwaitPort", 18434), ("Start", "gemma2", 1)]),
+    ("switch spares a stray of the old model on its own port", "gemma2", obs(vllm(10, listens=ON_V)),
+     Memory(), Phase.LOADING, "Starting", [("Start", "gemma2", 1)]),
+    ("loading while the port is bound, not listening", "gpt-oss",
+     obs(vllm(10, listens=ON_V), records=(A1,), probe=DOWN, listening={18000: frozenset()}), TRACK_A1,
+     Phase.LOADING, "Loading", []),
+    ("ready when our listener answers", "gpt-oss", obs(vllm(10, listens=ON_V), records=(A1,), probe=READY),
+     TRACK_A1, Phase.READY, "Ready", []),
+    ("after a restart the recorded instance is kept", "gpt-oss",
+     obs(vllm(10, listens=ON_V), records=(A1,), probe=READY), Memory(), Phase.READY, "Ready", []),
+    ("adopt a healthy stray listening on the port", "gpt-oss", obs(vllm(10, listens=ON_V), probe=READY),
+     Memory(), Phase.READY, "Ready", []),
+    ("another user's healthy copy is never adopted, nor killed", "gpt-oss",
+     obs(vllm(10, listens=ON_V, uid=USER), probe=READY, port_free=False), Memory(), Phase.WAITING_PORT,
+     "PortHeldByForeignProcess", []),
     ("a stray not ready on the port is replaced", "gpt-oss",
-     obs(vllm(10, instance=None, listens=frozenset({18000})), probe=DOWN, port_free=False),
-     Memory(), Phase.STOPPING, ["Kill", "AwaitPort", "Start"]),
-    ("duplicate instance of the wanted model is killed", "gpt-oss",
-     obs(vllm(10, instance="a1"), vllm(20, instance="a2"), probe=READY), Memory(model="gpt-oss", tracked="a1"),
-     Phase.READY, ["Kill"]),
+     obs(vllm(10, listens=ON_V), probe=DOWN, port_free=False), Memory(), Phase.STOPPING, "Switching",
+     [("Kill", [10], [STRAY_V]), ("AwaitPort", 18000), ("Start", "gpt-oss", 1)]),
+    ("a stray of another model on the wanted port is killed", "gemma2",
+     obs(vllm(10, listens=ON_O), port_free=False), Memory(), Phase.STOPPING, "Switching",
+     [("Kill", [10], [STRAY_V]), ("AwaitPort", 18434), ("Start", "gemma2", 1)]),
+    ("the tracked duplicate is kept, the other killed", "gpt-oss",
+     obs(vllm(10, listens=ON_V), vllm(20), records=(A1, A2), probe=READY), TRACK_A1, Phase.READY, "Ready",
+     [("Kill", [20], [KEY_A2])]),
+    ("untracked duplicates: the later record is kept", "gpt-oss",
+     obs(vllm(10), vllm(20, started=NOW - 5, listens=ON_V), records=(A1, replace(A2, started_at=NOW - 5,
+                                                                                  leader_create_time=NOW - 5)),
+         probe=READY), Memory(), Phase.READY, "Ready", [("Kill", [10], [KEY_A1])]),
     ("foreign process on the port: wait, never kill", "gpt-oss", obs(foreign(5, 18000), port_free=False),
-     Memory(), Phase.WAITING_PORT, []),
-    ("busy port with an invisible holder", "gpt-oss", obs(port_free=False), Memory(),
-     Phase.WAITING_PORT, []),
-    ("crash while loading backs off", "gpt-oss", obs(exits={"a1": "exited with code 1"}),
-     Memory(model="gpt-oss", tracked="a1"), Phase.FAILED, []),
-    ("boot budget exhausted", "gpt-oss",
-     obs(vllm(10, started=NOW - VLLM.boot_timeout_s - 1), probe=DOWN), Memory(model="gpt-oss", tracked="a1"),
-     Phase.FAILED, ["Kill"]),
+     Memory(), Phase.WAITING_PORT, "PortHeldByForeignProcess", []),
+    ("busy port with an invisible holder", "gpt-oss", obs(port_free=False), Memory(), Phase.WAITING_PORT,
+     "PortBusy", []),
+    ("crash while loading backs off", "gpt-oss", obs(exits={"aaaaaaa1": "exited with code 1"}), TRACK_A1,
+     Phase.FAILED, "CrashLoopBackOff", []),
+    ("orphaned workers of a dead leader are killed, then a restart", "gpt-oss",
+     obs(proc(11, ("VLLM::EngineCore",), sid=10, pgid=10), records=(A1,)), TRACK_A1, Phase.FAILED,
+     "EngineExited", [("Kill", [11], [KEY_A1])]),
+    ("a squatter on our port is never READY", "gpt-oss",
+     obs(vllm(10), foreign(66, 18000, uid=USER), records=(A1,), probe=DOWN), TRACK_A1, Phase.LOADING,
+     "PortSquatted", []),
+    ("the squatter won the bind and ours died: failed", "gpt-oss",
+     obs(foreign(66, 18000, uid=USER), records=(A1,), exits={"aaaaaaa1": "exited with code 1"}), TRACK_A1,
+     Phase.FAILED, "CrashLoopBackOff", []),
+    ("boot budget exhausted", "gpt-oss", obs(vllm(10, started=NOW - 3000), records=(rec("aaaaaaa1", "gpt-oss", 10,
+                                                                                       NOW - 3000),), probe=DOWN),
+     TRACK_A1, Phase.FAILED, "BootTimeout", [("Kill", [10], [KEY_A1])]),
     ("35-minute boot is still loading", "gpt-oss",
-     obs(vllm(10, started=NOW - 35 * 60), probe=DOWN), Memory(model="gpt-oss", tracked="a1"), Phase.LOADING, []),
+     obs(vllm(10, started=NOW - 2100), records=(rec("aaaaaaa1", "gpt-oss", 10, NOW - 2100),), probe=DOWN),
+     TRACK_A1, Phase.LOADING, "Loading", []),
     ("ollama up but model not loaded: warm up", "gemma2",
-     obs(ollama(30), probe=Probe(True, "HTTP 200", json_ok=False)), Memory(model="gemma2", tracked="b1"),
-     Phase.LOADING, ["Warmup"]),
+     obs(ollama(30, listens=ON_O), records=(B1,), probe=Probe(True, "HTTP 200", json_ok=False)), TRACK_B1,
+     Phase.LOADING, "Loading", [("Warmup", "gemma2", "bbbbbbb1")]),
     ("ollama warm-up pending: no second request", "gemma2",
-     obs(ollama(30), probe=Probe(True, "HTTP 200", json_ok=False), warmup="pending"),
-     Memory(model="gemma2", tracked="b1"), Phase.LOADING, []),
+     obs(ollama(30, listens=ON_O), records=(B1,), probe=Probe(True, "HTTP 200", json_ok=False),
+         warmup="pending"), TRACK_B1, Phase.LOADING, "Loading", []),
     ("ollama ready once the model is listed", "gemma2",
-     obs(ollama(30), probe=Probe(True, "HTTP 200", json_ok=True)), Memory(model="gemma2", tracked="b1"),
-     Phase.READY, []),
-    ("ready engine missing one probe stays ready", "gpt-oss", obs(vllm(10), probe=DOWN),
-     Memory(model="gpt-oss", tracked="a1", ready_since=NOW - 60), Phase.READY, []),
+     obs(ollama(30, listens=ON_O), records=(B1,), probe=Probe(True, "HTTP 200", json_ok=True)), TRACK_B1,
+     Phase.READY, "Ready", []),
+    ("ready engine missing one probe stays ready", "gpt-oss",
+     obs(vllm(10, listens=ON_V), records=(A1,), probe=DOWN), replace(TRACK_A1, ready_since=NOW - 60),
+     Phase.READY, "ProbeFailing", []),
+    ("a stray holding GPU memory is killed when a model is wanted", "gemma2",
+     obs(vllm(10), gpu=Gpu(True, "ok", (GpuProc(10, 900.0),))), Memory(), Phase.STOPPING, "Switching",
+     [("Kill", [10], [STRAY_V]), ("AwaitPort", 18434), ("Start", "gemma2", 1)]),
+    ("a zombie is dead, not surplus", "gemma2", obs(vllm(10, zombie=True), records=(A1,)), Memory(),
+     Phase.LOADING, "Starting", [("Start", "gemma2", 1)]),
 ]
 
 
-@pytest.mark.parametrize(("desired", "observation", "memory", "phase", "actions"),
+@pytest.mark.parametrize(("desired", "observation", "memory", "phase", "reason", "actions"),
                          [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_plan_table(desired: str | None, observation: Observation, memory: Memory,
-                    phase: Phase, actions: list[str]) -> None:
+def test_plan_table(desired: str | None, observation: Observation, memory: Memory, phase: Phase,
+                    reason: str, actions: list[tuple[Any, ...]]) -> None:
     result = plan(desired, ENGINES, observation, memory, NS)
-    assert result.verdict.phase is phase, result.verdict
-    assert kinds(result.actions) == actions
+    assert (result.verdict.phase, result.verdict.reason) == (phase, reason), result.verdict
+    assert [shape(a) for a in result.actions] == actions
 
 
-def test_never_targets_foreign_or_self() -> None:
-    me = vllm(10, instance=None)
-    result = plan(None, ENGINES, replace(obs(me, foreign(5, 18000)), self_pids=frozenset({10})),
-                  Memory(), NS)
+def test_spared_strays_are_reported_with_the_reason() -> None:
+    result = plan(None, ENGINES, obs(vllm(10, listens=ON_V)), Memory(), NS)
+    (spared,) = result.spared
+    assert spared.unit.pids == [10] and "does not hold the wanted engine's port" in spared.why
+    other = plan("gpt-oss", ENGINES, obs(vllm(10, listens=ON_V, uid=USER), port_free=False), Memory(), NS)
+    assert "runs as uid 1000" in other.spared[0].why
+
+
+def test_squatter_is_named_and_not_probed_into_ready() -> None:
+    squatter = foreign(66, 18000, uid=USER)
+    result = plan("gpt-oss", ENGINES, obs(vllm(10), squatter, records=(A1,), probe=READY), TRACK_A1, NS)
+    assert result.verdict.phase is Phase.LOADING
+    assert "pid 66 (uid 1000" in result.verdict.message
+    assert result.port_holders == (squatter,)
+
+
+def test_never_targets_self() -> None:
+    result = plan(None, ENGINES, replace(obs(vllm(10), records=(A1,)), self_pids=frozenset({10})), Memory(), NS)
     assert result.actions == ()
 
 
-def test_kill_takes_the_whole_tree_including_escaped_worker() -> None:
-    parent = vllm(10)
-    child = vllm(11, ppid=10, cmdline="python -m x VLLM::EngineCore", cookie=None, pgid=10)
-    escaped = vllm(12, ppid=1, cmdline="VLLM::Worker", sid=12, pgid=12)  # cookie, own session
-    group_member = Proc(pid=13, ppid=1, create_time=NOW, cmdline="helper", pgid=10, sid=10)
-    result = plan("gemma2", ENGINES, obs(parent, child, escaped, group_member), Memory(), NS)
-    kill = result.actions[0]
-    assert isinstance(kill, Kill)
-    assert sorted(p.pid for p in kill.targets) == [10, 11, 12, 13]
-    assert isinstance(result.actions[1], AwaitPort) and result.actions[1].port == OLLAMA.port
-    assert isinstance(result.actions[2], Start) and result.actions[2].model == "gemma2"
-
-
-def test_other_namespace_without_pattern_is_never_ours() -> None:
-    other = Proc(pid=40, ppid=1, create_time=NOW, cmdline="sleep 100", pgid=40, sid=40,
-                 cookie=Cookie("otherns", "gpt-oss", "zz", NOW))
-    assert plan(None, ENGINES, obs(other), Memory(), NS).actions == ()
+def test_kill_takes_the_whole_instance_including_the_escaped_worker() -> None:
+    cookie = Cookie(NS, "gpt-oss", "aaaaaaa1", NOW - 10)
+    parent = vllm(10, cookie=cookie)
+    core = proc(11, ("VLLM::EngineCore",), ppid=10, pgid=10, sid=10)
+    escaped = proc(12, ("python3", "w.py"), cookie=cookie)
+    group_member = proc(13, ("helper",), pgid=10, sid=10)
+    result = plan("gemma2", ENGINES, obs(parent, core, escaped, group_member, records=(A1,)), Memory(), NS)
+    assert [shape(a) for a in result.actions] == [
+        ("Kill", [10, 11, 12, 13], [KEY_A1]), ("AwaitPort", 18434), ("Start", "gemma2", 1)]
 
 
 def test_backoff_doubles_and_caps() -> None:
@@ -153,65 +223,58 @@ def test_backoff_doubles_and_caps() -> None:
 
 
 def test_crash_records_failure_and_waits_for_backoff() -> None:
-    crashed = plan("gpt-oss", ENGINES, obs(exits={"a1": "exited with code 1"}),
-                   Memory(model="gpt-oss", tracked="a1"), NS)
+    crashed = plan("gpt-oss", ENGINES, obs(exits={"aaaaaaa1": "exited with code 1"}), TRACK_A1, NS)
     assert crashed.memory.restarts == 1
     assert crashed.memory.backoff_until == NOW + 10
     assert "exited with code 1" in (crashed.memory.last_failure or "")
     later = plan("gpt-oss", ENGINES, replace(obs(), now=NOW + 10.5), crashed.memory, NS)
-    assert kinds(later.actions) == ["Start"] and later.actions[0].attempt == 2  # type: ignore[union-attr]
+    assert [shape(a) for a in later.actions] == [("Start", "gpt-oss", 2)]
 
 
 def test_liveness_failures_restart_after_threshold() -> None:
-    memory = Memory(model="gpt-oss", tracked="a1", ready_since=NOW - 60)
+    memory = replace(TRACK_A1, ready_since=NOW - 60)
+    failing = obs(vllm(10, listens=ON_V), records=(A1,), probe=DOWN)
     for _ in range(VLLM.liveness_failures - 1):
-        result = plan("gpt-oss", ENGINES, obs(vllm(10), probe=DOWN), memory, NS)
+        result = plan("gpt-oss", ENGINES, failing, memory, NS)
         assert result.verdict.phase is Phase.READY
         memory = result.memory
-    result = plan("gpt-oss", ENGINES, obs(vllm(10), probe=DOWN), memory, NS)
-    assert result.verdict.phase is Phase.FAILED
-    assert result.verdict.reason == "EngineUnresponsive"
-    assert kinds(result.actions) == ["Kill"]
+    result = plan("gpt-oss", ENGINES, failing, memory, NS)
+    assert (result.verdict.phase, result.verdict.reason) == (Phase.FAILED, "EngineUnresponsive")
+    assert [shape(a) for a in result.actions] == [("Kill", [10], [KEY_A1])]
 
 
-def test_respawning_stray_is_reported_not_killed_forever() -> None:
+def test_respawning_stray_on_the_port_is_reported_not_killed_forever() -> None:
     memory = Memory()
-    stray = vllm(50, instance=None, ppid=1)
     for round_ in range(RESPAWN_LIMIT):
-        result = plan(None, ENGINES, replace(obs(replace(stray, pid=50 + round_)), now=NOW + round_),
-                      memory, NS)
-        assert kinds(result.actions) == ["Kill"]
+        stray = vllm(50 + round_, listens=ON_O)
+        result = plan("gemma2", ENGINES, replace(obs(stray, port_free=False), now=NOW + round_), memory, NS)
+        assert [shape(a) for a in result.actions] == [
+            ("Kill", [50 + round_], [STRAY_V]), ("AwaitPort", 18434), ("Start", "gemma2", 1)]
         memory = result.memory
-    result = plan(None, ENGINES, replace(obs(replace(stray, pid=60)), now=NOW + 5), memory, NS)
+    result = plan("gemma2", ENGINES, replace(obs(vllm(60, listens=ON_O), port_free=False), now=NOW + 5),
+                  memory, NS)
     assert result.actions == ()
     assert result.verdict.reason == "EngineRespawning"
     assert "keep coming back" in result.verdict.message
 
 
-def test_warmup_action_names_the_instance() -> None:
-    result = plan("gemma2", ENGINES, obs(ollama(30), probe=Probe(True, "200", json_ok=False)),
-                  Memory(model="gemma2", tracked="b1"), NS)
-    assert result.actions == (Warmup("gemma2", "b1", result.actions[0].why),)  # type: ignore[union-attr]
-
-
 def test_switch_then_verdict_is_loading() -> None:
-    result = plan("gemma2", ENGINES, obs(vllm(10)), Memory(model="gpt-oss", tracked="a1"), NS)
+    result = plan("gemma2", ENGINES, obs(vllm(10), records=(A1,)), TRACK_A1, NS)
     assert result.then is not None and result.then.phase is Phase.LOADING
 
 
-def test_zombies_are_dead_not_surplus() -> None:
-    """An unreaped zombie (init in a container may never reap) must not be killed forever."""
-    zombie = vllm(10, zombie=True)
-    result = plan("gemma2", ENGINES, obs(zombie), Memory(), NS)
-    assert kinds(result.actions) == ["Start"]
+def test_warmup_action_names_the_instance() -> None:
+    result = plan("gemma2", ENGINES, obs(ollama(30, listens=ON_O), records=(B1,),
+                                         probe=Probe(True, "200", json_ok=False)), TRACK_B1, NS)
+    assert result.actions == (Warmup("gemma2", "bbbbbbb1", result.actions[0].why),)  # type: ignore[union-attr]
 
 
 def test_crash_count_is_forgiven_only_after_a_healthy_stretch() -> None:
     from reconciler.planner import BACKOFF_RESET_AFTER_S
 
-    memory = Memory(model="gpt-oss", tracked="a1", restarts=3)
-    fresh = plan("gpt-oss", ENGINES, obs(vllm(10), probe=READY), memory, NS)
+    memory = replace(TRACK_A1, restarts=3)
+    ready = obs(vllm(10, listens=ON_V), records=(A1,), probe=READY)
+    fresh = plan("gpt-oss", ENGINES, ready, memory, NS)
     assert fresh.verdict.phase is Phase.READY and fresh.memory.restarts == 3
-    later = plan("gpt-oss", ENGINES, replace(obs(vllm(10), probe=READY), now=NOW + BACKOFF_RESET_AFTER_S),
-                 fresh.memory, NS)
+    later = plan("gpt-oss", ENGINES, replace(ready, now=NOW + BACKOFF_RESET_AFTER_S), fresh.memory, NS)
     assert later.memory.restarts == 0

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from reconciler import catalog, planner, report, schemas, status
-from reconciler.facts import Cookie, Gpu, Observation, Probe, Proc
+from reconciler.facts import Cookie, Gpu, Observation, Probe, Proc, Record
 from reconciler.planner import Memory
 from reconciler.status import (
     BootInfo,
@@ -237,18 +237,25 @@ def vllm_proc(pid: int, started: float) -> Proc:
                 cmdline="python -m reconciler.demo.vllm_like serve openai/gpt-oss-20b --port 18000")
 
 
+def record_of(pid: int, started: float) -> Record:
+    return Record("gpt-oss", "a1", started, leader_pid=pid, leader_create_time=started)
+
+
 def compose(desired: str | None, obs: Observation, memory: Memory, previous: Status | None = None,
             errors: tuple[tuple[str, str], ...] = ()) -> Status:
     cat = catalog.demo(Path("/srv"))
     result = planner.plan(desired, cat.engines, obs, memory, NS)
     p = report.PassInput(catalog=cat, desired_model=desired, desired_generation=2, observed_generation=2,
                          plan=result, obs=obs, errors=errors, last_log_line="INFO hello",
-                         recap={"spawned": 0}, leader_pid=None)
+                         recap={"spawned": 0}, leader_pid=None,
+                         identity={"mode": "record", "reason": "test", "port_holders": "sock_diag"})
     return report.compose(p, previous, Gpu(False, "no GPU in tests"))
 
 
 def observation(*procs: Proc, probe: Probe | None = None, free: bool = True) -> Observation:
-    return Observation(now=NOW, procs=procs, port_free={18000: free, 18434: free}, probe=probe)
+    records = tuple(record_of(p.pid, p.create_time) for p in procs)
+    return Observation(now=NOW, procs=procs, port_free={18000: free, 18434: free}, probe=probe,
+                       records=records)
 
 
 def test_composed_idle_status_validates() -> None:
