@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -334,12 +335,31 @@ def simulate(
     raise typer.Exit(EXIT_CONVERGED if all(r.passed for r in reports) else EXIT_FAILED)
 
 
+class ModelFormat(StrEnum):
+    """What ``demo-model`` writes: a GGUF file for llama.cpp, or a folder in HF layout for vLLM."""
+
+    GGUF = "gguf"
+    HF = "hf"
+
+
 @app.command("demo-model")
 def demo_model(
-    path: Annotated[Path, typer.Argument(help="Where to write the GGUF file.")],
+    path: Annotated[Path, typer.Argument(help="Where to write the GGUF file (gguf) or the model folder (hf).")],
     seed: Annotated[int, typer.Option(help="Different seeds give different models.")] = 0,
+    fmt: Annotated[ModelFormat, typer.Option("--format", help="gguf: llama.cpp's file; hf: a folder vLLM loads.")]
+    = ModelFormat.GGUF,
 ) -> None:
-    """Write a tiny random-weight llama GGUF (~0.4 MB) for trying the llama.cpp engine."""
+    """Write a tiny random-weight llama: a GGUF (~0.4 MB) for llama.cpp, or HF layout (~2 MB) for vLLM."""
+    if fmt is ModelFormat.HF:
+        try:
+            from reconciler.demomodel_hf import write_tiny_hf
+        except ImportError as exc:
+            _err(f"ailayer: needs the hfmodel extra: pip install 'ailayer[hfmodel]' ({exc})")
+            raise typer.Exit(EXIT_FAILED) from None
+        folder = write_tiny_hf(path, seed=seed)
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        typer.echo(f"wrote {folder} ({size} bytes in {len(list(folder.iterdir()))} files)")
+        return
     try:
         from reconciler.demomodel import write_tiny_gguf
     except ImportError as exc:
