@@ -220,6 +220,14 @@ def _uid_of(user: str | int, source: str, explicit: bool) -> int | None:
         return None
 
 
+def _own_pattern(command: list[str], values: Mapping[str, str]) -> tuple[str, ...]:
+    """The entry's command up to its ``{port}`` argument: a copy of this engine on this port,
+    whatever tuning flags follow; the whole command when it names no port."""
+    ends = [i for i, arg in enumerate(command) if "{port}" in arg]
+    head = command[:ends[0] + 1] if ends else command
+    return tuple(_substitute(a, values) for a in head)
+
+
 def _strays(raw: Mapping[str, Any], defaults: Mapping[str, Any], own: tuple[str, ...],
             values: Mapping[str, str], source: str) -> Strays:
     """The entry's own command always recognises its copies; the kind adds known forms."""
@@ -273,8 +281,7 @@ def _engine(name: str, raw: Mapping[str, Any], source: str) -> Engine:
         served_name=served_name,
         boot_timeout_s=boot,
         ready=ready,
-        strays=_strays(raw, defaults.get("strays", {}),
-                       tuple(_substitute(a, pattern_values) for a in raw["command"]),
+        strays=_strays(raw, defaults.get("strays", {}), _own_pattern(raw["command"], pattern_values),
                        pattern_values, source),
         cwd=raw.get("cwd"),
         liveness_period_s=float(live.get("period_s", DEFAULT_LIVENESS_PERIOD_S)),

@@ -202,6 +202,10 @@ def plan(
     spared: list[Spared] = []
     stray_kills = tuple((m, t) for m, t in memory.stray_kills if now - t <= RESPAWN_WINDOW_S)
     respawners: list[Unit] = []
+    for proc in view.forged:
+        model = proc.cookie.model if proc.cookie else "?"
+        spared.append(Spared(Unit(model, None, (proc,), proc.create_time),
+                             f"carries this install's cookie but runs as uid {proc.uid}: forged, never ours"))
     for unit in view.units:
         if unit is keeper:
             continue

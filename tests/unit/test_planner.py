@@ -193,6 +193,15 @@ def test_spared_strays_are_reported_with_the_reason() -> None:
     assert "runs as uid 1000" in other.spared[0].why
 
 
+def test_forged_cookie_is_reported_never_killed_nor_kept() -> None:
+    forged = proc(70, ("sleep", "1000"), uid=USER, listens=ON_V,
+                  cookie=Cookie(NS, "gpt-oss", "aaaaaaa1", NOW + 3600))
+    result = plan("gpt-oss", ENGINES, obs(vllm(10), forged, records=(A1,), probe=READY), Memory(), NS)
+    assert result.actions == ()
+    assert (result.verdict.phase, result.verdict.reason) == (Phase.LOADING, "PortSquatted")
+    assert [s.unit.pids for s in result.spared] == [[70]] and "forged" in result.spared[0].why
+
+
 def test_squatter_is_named_and_not_probed_into_ready() -> None:
     squatter = foreign(66, 18000, uid=USER)
     result = plan("gpt-oss", ENGINES, obs(vllm(10), squatter, records=(A1,), probe=READY), TRACK_A1, NS)
