@@ -198,18 +198,10 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--escape", action="store_true")
 
 
-def worker_flags(opts: EngineOptions, model: str) -> list[str]:
-    """The worker flags for ``opts`` (the ready fd and ``--escape`` come from WorkerLink)."""
-    return [
-        "--model",
-        model,
-        "--vram-mb",
-        str(opts.vram_mb),
-        "--load-seconds",
-        str(opts.boot_seconds),
-        "--fail",
-        opts.fail,
-    ]
+def worker_flags(model: str, vram_mb: int, load_seconds: float, fail: str) -> list[str]:
+    """The flags of ``add_worker_args`` a parent passes to its worker (the ready fd and
+    ``--escape`` are each engine's to add)."""
+    return ["--model", model, "--vram-mb", str(vram_mb), "--load-seconds", str(load_seconds), "--fail", fail]
 
 
 @dataclass(frozen=True)
@@ -357,12 +349,24 @@ class WorkerLink:
         asyncio.get_running_loop().add_reader(read_fd, self._on_readable)
 
     @classmethod
-    def spawn(cls, argv: list[str], *, escape: bool) -> WorkerLink:
-        """Start ``argv`` (inheriting env, stdout, stderr and session) with a ready pipe."""
+    def spawn(
+        cls,
+        argv_for: Callable[[int], list[str]],
+        *,
+        escape: bool,
+        env_for: Callable[[int], Mapping[str, str]] | None = None,
+        keep_fds: tuple[int, ...] = (),
+    ) -> WorkerLink:
+        """Start a child (inheriting stdout, stderr, session and, by default, env) with a ready pipe.
+
+        ``argv_for`` and ``env_for`` get the pipe's write fd, so each engine tells its child
+        about it in its own way; ``keep_fds`` are further fds the child must hold open.
+        ``escape`` says the child will leave the session and ignore SIGTERM (see ``stop``).
+        """
         read_fd, write_fd = os.pipe()
-        full = [*argv, "--ready-fd", str(write_fd), *(["--escape"] if escape else [])]
         try:
-            proc = subprocess.Popen(full, pass_fds=(write_fd,))
+            env = None if env_for is None else dict(env_for(write_fd))
+            proc = subprocess.Popen(argv_for(write_fd), pass_fds=(write_fd, *keep_fds), env=env)
         except BaseException:
             os.close(read_fd)
             raise
@@ -394,6 +398,12 @@ class WorkerLink:
         while (code := self.proc.poll()) is None and clock.monotonic() < deadline:
             await asyncio.sleep(clock.real_seconds(0.01))
         return code
+
+    async def kill(self) -> None:
+        """SIGKILL and reap: what a server does to a child it gives up on mid-load."""
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await self.exit_code()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM the worker and wait; an escaped worker ignores it, so don't wait for it."""
@@ -450,8 +460,13 @@ def hang_middleware(hang: asyncio.Event) -> Any:
     return middleware
 
 
-async def start_site(app: web.Application, host: str, port: int, access_log_class: type[Any]) -> web.AppRunner:
-    """Bind and serve ``app``; handler cancellation is on so a client hang-up cancels work."""
+async def start_site(
+    app: web.Application, where: tuple[str, int] | socket.socket, access_log_class: type[Any]
+) -> web.AppRunner:
+    """Serve ``app`` on ``(host, port)``, or listen on an already bound socket.
+
+    Handler cancellation is on so a client hang-up cancels work (a generation, a load).
+    """
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
@@ -459,8 +474,9 @@ async def start_site(app: web.Application, host: str, port: int, access_log_clas
         shutdown_timeout=clock.real_seconds(SHUTDOWN_GRACE_S),
     )
     await runner.setup()
+    site = web.SockSite(runner, where) if isinstance(where, socket.socket) else web.TCPSite(runner, *where)
     try:
-        await web.TCPSite(runner, host, port).start()
+        await site.start()
     except BaseException:
         await runner.cleanup()
         raise

@@ -1,9 +1,19 @@
 """An Ollama look-alike: ``python -m reconciler.demo.ollama_like serve [options]``.
 
-It behaves the way the reconciler has to cope with in real Ollama: ``serve`` answers at
-once but holds no model; the first request naming a pulled model spawns a "runner"
-child that loads it (holding (V)RAM, surviving a SIGKILLed ``serve``), and only then
-does ``/api/ps`` list the model. Generation streams NDJSON by default, as Ollama does.
+It reproduces what the reconciler has to cope with in real Ollama (docs/ENGINES.md has
+each behaviour with its source):
+
+* ``serve`` listens at once but holds no model; the first request naming a pulled model
+  starts a ``<prefix>/lib/ollama/llama-server --model <blob> --port N --host 127.0.0.1``
+  child (reconciler/demo/llama_server.py) in serve's group and session, with serve's
+  environment; it holds the (V)RAM and survives a SIGKILLed ``serve``;
+* ``/api/ps`` follows ``--ollama-version``: before 0.32.4 it lists a model as soon as its
+  runner starts (listed is not loaded); from 0.32.4 on it waits until loads finish;
+* a load is aborted (the runner SIGKILLed) when the client whose request started it
+  hangs up;
+* a request's ``keep_alive`` overrides ``OLLAMA_KEEP_ALIVE``: ``0`` unloads the model as
+  soon as the request ends;
+* generation streams NDJSON by default.
 """
 
 from __future__ import annotations
@@ -18,18 +28,19 @@ import os
 import re
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from reconciler import clock
+from reconciler.demo import llama_server
 from reconciler.demo.common import (
     DEFAULT_MAX_TOKENS,
-    DEMO_VERSION,
     MIB,
     READY_AFTER_S,
     EngineOptions,
@@ -39,7 +50,6 @@ from reconciler.demo.common import (
     WorkerSpec,
     add_engine_args,
     add_stats_route,
-    add_worker_args,
     count_tokens,
     embedding_vector,
     emit,
@@ -59,13 +69,17 @@ from reconciler.demo.common import (
     stop_on_signals,
     stream_out,
     text_of,
-    worker_flags,
 )
 
 MODULE = "reconciler.demo.ollama_like"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 11434
-DEFAULT_KEEP_ALIVE_S = 300.0
+DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default when neither the request nor OLLAMA_KEEP_ALIVE says
+# The first release whose /api/ps waits for loads in progress; the stand-in's default, since
+# later releases behave the same in everything it models.
+DEFAULT_OLLAMA_VERSION = "0.32.4"
+PS_WAITS_FOR_LOADS = (0, 32, 4)
+RUNNER_HOST = "127.0.0.1"  # serve always talks to its runners over loopback
 CONTEXT_LENGTH = 4096
 # Go's largest time.Duration: what real Ollama adds to "now" for keep_alive -1 (year ~2318).
 FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
@@ -131,10 +145,13 @@ def _go_duration(text: str) -> float:
     return sign * sum(float(n) * _UNIT_S[u] for n, u in parts)
 
 
-def parse_keep_alive(value: object) -> float | None:
-    """Seconds to keep a model loaded; None means forever (any negative, like Ollama)."""
+def parse_keep_alive(value: object, default: float | None = DEFAULT_KEEP_ALIVE_S) -> float | None:
+    """Seconds to keep a model loaded; None means forever (any negative, like Ollama).
+
+    ``value`` None (not given) means ``default``: OLLAMA_KEEP_ALIVE's, for a request.
+    """
     if value is None:
-        return DEFAULT_KEEP_ALIVE_S
+        return default
     if isinstance(value, bool):
         raise ValueError(f"invalid keep_alive {value!r}")
     if isinstance(value, int | float):
@@ -147,6 +164,32 @@ def parse_keep_alive(value: object) -> float | None:
     else:
         raise ValueError(f"invalid keep_alive {value!r}")
     return None if seconds < 0 else seconds
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``0.32.4`` -> (0, 32, 4); raises ValueError for anything else."""
+    parts = text.strip().lstrip("v").split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"expected a version like 0.32.4, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def env_keep_alive() -> float | None:
+    """OLLAMA_KEEP_ALIVE as Ollama reads it (a duration or seconds); invalid means the default."""
+    raw = os.environ.get("OLLAMA_KEEP_ALIVE", "").strip()
+    if not raw:
+        return DEFAULT_KEEP_ALIVE_S
+    try:
+        return parse_keep_alive(raw)
+    except ValueError:
+        log(f"invalid OLLAMA_KEEP_ALIVE {raw!r}, using the default {DEFAULT_KEEP_ALIVE_S:.0f}s", level="WARN")
+        return DEFAULT_KEEP_ALIVE_S
+
+
+def models_dir() -> Path:
+    """OLLAMA_MODELS, else ~/.ollama/models: where Ollama keeps manifests and blobs."""
+    raw = os.environ.get("OLLAMA_MODELS")
+    return Path(raw) if raw else Path.home() / ".ollama" / "models"
 
 
 def normalize(name: str) -> str:
@@ -172,6 +215,10 @@ class PulledModel:
     @property
     def family(self) -> str:
         return self.name.split(":", 1)[0].rsplit("/", 1)[-1]
+
+    def blob(self, models: Path) -> str:
+        """The GGUF blob Ollama hands its runner (the stand-in never reads it)."""
+        return str(models / "blobs" / f"sha256-{self.digest}")
 
     def details(self) -> dict[str, Any]:
         tag = self.name.split(":", 1)[1]
@@ -211,6 +258,8 @@ class LoadedModel:
     link: WorkerLink
     port: int
     expires_at: datetime = field(default_factory=clock.now)
+    users: int = 0  # requests using it now; it never expires while one does
+    expiry: asyncio.TimerHandle | None = None
 
     def keep(self, seconds: float | None) -> None:
         self.expires_at = clock.now() + (FOREVER if seconds is None else timedelta(seconds=seconds))
@@ -229,9 +278,18 @@ class LoadedModel:
         }
 
 
-def runner_argv(opts: EngineOptions, name: str, port: int) -> list[str]:
-    """The runner child's command line (``reconciler.demo.ollama_like runner --model ...``)."""
-    return [sys.executable, "-m", MODULE, "runner", *worker_flags(opts, name), "--port", str(port)]
+@dataclass(frozen=True)
+class OllamaSettings:
+    """What real Ollama takes from its version and environment rather than from flags."""
+
+    version: str = DEFAULT_OLLAMA_VERSION
+    keep_alive_s: float | None = DEFAULT_KEEP_ALIVE_S  # OLLAMA_KEEP_ALIVE; None: forever
+    models: Path = Path("models")  # OLLAMA_MODELS
+    prefix: str = sys.prefix  # where lib/ollama/llama-server is said to live
+
+    @property
+    def ps_waits_for_loads(self) -> bool:
+        return parse_version(self.version) >= PS_WAITS_FOR_LOADS
 
 
 # --------------------------------------------------------------------------- server
@@ -240,12 +298,14 @@ def runner_argv(opts: EngineOptions, name: str, port: int) -> list[str]:
 class OllamaServer:
     """``ollama serve``: model catalogue, runner lifecycle and the HTTP API."""
 
-    def __init__(self, opts: EngineOptions, pulled: dict[str, PulledModel]) -> None:
+    def __init__(self, opts: EngineOptions, pulled: dict[str, PulledModel], settings: OllamaSettings) -> None:
         self.opts = opts
         self.pulled = pulled
+        self.settings = settings
         self.stats = Stats()
         self.hang = asyncio.Event()
         self.loaded: dict[str, LoadedModel] = {}
+        self.starting: dict[str, LoadedModel] = {}  # runner started, model not loaded yet
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._links: list[WorkerLink] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -278,19 +338,30 @@ class OllamaServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def ensure_loaded(self, model: PulledModel, keep: float | None) -> float:
-        """Load ``model`` unless loaded; concurrent callers share one load. Returns its seconds."""
-        started = clock.monotonic()
-        current = self.loaded.get(model.name)
-        if current is None or current.link.dead.is_set():
+    async def ensure_loaded(self, model: PulledModel) -> LoadedModel:
+        """Load ``model`` unless loaded; concurrent callers share one load.
+
+        The load belongs to the request that started it: when that client hangs up, its
+        handler is cancelled and so is the load (the runner is killed), as in Ollama. The
+        other requests waiting on it then start a load of their own.
+        """
+        while True:
+            current = self.loaded.get(model.name)
+            if current is not None and not current.link.dead.is_set():
+                return current
             task = self._loading.get(model.name)
             if task is None:
                 task = asyncio.create_task(self._load(model))
                 self._loading[model.name] = task
                 task.add_done_callback(functools.partial(self._load_done, model.name))
-            current = await asyncio.shield(task)  # a hung-up client must not cancel the load
-        current.keep(keep)
-        return clock.monotonic() - started
+                return await task  # cancelling this request cancels the load
+            try:
+                return await asyncio.shield(task)  # a waiter that leaves does not abort it
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if me is not None and me.cancelling():
+                    raise  # this request's own client left
+                # else the load's own client left and it was aborted: load again for ours
 
     def _load_done(self, name: str, task: asyncio.Task[LoadedModel]) -> None:
         if self._loading.get(name) is task:
@@ -298,25 +369,81 @@ class OllamaServer:
         if not task.cancelled():
             task.exception()  # retrieved here so an unawaited failure is not reported twice
 
+    def _runner_settings(self, ready_fd: int) -> dict[str, Any]:
+        opts = self.opts
+        return {
+            "ready_fd": ready_fd,
+            "vram_mb": opts.vram_mb,
+            "load_seconds": opts.boot_seconds,
+            "fail": opts.fail,
+            "escape": opts.worker_escapes,
+        }
+
     async def _load(self, model: PulledModel) -> LoadedModel:
         port = free_port()
-        argv = runner_argv(self.opts, model.name, port)
-        log(f"starting llama server: {' '.join(argv[1:])}", source="server.go:1")
-        link = WorkerLink.spawn(argv, escape=self.opts.worker_escapes)
+        shown = llama_server.shown_argv(self.settings.prefix, model.blob(self.settings.models), port, RUNNER_HOST)
+        log(f"starting llama server: cmd={' '.join(shown)}", source="server.go:1")
+        argv = llama_server.boot_argv(shown)
+        link = WorkerLink.spawn(
+            lambda _: argv,
+            env_for=lambda ready_fd: llama_server.environment(shown, self._runner_settings(ready_fd)),
+            escape=self.opts.worker_escapes,
+        )
         self._links.append(link)
-        await first_set(link.ready, link.dead)
+        self.starting[model.name] = LoadedModel(model, link, port)
+        try:
+            await first_set(link.ready, link.dead)
+        except asyncio.CancelledError:
+            log(
+                f"load of {model.name} aborted: context canceled (the client went away)",
+                level="WARN",
+                source="sched.go:1",
+            )
+            await link.kill()
+            raise
+        finally:
+            loaded = self.starting.pop(model.name)
         if not link.ready.is_set():
             code = await link.exit_code()
             message = f"llama runner process has terminated: exit status {code}"
             log(message, level="ERROR", source="sched.go:1")
             raise LoadError(message)
         log(f"llama runner started, model {model.name} (pid {link.pid})", source="server.go:1")
-        loaded = LoadedModel(model, link, port)
         self.loaded[model.name] = loaded
         self._background(self._watch(loaded))
         if self.opts.fail == "hang-ready":
             self._background(set_after(self.hang, READY_AFTER_S))
         return loaded
+
+    @contextlib.asynccontextmanager
+    async def using(self, model: PulledModel, keep: float | None) -> AsyncIterator[LoadedModel]:
+        """Hold ``model`` loaded for one request; then keep it ``keep`` seconds (None: forever)."""
+        try:
+            loaded = await self.ensure_loaded(model)
+        except LoadError as exc:
+            raise ollama_error(500, str(exc)) from exc
+        loaded.users += 1
+        try:
+            yield loaded
+        finally:
+            loaded.users -= 1
+            self._keep(loaded, keep)
+
+    def _keep(self, loaded: LoadedModel, keep: float | None) -> None:
+        """Set the expiry as the last request asked; once nobody uses it, unload at expiry."""
+        loaded.keep(keep)
+        if loaded.expiry is not None:
+            loaded.expiry.cancel()
+            loaded.expiry = None
+        if keep is None or loaded.users:
+            return
+        loaded.expiry = asyncio.get_running_loop().call_later(
+            clock.real_seconds(keep), lambda: self._background(self._expire(loaded))
+        )
+
+    async def _expire(self, loaded: LoadedModel) -> None:
+        if loaded.users == 0 and self.loaded.get(loaded.pulled.name) is loaded:
+            await self.unload(loaded.pulled.name)
 
     async def _watch(self, loaded: LoadedModel) -> None:
         """Forget a model whose runner died on its own (an unload removes it first)."""
@@ -354,16 +481,10 @@ class OllamaServer:
             raise ollama_error(404, not_found_message(requested))
         return requested, pulled
 
-    async def _load_for(self, pulled: PulledModel, keep: float | None) -> float:
+    def _keep_alive(self, body: dict[str, Any]) -> float | None:
+        """The request's keep_alive, which overrides OLLAMA_KEEP_ALIVE."""
         try:
-            return await self.ensure_loaded(pulled, keep)
-        except LoadError as exc:
-            raise ollama_error(500, str(exc)) from exc
-
-    @staticmethod
-    def _keep_alive(body: dict[str, Any]) -> float | None:
-        try:
-            return parse_keep_alive(body.get("keep_alive"))
+            return parse_keep_alive(body.get("keep_alive"), self.settings.keep_alive_s)
         except ValueError as exc:
             raise ollama_error(400, str(exc)) from exc
 
@@ -377,13 +498,21 @@ class OllamaServer:
         return web.Response(text="Ollama is running")
 
     async def version(self, _: web.Request) -> web.Response:
-        return web.json_response({"version": DEMO_VERSION})
+        return web.json_response({"version": self.settings.version})
 
     async def tags(self, _: web.Request) -> web.Response:
         return web.json_response({"models": [m.tag_entry() for m in self.pulled.values()]})
 
     async def ps(self, _: web.Request) -> web.Response:
-        return web.json_response({"models": [m.ps_entry() for m in self.loaded.values()]})
+        """Loaded models; before 0.32.4 also those whose runner is still loading."""
+        if self.settings.ps_waits_for_loads:
+            loads = list(self._loading.values())
+            if loads:
+                await asyncio.wait(loads)  # waits for them without cancelling them
+            listed = list(self.loaded.values())
+        else:
+            listed = [*self.loaded.values(), *self.starting.values()]
+        return web.json_response({"models": [m.ps_entry() for m in listed]})
 
     async def show(self, request: web.Request) -> web.Response:
         body = await read_json(request, functools.partial(ollama_error, 400))
@@ -413,9 +542,10 @@ class OllamaServer:
         if pulled is None:
             raise openai_error(404, not_found_message(requested), "api_error")
         try:
-            await self.ensure_loaded(pulled, DEFAULT_KEEP_ALIVE_S)
+            loaded = await self.ensure_loaded(pulled)
         except LoadError as exc:
             raise openai_error(500, str(exc), "api_error") from exc
+        self._keep(loaded, self.settings.keep_alive_s)  # /v1 requests carry no keep_alive
         return str(requested)
 
     # ---------------------------------------------------------------- generation
@@ -453,18 +583,18 @@ class OllamaServer:
         keep = self._keep_alive(body)
         if preload:
             return await self._preload(name, pulled, keep, piece)
-        load_s = await self._load_for(pulled, keep)
         options = body.get("options")
         n = int_field(options if isinstance(options, dict) else {}, "num_predict", default=DEFAULT_MAX_TOKENS)
-        timing = _Timing(started, load_s, count_tokens(prompt), n, self.opts.token_delay_ms)
-        self.stats.prompt_tokens += timing.prompt_tokens
-        if body.get("stream", True):
-            chunks = self._ndjson(name, n, piece, timing)
-            return await stream_out(request, self.stats, "application/x-ndjson", chunks)
-        with self.stats.track(streaming=False):
-            text = await generate_all(n, self.opts.token_delay_ms)
-        self.stats.generation_tokens += n
-        return web.json_response({**self._header(name), **piece(text), **timing.final()})
+        async with self.using(pulled, keep):
+            timing = _Timing(started, clock.monotonic() - started, count_tokens(prompt), n, self.opts.token_delay_ms)
+            self.stats.prompt_tokens += timing.prompt_tokens
+            if body.get("stream", True):
+                chunks = self._ndjson(name, n, piece, timing)
+                return await stream_out(request, self.stats, "application/x-ndjson", chunks)
+            with self.stats.track(streaming=False):
+                text = await generate_all(n, self.opts.token_delay_ms)
+            self.stats.generation_tokens += n
+            return web.json_response({**self._header(name), **piece(text), **timing.final()})
 
     async def _preload(
         self, name: str, pulled: PulledModel, keep: float | None, piece: Callable[[str], dict[str, Any]]
@@ -474,8 +604,8 @@ class OllamaServer:
             await self.unload(pulled.name)
             reason = "unload"
         else:
-            await self._load_for(pulled, keep)
-            reason = "load"
+            async with self.using(pulled, keep):
+                reason = "load"
         return web.json_response({**self._header(name), **piece(""), "done": True, "done_reason": reason})
 
     async def _ndjson(
@@ -490,11 +620,12 @@ class OllamaServer:
         body = await read_json(request, functools.partial(ollama_error, 400))
         name, pulled = self.lookup(body)
         started = clock.monotonic()
-        load_s = await self._load_for(pulled, self._keep_alive(body))
-        raw = body.get("input", "")
-        inputs = raw if isinstance(raw, list) else [raw]
-        with self.stats.track(streaming=False):
-            vectors = [embedding_vector(text_of(x)) for x in inputs]
+        async with self.using(pulled, self._keep_alive(body)):
+            load_s = clock.monotonic() - started
+            raw = body.get("input", "")
+            inputs = raw if isinstance(raw, list) else [raw]
+            with self.stats.track(streaming=False):
+                vectors = [embedding_vector(text_of(x)) for x in inputs]
         return web.json_response(
             {
                 "model": name,
@@ -508,9 +639,9 @@ class OllamaServer:
     async def embeddings_legacy(self, request: web.Request) -> web.Response:
         body = await read_json(request, functools.partial(ollama_error, 400))
         _, pulled = self.lookup(body)
-        await self._load_for(pulled, self._keep_alive(body))
-        with self.stats.track(streaming=False):
-            vector = embedding_vector(text_of(body.get("prompt")))
+        async with self.using(pulled, self._keep_alive(body)):
+            with self.stats.track(streaming=False):
+                vector = embedding_vector(text_of(body.get("prompt")))
         return web.json_response({"embedding": vector})
 
 
@@ -542,17 +673,21 @@ def _line(payload: object) -> bytes:
     return (json.dumps(payload) + "\n").encode()
 
 
-async def serve(opts: EngineOptions, pulled: dict[str, PulledModel]) -> int:
+async def serve(opts: EngineOptions, pulled: dict[str, PulledModel], settings: OllamaSettings) -> int:
     """Bind at once, serve until SIGTERM, then stop the runners and exit 0."""
     stop = stop_on_signals()
-    log(f"server config: OLLAMA_HOST={opts.host}:{opts.port} models={','.join(pulled)}")
-    server = OllamaServer(opts, pulled)
+    log(
+        f"server config: OLLAMA_HOST={opts.host}:{opts.port} OLLAMA_MODELS={settings.models}"
+        f" OLLAMA_KEEP_ALIVE={'-1' if settings.keep_alive_s is None else f'{settings.keep_alive_s:g}s'}"
+        f" models={','.join(pulled)}"
+    )
+    server = OllamaServer(opts, pulled, settings)
     try:
-        runner = await start_site(server.build(), opts.host, opts.port, GinAccessLogger)
+        runner = await start_site(server.build(), (opts.host, opts.port), GinAccessLogger)
     except OSError as exc:
         emit(f"Error: listen tcp {opts.host}:{opts.port}: {exc}", sys.stderr)
         return 1
-    log(f"Listening on {opts.host}:{opts.port} (version {DEMO_VERSION})")
+    log(f"Listening on {opts.host}:{opts.port} (version {settings.version})")
     await stop.wait()
     log("shutting down", source="routes.go:1")
     await server.shutdown()
@@ -563,26 +698,31 @@ async def serve(opts: EngineOptions, pulled: dict[str, PulledModel]) -> int:
 # --------------------------------------------------------------------------- runner
 
 
-def runner_main(ns: argparse.Namespace) -> int:
-    """The runner child: hold its port and its memory, load with progress, report ready."""
+def llama_server_main(spec: Mapping[str, Any]) -> int:
+    """The runner child, once it shows as llama-server: hold its port and memory, load, report ready."""
+    parser = argparse.ArgumentParser(prog="llama-server")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", required=True)
+    ns = parser.parse_args(spec["argv"][1:])
     runner_log = functools.partial(log, source="runner.go:1")
-    runner_log(f"starting go runner for {ns.model} on port {ns.port}")
+    runner_log(f"starting llama-server for {ns.model} on {ns.host}:{ns.port}")
     listener: socket.socket | None = None
     with contextlib.suppress(OSError):  # like a real runner, it owns a port; losing a race is ok
-        listener = socket.create_server(("127.0.0.1", ns.port))
-    spec = WorkerSpec(
-        vram_mb=ns.vram_mb,
-        load_seconds=ns.load_seconds,
-        fail=ns.fail,
-        ready_fd=ns.ready_fd,
-        escape=ns.escape,
+        listener = socket.create_server((ns.host, ns.port))
+    worker = WorkerSpec(
+        vram_mb=int(spec["vram_mb"]),
+        load_seconds=float(spec["load_seconds"]),
+        fail=str(spec["fail"]),
+        ready_fd=int(spec["ready_fd"]),
+        escape=bool(spec["escape"]),
         progress_label="llama_model_load: loading model tensors",
         steps=10,
         crash_errors=CRASH_ERRORS,
         log=runner_log,
     )
     try:
-        return run_worker(spec, __file__)
+        return run_worker(worker, __file__)
     finally:
         if listener is not None:
             listener.close()
@@ -596,21 +736,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run the Ollama API server")
     serve_p.add_argument("--models", default="gemma2:9b", help="comma list of pulled models")
+    serve_p.add_argument(
+        "--ollama-version",
+        default=DEFAULT_OLLAMA_VERSION,
+        help="the Ollama release to behave like (/api/ps: before 0.32.4 lists loading models, from it waits)",
+    )
     add_engine_args(serve_p, boot_flag="--load-seconds")
-    runner_p = sub.add_parser("runner", help="internal: the model runner child")
-    runner_p.add_argument("--port", type=int, required=True)
-    add_worker_args(runner_p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if ns.command == "runner":
-        return runner_main(ns)
+    try:
+        parse_version(ns.ollama_version)
+    except ValueError as exc:
+        parser.error(f"--ollama-version: {exc}")
     host, port = parse_ollama_host(os.environ.get("OLLAMA_HOST"))
     opts = engine_options(parser, ns, host, port)
-    return asyncio.run(serve(opts, catalogue(ns.models, opts.vram_mb)))
+    settings = OllamaSettings(version=ns.ollama_version, keep_alive_s=env_keep_alive(), models=models_dir())
+    return asyncio.run(serve(opts, catalogue(ns.models, opts.vram_mb), settings))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
 """The demo engines, exercised the way the reconciler meets them: real processes, real ports.
 
-Every engine started here carries a per-test tag in its environment (inherited by its
-workers, escaped or not), so the teardown can find and SIGKILL everything the test
-started, orphans included, and then prove nothing tagged is left.
+Each test checks one real engine behaviour the stand-ins reproduce (docs/ENGINES.md).
+
+Every engine started here carries a per-test tag in its environment, so the teardown can
+find what a test started, orphans included. The tag cannot find everything: vLLM's
+EngineCore and Worker set their titles with setproctitle, which wipes their
+/proc/PID/environ, exactly as in real vLLM. So every process seen in an engine's tree is
+also remembered by pid (psutil guards against pid reuse with the create time), and the
+teardown SIGKILLs and waits for those too.
 
 Engines run with ``AILAYER_TIME_SCALE=1`` whatever this process's clock scale is; the
 helpers below convert, so deadlines and measured spreads are in wall seconds.
@@ -12,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,7 +46,11 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 TAG_ENV = "AILAYER_DEMO_TEST_TAG"
 DEMO_MARK = "reconciler.demo"
+ENGINE_CORE, WORKER = "VLLM::EngineCore", "VLLM::Worker"
+TRACKER_MARK = "multiprocessing.resource_tracker"
 BOOT_S = 0.5
+# A load long enough to look at the engine while it loads, on a slow 2-core CI box.
+SLOW_BOOT_S = 3.0
 START_TIMEOUT_S = 15.0
 MiB = 1024 * 1024
 
@@ -66,11 +77,16 @@ def get(url: str, timeout: float = 2.0) -> httpx.Response | None:
         return None
 
 
-def cmdline(proc: psutil.Process) -> str:
+def argv(proc: psutil.Process) -> list[str]:
+    """The command line without the empty strings a setproctitle'd argv area ends in."""
     try:
-        return " ".join(proc.cmdline())
+        return [a for a in proc.cmdline() if a]
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return ""
+        return []
+
+
+def cmdline(proc: psutil.Process) -> str:
+    return " ".join(argv(proc))
 
 
 def alive(proc: psutil.Process) -> bool:
@@ -78,6 +94,24 @@ def alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def raw_environ(proc: psutil.Process) -> bytes:
+    return Path(f"/proc/{proc.pid}/environ").read_bytes()
+
+
+def titled(title: str) -> Callable[[psutil.Process], bool]:
+    """Processes whose whole command line is ``title`` (set with setproctitle)."""
+    return lambda proc: argv(proc) == [title]
+
+
+def program(name: str) -> Callable[[psutil.Process], bool]:
+    """Processes whose argv[0] basename is ``name``."""
+    return lambda proc: bool(argv(proc)) and os.path.basename(argv(proc)[0]) == name
+
+
+def marked(marker: str) -> Callable[[psutil.Process], bool]:
+    return lambda proc: marker in cmdline(proc)
 
 
 # --------------------------------------------------------------------------- engines
@@ -91,6 +125,7 @@ class Engine:
     port: int
     out: Path
     err: Path
+    owner: Engines
 
     @property
     def url(self) -> str:
@@ -102,16 +137,21 @@ class Engine:
     def stderr(self) -> str:
         return self.err.read_bytes().decode(errors="replace")
 
-    def children(self, marker: str) -> list[psutil.Process]:
-        """Live descendants whose command line contains ``marker``."""
+    def tree(self) -> list[psutil.Process]:
+        """Live descendants, each remembered so the teardown finds it even once orphaned."""
         try:
             kids = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        return [k for k in kids if marker in cmdline(k) and alive(k)]
+        live = [k for k in kids if alive(k)]
+        self.owner.remember(live)
+        return live
 
-    def worker(self, marker: str) -> psutil.Process:
-        found = wait_until(f"a child matching {marker!r}", lambda: self.children(marker))
+    def children(self, which: Callable[[psutil.Process], bool]) -> list[psutil.Process]:
+        return [k for k in self.tree() if which(k)]
+
+    def worker(self, which: Callable[[psutil.Process], bool], what: str) -> psutil.Process:
+        found = wait_until(what, lambda: self.children(which))
         assert len(found) == 1, found
         return found[0]
 
@@ -136,9 +176,10 @@ class Engines:
         self.tag = uuid.uuid4().hex
         self.logs = logs
         self.started: list[subprocess.Popen[bytes]] = []
+        self.seen: dict[int, psutil.Process] = {}
 
     def env(self, extra: dict[str, str] | None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AILAYER_DEMO_") and k != "OLLAMA_HOST"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AILAYER_DEMO_", "OLLAMA_"))}
         env.update({"AILAYER_TIME_SCALE": "1", TAG_ENV: self.tag, **(extra or {})})
         return env
 
@@ -153,23 +194,26 @@ class Engines:
                 env=self.env(env),
             )
         self.started.append(proc)
-        return Engine(proc, port, out, err)
+        return Engine(proc, port, out, err, self)
 
     def vllm(self, *extra: str, boot_s: float = BOOT_S, env: dict[str, str] | None = None) -> Engine:
         port = free_port()
-        args = ["serve", "demo/model", "--port", str(port), "--boot-seconds", str(boot_s)]
+        args = ["serve", "demo/model", "--host", "127.0.0.1", "--port", str(port), "--boot-seconds", str(boot_s)]
         return self.start("vllm_like", [*args, *extra], port, env)
 
-    def ollama(self, *extra: str, env: dict[str, str] | None = None) -> Engine:
+    def ollama(self, *extra: str, load_s: float = BOOT_S, env: dict[str, str] | None = None) -> Engine:
         port = free_port()
-        args = ["serve", "--port", str(port), "--load-seconds", str(BOOT_S)]
+        args = ["serve", "--port", str(port), "--load-seconds", str(load_s)]
         return self.start("ollama_like", [*args, *extra], port, env)
 
+    def remember(self, procs: list[psutil.Process]) -> None:
+        self.seen.update({p.pid: p for p in procs})
+
     def tagged(self) -> list[psutil.Process]:
-        """Live demo processes carrying this test's tag, wherever they have wandered."""
+        """Live demo processes whose readable environment carries this test's tag."""
         found = []
         for proc in psutil.process_iter():
-            if DEMO_MARK not in cmdline(proc) or not alive(proc):
+            if not alive(proc):
                 continue
             try:
                 if proc.environ().get(TAG_ENV) == self.tag:
@@ -179,7 +223,7 @@ class Engines:
         return found
 
     def family(self) -> list[psutil.Process]:
-        """Everything alive this test started: its engines, their trees, and tagged orphans."""
+        """Everything alive this test started: engines, their trees, tagged and remembered orphans."""
         found: dict[int, psutil.Process] = {p.pid: p for p in self.tagged()}
         for popen in self.started:
             try:
@@ -187,7 +231,8 @@ class Engines:
                 found.update({p.pid: p for p in [top, *top.children(recursive=True)]})
             except psutil.NoSuchProcess:
                 continue
-        return [p for p in found.values() if alive(p)]
+        self.remember(list(found.values()))
+        return [p for p in self.seen.values() if alive(p)]
 
     def kill_round(self) -> bool:
         """SIGKILL the whole family, collected first since a dead parent no longer leads to
@@ -203,6 +248,9 @@ class Engines:
         for popen in self.started:  # reap our own children; orphans are init's to reap
             popen.wait(timeout=10)
 
+    def leftovers(self) -> list[psutil.Process]:
+        return [*self.tagged(), *(p for p in self.seen.values() if alive(p))]
+
 
 @pytest.fixture
 def engines(tmp_path: Path) -> Iterator[Engines]:
@@ -211,71 +259,156 @@ def engines(tmp_path: Path) -> Iterator[Engines]:
         yield started
     finally:
         started.kill_all()
-    wait_until("every demo process of this test to be gone", lambda: not started.tagged(), 10)
+    wait_until("every demo process of this test to be gone", lambda: not started.leftovers(), 10)
 
 
 def core_of(engine: Engine) -> psutil.Process:
-    return engine.worker("VLLM::EngineCore")
+    return engine.worker(titled(ENGINE_CORE), "the EngineCore")
+
+
+def vllm_worker_of(engine: Engine) -> psutil.Process:
+    return engine.worker(titled(WORKER), "the Worker")
 
 
 def runner_of(engine: Engine) -> psutil.Process:
-    return engine.worker("reconciler.demo.ollama_like runner")
+    return engine.worker(program("llama-server"), "the llama-server runner")
 
 
-def preload(engine: Engine, model: str = "gemma2:9b") -> dict[str, Any]:
-    body = {"model": model, "keep_alive": -1}
+def preload(engine: Engine, model: str = "gemma2:9b", **extra: Any) -> dict[str, Any]:
+    body = {"model": model, "keep_alive": -1, **extra}
     resp = httpx.post(engine.url + "/api/generate", json=body, timeout=START_TIMEOUT_S)
     assert resp.status_code == 200, resp.text
     data: dict[str, Any] = resp.json()
     return data
 
 
+def ps_names(engine: Engine, timeout: float = 5.0) -> list[str]:
+    return [m["name"] for m in httpx.get(engine.url + "/api/ps", timeout=timeout).json()["models"]]
+
+
 def ready(engine: Engine, kind: str) -> psutil.Process:
-    """Bring an engine to serving and return its worker child."""
+    """Bring an engine to serving and return its worker child (the one holding memory)."""
     if kind == "vllm":
         engine.wait_healthy("/health")
-        return core_of(engine)
+        return vllm_worker_of(engine)
     engine.wait_healthy("/api/version")
     preload(engine)
     return runner_of(engine)
 
 
+def answered(sock: socket.socket) -> bool:
+    """True once the peer has sent anything on ``sock`` (nothing is consumed)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    """Read (under the socket's timeout) until ``marker`` has arrived or the peer closed."""
+    received = b""
+    while marker not in received:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def post_and_hang_up(port: int, path: str, body: dict[str, Any]) -> socket.socket:
+    """Send a request on a raw socket and return it unread; closing it is the hang-up."""
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
 # --------------------------------------------------------------------------- vLLM-like
 
 
-def test_vllm_refuses_connections_while_booting_then_serves(engines: Engines) -> None:
-    eng = engines.vllm(boot_s=1.5)
-    core = core_of(eng)
-    assert "reconciler.demo.vllm_like" in cmdline(core)
-    assert refuses(eng.port), "the port must stay closed until the EngineCore has loaded"
+def test_vllm_tree_titles_and_wiped_environments(engines: Engines) -> None:
+    """API server -> VLLM::EngineCore -> VLLM::Worker, plus the resource tracker, one group."""
+    eng = engines.vllm()
     eng.wait_healthy("/health")
-    assert alive(core)
+    core, worker = core_of(eng), vllm_worker_of(eng)
+    assert core.ppid() == eng.proc.pid and worker.ppid() == core.pid
+    trackers = eng.children(marked(TRACKER_MARK))
+    assert [t.ppid() for t in trackers] == [eng.proc.pid], trackers
+    assert "reconciler.demo.vllm_like serve demo/model" in cmdline(psutil.Process(eng.proc.pid))
+    for proc, title in ((core, ENGINE_CORE), (worker, WORKER)):
+        assert proc.name() == title  # psutil completes the 15-byte comm from the cmdline
+        assert set(raw_environ(proc)) <= {0}, f"{title}: setproctitle must have wiped the environment"
+        assert TAG_ENV not in proc.environ()
+    assert trackers[0].environ().get(TAG_ENV) == engines.tag, "the tracker sets no title: environ intact"
+    group = {(os.getpgid(p.pid), os.getsid(p.pid)) for p in (core, worker, trackers[0])}
+    assert group == {(os.getpgid(eng.proc.pid), os.getsid(eng.proc.pid))}
+
+
+def test_vllm_binds_before_loading_and_listens_only_when_ready(engines: Engines) -> None:
+    eng = engines.vllm(boot_s=SLOW_BOOT_S)
+    vllm_worker_of(eng)  # loading now
+    with socket.socket() as plain:
+        with pytest.raises(OSError) as taken:
+            plain.bind(("127.0.0.1", eng.port))
+        assert taken.value.errno == errno.EADDRINUSE, "the port is bound during the load"
+    with socket.socket() as reuse:  # why a SO_REUSEADDR bind test calls a loading vLLM's port free
+        reuse.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reuse.bind(("127.0.0.1", eng.port))
+    assert refuses(eng.port), "bound but not listening: a connect is refused"
+    assert eng.proc.poll() is None and "Application startup complete." not in eng.stdout()
+    eng.wait_healthy("/health")
     assert "Application startup complete." in eng.stdout()
     assert "\rLoading safetensors checkpoint shards: 100% Completed | 5/5" in eng.stderr()
     models = httpx.get(eng.url + "/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["demo/model"]
 
 
-def test_vllm_sigterm_while_loading_exits_zero_and_stops_the_core(engines: Engines) -> None:
+def test_vllm_exits_at_once_when_the_port_is_listened_on(engines: Engines) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        eng = engines.start("vllm_like", ["serve", "m", "--host", "127.0.0.1", "--port", str(port)], port)
+        assert eng.proc.wait(timeout=START_TIMEOUT_S) == 1
+    assert "Address already in use" in eng.stdout()
+
+
+def test_vllm_sigterm_while_loading_exits_zero_and_stops_the_tree(engines: Engines) -> None:
     eng = engines.vllm(boot_s=5)
-    core = core_of(eng)
+    core, worker = core_of(eng), vllm_worker_of(eng)
     eng.proc.terminate()
     assert eng.proc.wait(timeout=10) == 0
-    wait_until("the loading EngineCore to be stopped", lambda: not alive(core), 10)
+    wait_until("the loading EngineCore and Worker to be stopped", lambda: not alive(core) and not alive(worker), 10)
 
 
-def test_vllm_engine_core_holds_memory_and_survives_parent_sigkill(engines: Engines) -> None:
+def test_vllm_orphans_survive_an_api_server_sigkill(engines: Engines) -> None:
+    """Upstream vLLM issue 55510: EngineCore, Worker (holding the memory) and tracker live on."""
     eng = engines.vllm("--vram-mb", "64")
     eng.wait_healthy("/health")
-    core = core_of(eng)
+    core, worker = core_of(eng), vllm_worker_of(eng)
+    tracker = eng.worker(marked(TRACKER_MARK), "the resource tracker")
     if "holding 64 MiB on cpu" in eng.stdout():  # on a GPU box it is VRAM, not RSS
-        assert core.memory_info().rss >= 64 * MiB
+        assert worker.memory_info().rss >= 64 * MiB
     eng.proc.kill()
     assert eng.proc.wait(timeout=10) == -signal.SIGKILL
-    assert alive(core), "an orphaned EngineCore must keep running, like real vLLM's"
-    assert core.ppid() != eng.proc.pid
+    for orphan in (core, worker, tracker):
+        assert alive(orphan), f"{cmdline(orphan)} must outlive the API server, as in real vLLM"
+    assert core.ppid() != eng.proc.pid and tracker.ppid() != eng.proc.pid
+    assert worker.ppid() == core.pid
+    for orphan in (core, worker, tracker):
+        orphan.kill()
+    psutil.wait_procs([core, worker, tracker], timeout=10)
+
+
+def test_vllm_worker_ends_with_its_engine_core(engines: Engines) -> None:
+    """vLLM's DeathPipeMonitor: a Worker exits once its EngineCore is gone; so does the server."""
+    eng = engines.vllm()
+    eng.wait_healthy("/health")
+    core, worker = core_of(eng), vllm_worker_of(eng)
     core.kill()
-    core.wait(timeout=10)
+    wait_until("the Worker to follow its EngineCore", lambda: not alive(worker), 10)
+    assert eng.proc.wait(timeout=10) == 1
+    assert "EngineDeadError" in eng.stderr()
 
 
 def test_vllm_stream_chunks_arrive_separately(engines: Engines) -> None:
@@ -331,11 +464,13 @@ def test_vllm_injected_crashes(engines: Engines, fail: str, code: int, serves_fi
     eng = engines.vllm("--fail", fail)
     if serves_first:
         eng.wait_healthy("/health")
+    else:
+        eng.tree()
     wait_until(f"the engine to exit on {fail}", lambda: eng.proc.poll() is not None)
     assert eng.proc.returncode == code, eng.stderr()
     if fail != "exit-at-once":
         assert "Traceback (most recent call last):" in eng.stderr()
-    wait_until("a crashed engine to leave no process behind", lambda: not engines.tagged())
+    wait_until("a crashed engine to leave no process behind", lambda: not engines.leftovers())
 
 
 def test_vllm_hang_ready_accepts_but_never_answers(engines: Engines) -> None:
@@ -353,24 +488,81 @@ def test_ollama_answers_at_once_and_loads_on_preload(engines: Engines) -> None:
     port = free_port()
     eng = engines.start(
         "ollama_like",
-        ["serve", "--load-seconds", str(BOOT_S)],
+        ["serve", "--load-seconds", str(BOOT_S), "--ollama-version", "0.32.7"],
         port,
         env={"OLLAMA_HOST": f"127.0.0.1:{port}"},
     )
     eng.wait_healthy("/api/version")
-    assert httpx.get(eng.url + "/api/version").json() == {"version": "0.0-demo"}
+    assert httpx.get(eng.url + "/api/version").json() == {"version": "0.32.7"}
     assert httpx.get(eng.url + "/").text == "Ollama is running"
-    assert httpx.get(eng.url + "/api/ps").json() == {"models": []}
-    assert not eng.children("runner"), "serve must not load anything by itself"
+    assert ps_names(eng) == []
+    assert not eng.tree(), "serve must not load anything by itself"
     assert preload(eng)["done_reason"] == "load"
-    runner = runner_of(eng)
-    assert "--model gemma2:9b" in cmdline(runner)
+    runner_of(eng)
     loaded = httpx.get(eng.url + "/api/ps").json()["models"]
     assert [m["name"] for m in loaded] == ["gemma2:9b"]
     assert loaded[0]["size_vram"] > 0 and loaded[0]["expires_at"].startswith("23")
     missing = httpx.post(eng.url + "/api/generate", json={"model": "nope", "prompt": "x"})
     assert missing.status_code == 404
     assert missing.json() == {"error": 'model "nope" not found, try pulling it first'}
+
+
+def test_ollama_runner_is_llama_server_in_serves_group(engines: Engines, tmp_path: Path) -> None:
+    """v0.30+: <prefix>/lib/ollama/llama-server --model <blob> --port N --host 127.0.0.1."""
+    models = tmp_path / "models"
+    eng = engines.ollama(env={"OLLAMA_MODELS": str(models)})
+    runner = ready(eng, "ollama")
+    shown = runner.cmdline()
+    assert shown[0].endswith("/lib/ollama/llama-server") and runner.name() == "llama-server"
+    assert shown[1:3] == ["--model", str(models / "blobs") + "/sha256-" + shown[2].rsplit("-", 1)[1]]
+    assert shown[3] == "--port" and shown[4].isdigit() and shown[5:] == ["--host", "127.0.0.1"]
+    assert not refuses(int(shown[4])), "the runner holds its own port"
+    assert runner.ppid() == eng.proc.pid
+    assert (os.getpgid(runner.pid), os.getsid(runner.pid)) == (os.getpgid(eng.proc.pid), os.getsid(eng.proc.pid))
+    assert runner.environ().get(TAG_ENV) == engines.tag, "the environment is inherited and readable"
+    assert runner.environ().get("OLLAMA_MODELS") == str(models)
+
+
+@pytest.mark.parametrize(("version", "lists_while_loading"), [("0.32.3", True), ("0.32.4", False)])
+def test_ollama_ps_follows_the_version(engines: Engines, version: str, lists_while_loading: bool) -> None:
+    """Before 0.32.4 /api/ps lists a loading model (listed is not loaded); from it on, it blocks."""
+    eng = engines.ollama("--ollama-version", version, load_s=SLOW_BOOT_S)
+    eng.wait_healthy("/api/version")
+    with post_and_hang_up(eng.port, "/api/generate", {"model": "gemma2:9b", "keep_alive": -1}) as loading:
+        runner_of(eng)  # its runner has started, so the model is loading now
+        if lists_while_loading:
+            assert ps_names(eng) == ["gemma2:9b"]
+            assert not answered(loading), "listed while the load is still going on"
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.get(eng.url + "/api/ps", timeout=SLOW_BOOT_S / 3)
+            assert ps_names(eng, timeout=START_TIMEOUT_S) == ["gemma2:9b"], "answered once loaded"
+        assert b'"done_reason": "load"' in read_until(loading, b'"done_reason"')
+
+
+def test_ollama_load_is_aborted_when_its_client_hangs_up(engines: Engines) -> None:
+    eng = engines.ollama(load_s=SLOW_BOOT_S)
+    eng.wait_healthy("/api/version")
+    with post_and_hang_up(eng.port, "/api/generate", {"model": "gemma2:9b", "keep_alive": -1}):
+        runner = runner_of(eng)
+    wait_until("the aborted load's runner to be killed", lambda: not alive(runner), 10)
+    assert ps_names(eng) == []
+    assert "context canceled" in eng.stdout()
+    assert preload(eng)["done_reason"] == "load", "a later request loads again"
+
+
+def test_ollama_request_keep_alive_overrides_the_environment(engines: Engines) -> None:
+    eng = engines.ollama("--token-delay-ms", "1", env={"OLLAMA_KEEP_ALIVE": "-1"})
+    eng.wait_healthy("/api/version")
+    body = {"model": "gemma2:9b", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
+    assert httpx.post(eng.url + "/api/generate", json=body, timeout=START_TIMEOUT_S).status_code == 200
+    runner = runner_of(eng)
+    [entry] = httpx.get(eng.url + "/api/ps").json()["models"]
+    assert entry["expires_at"].startswith("23"), "OLLAMA_KEEP_ALIVE=-1 keeps it forever"
+    reply = httpx.post(eng.url + "/api/generate", json={**body, "keep_alive": 0}, timeout=START_TIMEOUT_S)
+    assert reply.json()["response"] == demo_text(2), "the request itself is answered"
+    wait_until("keep_alive 0 to unload the model after the request", lambda: ps_names(eng) == [])
+    wait_until("its runner to be stopped", lambda: not alive(runner), 10)
 
 
 def test_ollama_concurrent_requests_share_one_load(engines: Engines) -> None:
@@ -384,7 +576,7 @@ def test_ollama_concurrent_requests_share_one_load(engines: Engines) -> None:
 
     responses = asyncio.run(both())
     assert all(r.json()["response"] == demo_text(2) for r in responses)
-    assert len(eng.children("reconciler.demo.ollama_like runner")) == 1
+    assert len(eng.children(program("llama-server"))) == 1
 
 
 def test_ollama_client_chat_generate_list_ps(engines: Engines) -> None:
@@ -417,7 +609,7 @@ def test_ollama_runner_crash_fails_the_load_but_serve_stays_up(engines: Engines)
     resp = httpx.post(eng.url + "/api/generate", json={"model": "gemma2:9b"}, timeout=10)
     assert resp.status_code == 500
     assert resp.json() == {"error": "llama runner process has terminated: exit status 1"}
-    assert httpx.get(eng.url + "/api/ps").json() == {"models": []}
+    assert ps_names(eng) == []
     assert eng.proc.poll() is None
 
 
