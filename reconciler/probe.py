@@ -25,6 +25,11 @@ def _request(url: str, timeout_s: float, method: str = "GET", body: Any = None) 
         return int(exc.code), exc.read()
 
 
+def _timed_out(exc: BaseException) -> bool:
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return isinstance(reason, TimeoutError)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.URLError):
         exc = exc.reason if isinstance(exc.reason, BaseException) else exc
@@ -50,6 +55,14 @@ def walk(document: Any, path: str) -> list[Any]:
 
 
 def check(engine: Engine) -> Probe:
+    """Readiness: the probe URL's status, then the JSON check if configured.
+
+    The JSON check only ever reports ``json_ok``; it never fails the probe. Ollama from
+    0.32.4 holds ``/api/ps`` until a load in progress ends, so a JSON check that times out
+    means "still loading", not an engine that stopped answering (that would count towards
+    liveness failures once READY). Ollama is ready when the warm-up answered done AND
+    ``/api/ps`` lists the model; combining the two is the planner's.
+    """
     ready = engine.ready
     try:
         status, body = _request(engine.url(ready.url), ready.timeout_s)
@@ -65,7 +78,10 @@ def check(engine: Engine) -> Probe:
         _, jbody = _request(engine.url(jc.url), ready.timeout_s)
         found = jc.equals in walk(json.loads(jbody), jc.path)
     except (OSError, ValueError) as exc:
-        return Probe(True, f"JSON check: {_describe(exc)}", json_ok=False)
+        if _timed_out(exc):
+            why = f"still loading: {jc.url} did not answer within {ready.timeout_s:g} s (it waits for the load)"
+            return Probe(True, f"HTTP {status}; {why}", json_ok=False)
+        return Probe(True, f"HTTP {status}; JSON check: {_describe(exc)}", json_ok=False)
     why = "" if found else f"; {jc.equals!r} not yet at {jc.path} of {jc.url}"
     return Probe(True, f"HTTP {status}{why}", json_ok=found)
 
