@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -19,6 +19,9 @@ from reconciler.catalog import Catalog, resolve
 from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.logs import ActivityLog
 from reconciler.schemas import InvalidFile
+
+if TYPE_CHECKING:
+    from reconciler.loop import Reconciler
 
 app = typer.Typer(
     help="Declarative lifecycle manager for self-hosted LLM engines (vLLM, Ollama, llama.cpp).",
@@ -59,6 +62,17 @@ def _lock(catalog: Catalog) -> StateLock:
     return lock  # keep a reference: a dropped one would close the file and release the lock
 
 
+def _reconciler(catalog: Catalog, log: ActivityLog) -> Reconciler:
+    """The loop, or one clear line when its identity mode cannot work here."""
+    from reconciler.loop import Reconciler
+
+    try:
+        return Reconciler(catalog, log)
+    except OSError as exc:
+        _err(f"ailayer: {exc.strerror or exc}")
+        raise typer.Exit(EXIT_FAILED) from None
+
+
 def _exit_code(phase: status.Phase, pending: bool) -> int:
     if phase is status.Phase.FAILED:
         return EXIT_FAILED
@@ -77,11 +91,9 @@ def reconcile(
     stop_on_exit: Annotated[bool, typer.Option(help="Kill managed engines when the loop exits.")] = False,
 ) -> None:
     """Converge engine processes to desired_state.yaml (foreground loop unless --once/--check)."""
-    from reconciler.loop import Reconciler
-
     catalog = _catalog(config, demo)
     log = ActivityLog(catalog.log_file, catalog.state_dir, terminal=sys.stdout)
-    rec = Reconciler(catalog, log)
+    rec = _reconciler(catalog, log)
     if check or diff:
         result = rec.step(check=True)
         if diff:
@@ -127,16 +139,14 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
        stop_on_exit: Annotated[bool, typer.Option(help="Kill managed engines on exit.")] = True,
        ) -> None:
     """The main job: the reconciler and the gate together (demo catalog when no config is found)."""
-    from reconciler.loop import Reconciler
-
     catalog = _catalog(config, demo)
     lock = _lock(catalog)
     where = ["--config", str(catalog.path)] if catalog.path else ["--demo"]
+    log = ActivityLog(catalog.log_file, catalog.state_dir, terminal=sys.stdout)
+    rec = _reconciler(catalog, log)
+    rec.lock = lock
     # The gate runs as its own process: the proxy's latency never waits on a process scan.
     gate_proc = subprocess.Popen([sys.executable, "-m", "reconciler.gate", *where])
-    log = ActivityLog(catalog.log_file, catalog.state_dir, terminal=sys.stdout)
-    rec = Reconciler(catalog, log)
-    rec.lock = lock
     host, port = catalog.gate.host, catalog.gate.port
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     toggle_cmd = "ailayer toggle" + (f" --config {catalog.path}" if catalog.path else "")

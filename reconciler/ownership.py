@@ -223,15 +223,17 @@ def classify(obs: Observation, engines: Mapping[str, Engine], namespace: str) ->
                      UNRECORDED)
         add(Unit(model, instance, tuple(tree), min(p.create_time for p in tree)))
 
-    strays: dict[str, set[Proc]] = {}
+    # One stray unit per model and session: a copy someone started by hand is judged (and
+    # spared or killed) apart from another user's copy elsewhere on the machine.
+    strays: dict[tuple[str, int], set[Proc]] = {}
     for proc in procs:
         if proc in claimed or proc in forged or _belongs_elsewhere(proc, by_pid, namespace):
             continue
         copy_of = recognise(proc, engines)
         if copy_of is not None:
-            strays.setdefault(copy_of, set()).add(proc)
+            strays.setdefault((copy_of, proc.sid), set()).add(proc)
     # A stray's children, and the members of a stray group leader's group, go with it.
-    for model, found in sorted(strays.items()):
+    for (model, _), found in sorted(strays.items()):
         leaders = {p.pid for p in found if p.pgid == p.pid}
         group = {p for p in procs if p.pgid in leaders}
         tree = {p for p in descendants(found | group, procs)

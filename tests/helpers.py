@@ -77,6 +77,7 @@ class Stack:
     resync_s: float = 1.0
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    top: dict[str, Any] = field(default_factory=dict)  # more top-level catalog keys (identity, gate)
 
     def __post_init__(self) -> None:
         self.write_catalog()
@@ -103,7 +104,7 @@ class Stack:
 
     def write_catalog(self) -> None:
         doc = {"state_dir": "run", "log_file": str(self.log_file),
-               "resync_interval_s": self.resync_s, "engines": self.engines}
+               "resync_interval_s": self.resync_s, "engines": self.engines, **self.top}
         self.config.write_text(yaml.safe_dump(doc))
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
