@@ -7,7 +7,8 @@ Settings that matter and why (issue 3, item 7):
   five minutes; only connecting is short, and silence mid-response is bounded by the
   configurable ``gate.read_timeout_s``;
 * no decompression and no body parsing, except reading the ``model`` field of a JSON
-  request to refuse a mismatch (409) or map a catalog name to the served name;
+  request to refuse a mismatch (409) or map a catalog name to the served name, and
+  pinning ``keep_alive`` on Ollama's model-loading routes (``pin_keep_alive``);
 * streams are copied chunk by chunk as they arrive (``iter_any``), with
   ``X-Accel-Buffering: no`` so a fronting nginx does not buffer them either;
 * a request whose engine stops being the active one (a switch began) is cancelled and
@@ -58,6 +59,11 @@ HOP_BY_HOP = frozenset({
 DROP_REQUEST = HOP_BY_HOP | {"host", "content-length"}
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server"}
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
+# Ollama's routes whose request loads the model and sets how long it stays (keep_alive).
+KEEP_ALIVE_ROUTES = frozenset({"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"})
+# Forever: only the reconciler unloads a model, by stopping its engine.
+PINNED_KEEP_ALIVE = -1
+_KEEP_ALIVE = "keep_alive"
 
 
 class InFlight:
@@ -101,6 +107,38 @@ def _names_served(body: bytes, served: str, field: str) -> bool:
     return key + b":" + name in body or key + b": " + name in body
 
 
+def pin_keep_alive(body: bytes) -> bytes:
+    """``body`` with ``keep_alive`` set to -1, whatever the client asked.
+
+    A client's keep_alive overrides the engine's OLLAMA_KEEP_ALIVE, so without this a
+    ``keep_alive: 0`` would unload the model behind the reconciler's back, which would then
+    report READY for an engine with nothing loaded. Replaced rather than removed: an adopted
+    ``ollama serve`` may run with another OLLAMA_KEEP_ALIVE than the one the kind sets.
+
+    Ollama decodes with Go's encoding/json, which matches keys case-insensitively (Unicode
+    folding included) and after unescaping, so ``"KEEP_ALIVE"`` or ``"keep\u005falive"``
+    would count too. A plain-ASCII body without escapes whose lowered bytes never spell the
+    key has no such key: it gets one inserted without parsing. Anything else is parsed,
+    every spelling of the key dropped and the pinned one set. Not a JSON object: unchanged
+    (the engine answers its own 400).
+    """
+    if body.isascii() and b"\\u" not in body and _KEEP_ALIVE.encode() not in body.lower():
+        head = body.lstrip()
+        if not head.startswith(b"{"):
+            return body
+        rest = head[1:].lstrip()
+        pinned = f'{{"{_KEEP_ALIVE}":{PINNED_KEEP_ALIVE}'.encode()
+        return pinned + (b"" if rest.startswith(b"}") else b",") + rest
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(doc, dict):
+        return body
+    kept = {k: v for k, v in doc.items() if k.casefold() != _KEEP_ALIVE}
+    return json.dumps({**kept, _KEEP_ALIVE: PINNED_KEEP_ALIVE}, separators=(",", ":")).encode()
+
+
 def _switch_refusal(old: Target, new: Snapshot) -> Refusal:
     data = new.data or {}
     now = new.target.model if new.target else data.get("desired_model")
@@ -124,6 +162,7 @@ class Proxy:
         self._metrics = metrics
         self._known = catalog.names()
         self._by_served = {e.served_name: name for name, e in catalog.engines.items()}
+        self._ollama = frozenset(name for name, e in catalog.engines.items() if e.kind == "ollama")
         self._session: aiohttp.ClientSession | None = None
         self._inflight: set[InFlight] = set()
         follower.add_listener(self._on_state)
@@ -243,6 +282,8 @@ class Proxy:
                     self._metrics.request(route, checked.code)
                     return errors.respond(checked, family, stale=False)
                 body = checked
+            if body and route in KEEP_ALIVE_ROUTES and target.model in self._ollama:
+                body = pin_keep_alive(body)
             up = await self._send(request, target, body)
             async with up:
                 headers = CIMultiDict(_headers(up.headers.items(), DROP_RESPONSE))

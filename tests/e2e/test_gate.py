@@ -33,6 +33,7 @@ import yaml
 
 from reconciler import clock, status
 from reconciler.demo.common import free_port
+from reconciler.gate.proxy import pin_keep_alive
 from reconciler.status import Phase
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -580,6 +581,51 @@ def test_ollama_client_works_unchanged(gate: Gate, ollama_engine: DemoEngine) ->
     with pytest.raises(ollama.ResponseError) as info:
         client.chat(model="gpt-oss", messages=[])
     assert info.value.status_code == 409 and "gemma2" in info.value.error
+
+
+def test_a_client_keep_alive_cannot_unload_the_model(gate: Gate, ollama_engine: DemoEngine) -> None:
+    """The gate pins keep_alive to -1 on Ollama's routes: only the reconciler unloads."""
+    gate.state.ready(ollama_engine, "gemma2", OLLAMA_SERVED)
+    ask = {"num_predict": 2}
+    hi = [{"role": "user", "content": "hi"}]
+    with gate.client() as client:
+        poll_until(lambda: client.get("/api/tags").status_code == 200, "the gate to proxy")
+        unload = client.post("/api/generate", json={"model": "gemma2", "keep_alive": 0})
+        assert unload.status_code == 200 and unload.json()["done_reason"] == "load", unload.text
+        for path, body in (
+            ("/api/generate", {"model": "gemma2", "prompt": "x", "stream": False, "options": ask}),
+            ("/api/chat", {"model": OLLAMA_SERVED, "messages": hi, "options": ask}),  # streamed
+            ("/api/embed", {"model": "gemma2", "input": "x"}),
+            ("/api/embeddings", {"model": "gemma2", "prompt": "x"}),
+        ):
+            resp = client.post(path, json={**body, "keep_alive": "0s"})
+            assert resp.status_code == 200, (path, resp.text)
+    engine_ps = httpx.get(ollama_engine.url + "/api/ps", timeout=5).json()["models"]
+    assert [(m["name"], m["expires_at"][:2]) for m in engine_ps] == [(OLLAMA_SERVED, "23")], "kept forever"
+    # The control: the same request straight to the engine does unload it.
+    direct = {"model": OLLAMA_SERVED, "prompt": "x", "stream": False, "options": ask, "keep_alive": 0}
+    assert httpx.post(ollama_engine.url + "/api/generate", json=direct, timeout=10).status_code == 200
+    poll_until(lambda: httpx.get(ollama_engine.url + "/api/ps", timeout=5).json()["models"] == [],
+               "the engine to unload on a keep_alive it was really sent")
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"model":"gemma2","prompt":"x"}', {"model": "gemma2", "prompt": "x"}),
+    (b'  {  }', {}),
+    (b'{"model":"gemma2","keep_alive":0}', {"model": "gemma2"}),
+    (b'{"model":"gemma2","KEEP_ALIVE":"0s","keep_alive":"5m"}', {"model": "gemma2"}),
+    (b'{"model":"gemma2","keep\\u005falive":0}', {"model": "gemma2"}),
+    ('{"model":"gemma2","\u212aeep_alive":0}'.encode(), {"model": "gemma2"}),  # Kelvin sign folds to k
+    (b'{"prompt":"say keep_alive"}', {"prompt": "say keep_alive"}),
+])  # fmt: skip
+def test_pin_keep_alive_replaces_every_spelling(body: bytes, expected: dict[str, Any]) -> None:
+    """Go's encoding/json matches keys case-insensitively and after unescaping, as Ollama reads them."""
+    assert json.loads(pin_keep_alive(body)) == {**expected, "keep_alive": -1}
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'"keep_alive"'])
+def test_pin_keep_alive_leaves_what_is_not_an_object(body: bytes) -> None:
+    assert pin_keep_alive(body) == body
 
 
 # --------------------------------------------------------------------------- switches
