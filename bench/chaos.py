@@ -9,10 +9,12 @@ exactly these); with ``--full`` at the issue's size (1,000 toggles, 100 SIGKILLs
 files, 10,000 idle requests, 1,000 long-poll clients across 50 toggles).
 
 Everything is real: reconciler subprocesses, demo engines, loopback ports, the process
-table. Every catalog gets per-run ``match`` patterns (the engine's own port is in them), so
-no other engineer's demo engines on this machine can ever be mistaken for ours, and every
-process this suite starts carries the run marker (``AILAYER_TEST_RUN``) so leaks are found
-exactly. Teardown goes through the product: toggle none, wait IDLE, stop the reconciler,
+table. Every catalog recognises strays only by the entry's own command (its port is in it),
+so no other engineer's demo engines on this machine can ever be mistaken for ours, and every
+process this suite starts carries the run marker (``AILAYER_TEST_RUN``), or belongs to the
+session of one that does (setproctitle wipes a worker's environment), so leaks are found
+exactly. ``--identity cgroup|record`` runs the flapping and SIGKILL scenarios in that mode.
+Teardown goes through the product: toggle none, wait IDLE, stop the reconciler,
 then ``reconcile --once``.
 
 Each scenario returns a ``Result``: figures (what the docs table reports) and problems
@@ -125,22 +127,22 @@ def run_marker() -> str:
     return os.environ.setdefault(TEST_RUN_ENV, f"chaos-{uuid.uuid4().hex}")
 
 
+ONLY_OWN_COMMAND: dict[str, list[Any]] = {"argv": [], "titles": []}
+IDENTITY_MODES = ("auto", "cgroup", "record")
+
+
 def vllm_entry(port: int, boot_s: float, *args: str, **extra: Any) -> dict[str, Any]:
-    entry = demo_engine("vllm", port, boot_s, args=list(args), **extra)
-    entry["match"] = [f"reconciler.demo.vllm_like serve openai/gpt-oss-20b --host 127.0.0.1 --port {port} "]
-    return entry
+    return demo_engine("vllm", port, boot_s, args=list(args), **extra)
 
 
 def ollama_entry(port: int, boot_s: float, *args: str, **extra: Any) -> dict[str, Any]:
-    entry = demo_engine("ollama", port, boot_s, args=list(args), **extra)
-    entry["match"] = [f"reconciler.demo.ollama_like serve --host 127.0.0.1 --port {port} "]
-    return entry
+    return demo_engine("ollama", port, boot_s, args=list(args), **extra)
 
 
 def nasty_entry(port: int, mode: str, *args: str) -> dict[str, Any]:
     return {"kind": "generic", "port": port,
             "command": ["{python}", str(NASTY), "--port", "{port}", "--mode", mode, *args],
-            "match": [f"nasty_engine.py --port {port} --mode {mode}"],
+            "strays": ONLY_OWN_COMMAND,
             "ready": {"period_s": 0.1, "timeout_s": 1}, "liveness": {"period_s": 0.5},
             "restart_backoff": {"initial_s": 0.5, "max_s": 2}}
 
@@ -153,7 +155,7 @@ def set_boot(stack: Stack, model: str, seconds: float) -> None:
 
 def catalog_text(stack: Stack) -> str:
     return yaml.safe_dump({"state_dir": "run", "log_file": str(stack.log_file),
-                           "resync_interval_s": stack.resync_s, "engines": stack.engines})
+                           "resync_interval_s": stack.resync_s, "engines": stack.engines, **stack.top})
 
 
 def write_catalog_atomic(stack: Stack) -> None:
@@ -175,6 +177,9 @@ class Census:
 
     Environments are read once per process (a process cannot change what /proc shows);
     processes carrying the run marker but no cookie yet (forked, not exec'd) are re-read.
+    A worker whose environment setproctitle wiped (vLLM's EngineCore) is counted through its
+    session: engines are spawned as session leaders, and the census remembers each leader's
+    (model, instance) by session id, so an orphaned worker is still seen after its leader died.
     """
 
     def __init__(self, namespace: str) -> None:
@@ -182,24 +187,31 @@ class Census:
         self._ns = namespace
         self._known: dict[int, tuple[str, str] | None] = {}
         self._procs: dict[int, psutil.Process] = {}
+        self._sessions: dict[int, tuple[str, str]] = {}
 
     def _identify(self, pid: int) -> tuple[str, str] | str | None:
         """(model, instance) of ours; None for a process that never will be; RETRY to look again."""
         try:
             proc = psutil.Process(pid)
             env = proc.environ()
+            sid = os.getsid(pid)
         except psutil.AccessDenied:
             return None
-        except psutil.Error:
+        except (psutil.Error, OSError):
             return RETRY  # gone or a zombie
         if env.get(TEST_RUN_ENV) != self._run:
-            return None
+            if sid in self._sessions:
+                self._procs[pid] = proc
+                return self._sessions[sid]
+            return None if env else RETRY  # an empty environment may be a wiped one: look again
         parts = env.get(COOKIE_ENV, "").split("/")
         if parts[0] != self._ns and len(parts) == 4:
             return None  # another stack's engine
         if len(parts) != 4:
             return RETRY  # ours but no cookie (yet: forked, not exec'd)
         self._procs[pid] = proc
+        if sid == pid:
+            self._sessions[pid] = (parts[1], parts[2])
         return parts[1], parts[2]
 
     def sample(self) -> dict[str, dict[str, list[int]]]:
@@ -308,11 +320,12 @@ def converged(stack: Stack, census: Census, model: str | None, generation: int,
 
 
 @contextlib.contextmanager
-def rig(res: Result, engines: dict[str, dict[str, Any]], resync_s: float = 1.0) -> Iterator[Stack]:
+def rig(res: Result, engines: dict[str, dict[str, Any]], resync_s: float = 1.0,
+        identity: str = "auto") -> Iterator[Stack]:
     """A stack in a temp dir, torn down through the product whatever happens inside."""
     run_marker()
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        stack = Stack(Path(tmp), engines, resync_s)
+        stack = Stack(Path(tmp), engines, resync_s, top={"identity": {"mode": identity}})
         try:
             yield stack
         finally:
@@ -347,12 +360,12 @@ def teardown(stack: Stack) -> list[str]:
 # ----------------------------------------------------------------------------- 1. flapping
 
 
-def flapping(toggles: int, seed: int = 1) -> Result:
+def flapping(toggles: int, seed: int = 1, identity: str = "auto") -> Result:
     """Random toggles among two demo engines and none, random boots; nothing may overlap."""
-    res = Result("flapping")
+    res = Result(f"flapping ({identity})" if identity != "auto" else "flapping")
     rng = random.Random(seed)
     engines = {VLLM: vllm_entry(free_port(), 0.3), OLLAMA: ollama_entry(free_port(), 0.3)}
-    with rig(res, engines) as stack:
+    with rig(res, engines, identity=identity) as stack:
         stack.start()
         census = Census(namespace_of(stack.state_dir))
         choices: list[str | None] = [VLLM, OLLAMA, None]
@@ -419,16 +432,16 @@ class StateReader(Watcher):
             self._stop_event.wait(READ_SPIN_S)
 
 
-def sigkill(points: int, seed: int = 2) -> Result:
+def sigkill(points: int, seed: int = 2, identity: str = "auto") -> Result:
     """SIGKILL the reconciler at random points (mid-kill, mid-spawn, mid-boot, mid-write)."""
-    res = Result("sigkill")
+    res = Result(f"sigkill ({identity})" if identity != "auto" else "sigkill")
     rng = random.Random(seed)
     engines = {VLLM: vllm_entry(free_port(), SIGKILL_BOOT_S),
                OLLAMA: ollama_entry(free_port(), SIGKILL_BOOT_S)}
     converge: list[float] = []
     healthy_restarts: list[str] = []
     kinds: dict[str, int] = {}
-    with rig(res, engines) as stack:
+    with rig(res, engines, identity=identity) as stack:
         census = Census(namespace_of(stack.state_dir))
         stack.start()
         current: str | None = None
@@ -595,7 +608,8 @@ def hand_written_cases(root: Path, good_catalog: str) -> list[BadCase]:
         ("unknown key", lambda d: d.__setitem__("enignes", {})),
         ("bad kind", lambda d: d["engines"][name].__setitem__("kind", "tgi")),
         ("negative resync", lambda d: d.__setitem__("resync_interval_s", -1)),
-        ("short match", lambda d: d["engines"][name].__setitem__("match", ["py"])),
+        ("substring match", lambda d: d["engines"][name].__setitem__("match", ["py"])),
+        ("short stray title", lambda d: d["engines"][name].__setitem__("strays", {"titles": ["py"]})),
         ("bad engine name", lambda d: d["engines"].__setitem__("../etc", d["engines"][name])),
         ("state_dir of unknown user", lambda d: d.__setitem__("state_dir", "~nosuchuser_chaos/run")),
         ("log_file of unknown user", lambda d: d.__setitem__("log_file", "~nosuchuser_chaos/a.log")),
@@ -653,7 +667,7 @@ def generated_cases(count: int, good_catalog: str, seed: int) -> tuple[list[BadC
     )
     paths = st.sampled_from([
         ("engines", "*", "port"), ("engines", "*", "command"), ("engines", "*", "kind"),
-        ("engines", "*", "ready"), ("engines", "*", "env"), ("engines", "*", "match"),
+        ("engines", "*", "ready"), ("engines", "*", "env"), ("engines", "*", "strays"),
         ("engines", "*", "liveness"), ("engines", "*", "restart_backoff"), ("gate",),
         ("resync_interval_s",), ("state_dir",), ("engines",), ("engines", "*", "host"),
         ("engines", "*", "boot_timeout_s"), ("engines", "*", "served_name")])
@@ -1569,12 +1583,12 @@ SHARED_BOOT_S = 0.5
 
 
 def shared_entry(name: str, port: int) -> dict[str, Any]:
-    """A vLLM-like engine serving ``demo/NAME`` on ``port``; its match pattern names both."""
+    """A vLLM-like engine serving ``demo/NAME`` on ``port``; its own command names both."""
     served = f"demo/{name}"
     return {"kind": "vllm", "served_name": served, "port": port,
             "command": ["{python}", "-m", "reconciler.demo.vllm_like", "serve", served, "--host", "{host}",
                         "--port", "{port}", "--boot-seconds", str(SHARED_BOOT_S), "--token-delay-ms", "5"],
-            "match": [f"reconciler.demo.vllm_like serve {served} --host 127.0.0.1 --port {port} "],
+            "strays": ONLY_OWN_COMMAND,
             "ready": {"period_s": 0.1}, "liveness": {"period_s": 0.5},
             "restart_backoff": {"initial_s": 0.5, "max_s": 2}}
 
@@ -1656,18 +1670,19 @@ def sharedport(switches: int) -> Result:
 # ----------------------------------------------------------------------------- main
 
 
-SCENARIOS: dict[str, Callable[[dict[str, int], int], list[Result]]] = {
-    "flapping": lambda s, seed: [flapping(s["toggles"], seed)],
-    "sigkill": lambda s, seed: [sigkill(s["kills"], seed)],
-    "badinput": lambda s, seed: [badinput(s["bad_files"], seed)],
-    "faults": lambda s, seed: faults(s["restarts"]),
-    "output": lambda s, seed: output(s["flood_s"]),
-    "security": lambda s, seed: [security()],
-    "files": lambda s, seed: [files(), diskfull()],
-    "gate": lambda s, seed: [gate(s["gate_requests"], s["longpoll_clients"], s["state_changes"])],
-    "ports": lambda s, seed: [ports(s["port_rounds"])],
-    "inflight": lambda s, seed: [inflight(s["inflight_requests"])],
-    "sharedport": lambda s, seed: [sharedport(s["shared_switches"])],
+# Each runs at (sizes, seed, identity mode); only flapping and sigkill depend on the mode.
+SCENARIOS: dict[str, Callable[[dict[str, int], int, str], list[Result]]] = {
+    "flapping": lambda s, seed, mode: [flapping(s["toggles"], seed, mode)],
+    "sigkill": lambda s, seed, mode: [sigkill(s["kills"], seed, mode)],
+    "badinput": lambda s, seed, mode: [badinput(s["bad_files"], seed)],
+    "faults": lambda s, seed, mode: faults(s["restarts"]),
+    "output": lambda s, seed, mode: output(s["flood_s"]),
+    "security": lambda s, seed, mode: [security()],
+    "files": lambda s, seed, mode: [files(), diskfull()],
+    "gate": lambda s, seed, mode: [gate(s["gate_requests"], s["longpoll_clients"], s["state_changes"])],
+    "ports": lambda s, seed, mode: [ports(s["port_rounds"])],
+    "inflight": lambda s, seed, mode: [inflight(s["inflight_requests"])],
+    "sharedport": lambda s, seed, mode: [sharedport(s["shared_switches"])],
 }
 
 
@@ -1681,6 +1696,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="the issue's sizes")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--identity", choices=IDENTITY_MODES, default="auto",
+                        help="identity.mode for the flapping and sigkill scenarios")
     ns = parser.parse_args(argv)
     sizes = SIZES["full" if ns.full else "short"]
     run_marker()
@@ -1688,7 +1705,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for name in ns.scenarios or list(SCENARIOS):
         t0 = time.monotonic()
-        for result in SCENARIOS[name](sizes, ns.seed):
+        for result in SCENARIOS[name](sizes, ns.seed, ns.identity):
             row = {"scenario": result.scenario, "size": "full" if ns.full else "short",
                    "seconds": round(time.monotonic() - t0, 1), "figures": result.figures,
                    "problems": result.problems, "date": time.strftime("%Y-%m-%d"), "machine": machine()}

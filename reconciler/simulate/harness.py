@@ -61,11 +61,14 @@ def http(method: str, url: str, body: Any = None, timeout_s: float = 30.0,
         return int(exc.code), dict(exc.headers), exc.read(), clock.monotonic() - start
 
 
-def demo_engines(boot_s: float, escape: bool = False) -> dict[str, dict[str, Any]]:
-    """The two demo engines on free ports, recognised by per-port patterns only.
+ONLY_OWN_COMMAND: dict[str, list[Any]] = {"argv": [], "titles": []}
 
-    A simulation must never take a demo engine the user is running for a stray of its own;
-    its engines' children are still found through the instance cookie and the tree.
+
+def demo_engines(boot_s: float, escape: bool = False) -> dict[str, dict[str, Any]]:
+    """The two demo engines on free ports; a stray is only a copy of their own command.
+
+    A simulation must never take a demo engine the user is running for a stray of its own:
+    the entry's own command recognises copies up to its port (docs/OWNERSHIP.md).
     """
     vllm_port, ollama_port = free_port(), free_port()
     vllm_head = f"reconciler.demo.vllm_like serve openai/gpt-oss-20b --host 127.0.0.1 --port {vllm_port} "
@@ -75,9 +78,9 @@ def demo_engines(boot_s: float, escape: bool = False) -> dict[str, dict[str, Any
         vllm_cmd.append("--worker-escapes")
     return {
         "gpt-oss": {"kind": "vllm", "command": vllm_cmd, "port": vllm_port,
-                    "served_name": "openai/gpt-oss-20b", "match": [vllm_head]},
+                    "served_name": "openai/gpt-oss-20b", "strays": ONLY_OWN_COMMAND},
         "gemma2": {"kind": "ollama", "port": ollama_port, "served_name": "gemma2:9b",
-                   "match": [ollama_head],
+                   "strays": ONLY_OWN_COMMAND,
                    "command": ["{python}", "-m", *ollama_head.split(), "--models", "gemma2:9b",
                                "--load-seconds", str(boot_s)]},
     }

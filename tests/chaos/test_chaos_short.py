@@ -20,16 +20,18 @@ def _ok(result: chaos.Result) -> None:
     assert result.problems == [], f"{result.scenario}: {result.problems[:5]} (figures: {result.figures})"
 
 
-def test_flapping_toggles_never_overlap_and_converge_to_the_last() -> None:
-    result = chaos.flapping(SHORT["toggles"], seed=11)
+@pytest.mark.parametrize("identity", ["cgroup", "record"])
+def test_flapping_toggles_never_overlap_and_converge_to_the_last(identity: str) -> None:
+    result = chaos.flapping(SHORT["toggles"], seed=11, identity=identity)
     _ok(result)
     assert result.figures["two_engines_alive_moments"] == 0
     assert result.figures["leaked_processes"] == 0
     assert result.figures["samples"] > SHORT["toggles"]
 
 
-def test_sigkilled_reconciler_restarts_without_duplicates_or_torn_state() -> None:
-    result = chaos.sigkill(SHORT["kills"], seed=12)
+@pytest.mark.parametrize("identity", ["cgroup", "record"])
+def test_sigkilled_reconciler_restarts_without_duplicates_or_torn_state(identity: str) -> None:
+    result = chaos.sigkill(SHORT["kills"], seed=12, identity=identity)
     _ok(result)
     assert result.figures["kills"] == SHORT["kills"]
     assert result.figures["state_parse_failures"] == 0 and result.figures["state_reads"] > 0

@@ -72,12 +72,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def llama_engine(path: Path, alias: str, port: int) -> dict[str, Any]:
     """A catalog entry of kind llamacpp, as a user writes it (see examples/llamacpp.yaml).
 
-    ``match`` names the model file: two entries of one kind share the kind's patterns, and a
-    stray must be told apart by what it serves (here it also keeps a concurrent test
-    session's engines out of this one's reach).
+    Strays are recognised only by the entry's own command (model file and port included):
+    the kind's machine-wide ``llama-server`` form would reach a concurrent test session.
     """
     return {"kind": "llamacpp", "port": port, "served_name": alias,
-            "match": [f"{LLAMA_MARK} serve --model {path}"],
+            "strays": {"argv": [], "titles": []},
             "command": ["{python}", "-m", "reconciler.llamacpp", "serve", "--model", str(path),
                         "--host", "{host}", "--port", "{port}", "--alias", alias, "--ctx-size", "1024"],
             "ready": {"period_s": 0.1}, "liveness": {"period_s": 0.5},
@@ -126,9 +125,7 @@ def stack(tmp_path: Path, models: dict[str, Path]) -> Iterator[GatedStack]:
     """
     port = free_port()
     engines = {name: llama_engine(path, name, port) for name, path in models.items()}
-    # Matched by its port too, so a concurrent test session's demo engines are not strays here.
-    engines["gpt-oss"] = demo_engine(
-        "vllm", port, match=[f"{VLLM_MARK} serve openai/gpt-oss-20b --host 127.0.0.1 --port {port}"])
+    engines["gpt-oss"] = demo_engine("vllm", port)
     s = GatedStack(tmp_path, engines, gate_port=free_port())
     yield s
     s.stop()
