@@ -221,7 +221,18 @@ def _render(doc: dict[str, object]) -> str:
              f"generation: {doc.get('observed_generation')}/{doc.get('desired_generation')}"]
     engine = doc.get("engine")
     if isinstance(engine, dict):
-        lines.append(f"engine: pid {engine.get('pid')} pids {engine.get('pids')} at {engine.get('url')}")
+        memory = engine.get("memory_bytes")
+        held = f", {memory / 2**20:.0f} MiB ({engine.get('memory_source')})" if isinstance(memory, int) else ""
+        lines.append(f"engine: pid {engine.get('pid')} pids {engine.get('pids')} at {engine.get('url')}{held}")
+    strays = doc.get("strays")
+    for stray in strays if isinstance(strays, list) else []:
+        if isinstance(stray, dict):
+            lines.append(f"stray {stray.get('model')}: pids {stray.get('pids')} uids {stray.get('uids')} "
+                         f"not killed: {stray.get('why')}")
+    identity = doc.get("identity")
+    if isinstance(identity, dict):
+        lines.append(f"identity: {identity.get('mode')} ({identity.get('reason')}); "
+                     f"port holders by {identity.get('port_holders')}")
     boot = doc.get("boot")
     if isinstance(boot, dict):
         lines.append(f"boot: {boot.get('elapsed_s')} s of {boot.get('budget_s')} s "
