@@ -4,14 +4,17 @@
 
 Switch time = `ailayer toggle` returned → observed state says READY on the other engine, with
 instant boots, so what is measured is ailayer's own overhead: kill + verify the old tree, port
-check, spawn, readiness probing. Idle cost = CPU time and RSS of the reconciler over a window
-with nothing to do (IDLE) and with one engine READY.
+check, spawn, readiness probing. Kill to port free = the activity log's "kill (SIGKILL)" line
+→ its next "start" line (the start is logged only once the port is proven free), in the
+identity mode given (``--identity cgroup|record``). Idle cost = CPU time and RSS of the
+reconciler over a window with nothing to do (IDLE) and with one engine READY.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -31,11 +34,33 @@ PY = sys.executable
 POLL_S = 0.002
 
 
-def catalog(root: Path) -> Path:
+STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\dT[^\]]+)\] \[ailayer\] \[\d+\] (.*)$")
+
+
+def catalog(root: Path, identity: str) -> Path:
     path = root / "engines.yaml"
     path.write_text(yaml.safe_dump({"state_dir": "run", "log_file": "run/activity.log",
+                                    "identity": {"mode": identity},
                                     "engines": demo_engines(boot_s=0)}))
     return path
+
+
+def kill_to_port_free(log: Path) -> list[float]:
+    """Seconds from each logged kill to the start that follows it (after the port check)."""
+    from datetime import datetime
+
+    spans, killed_at = [], None
+    for line in log.read_text(errors="replace").splitlines():
+        found = STAMP.match(line)
+        if not found:
+            continue
+        when = datetime.fromisoformat(found.group(1)).timestamp()
+        if found.group(2).startswith("changed: kill (SIGKILL)"):
+            killed_at = when
+        elif found.group(2).startswith("changed: start ") and killed_at is not None:
+            spans.append(when - killed_at)
+            killed_at = None
+    return spans
 
 
 def observed(root: Path) -> dict[str, Any]:
@@ -79,10 +104,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--switches", type=int, default=20)
     parser.add_argument("--idle-seconds", type=float, default=60)
+    parser.add_argument("--identity", choices=["auto", "cgroup", "record"], default="auto")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config = catalog(root)
+        config = catalog(root, args.identity)
         reconciler = subprocess.Popen([PY, "-m", "reconciler", "reconcile", "--stop-on-exit",
                                        "--config", str(config)], stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
@@ -106,13 +132,17 @@ def main() -> None:
         finally:
             reconciler.terminate()
             reconciler.wait(60)
+        freed = kill_to_port_free(root / "run" / "activity.log")
+        mode = observed(root).get("identity", {}).get("mode")
     def summary(values: list[float]) -> dict[str, float]:
         ms = sorted(v * 1000 for v in values)
         return {"median": round(statistics.median(ms), 1), "min": round(ms[0], 1),
                 "p90": round(ms[int(0.9 * (len(ms) - 1))], 1), "max": round(ms[-1], 1)}
 
     print(json.dumps({
+        "identity": mode,
         "switches": len(times),
+        "kill_to_port_free_ms": summary(freed),
         "toggle_to_ready_ms": summary(times),
         "toggle_to_new_engine_spawned_ms": summary(spawns),
         "reconciler_ready": ready_cost,
