@@ -47,21 +47,49 @@ def _field(error: jsonschema.ValidationError) -> str:
     return path.lstrip(".") or "(top level)"
 
 
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
+               float: "number", type(None): "null"}
+_BOUNDS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters"
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
 def _message(error: jsonschema.ValidationError) -> str:
-    """jsonschema's message, without echoing a whole-file string and cut to a sane length."""
-    if error.validator == "type" and not error.absolute_path and isinstance(error.instance, str):
-        types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        return (f"a string of {len(error.instance)} characters (content not shown) is not of type "
-                f"{', '.join(repr(t) for t in types)}")
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+    """What the field must be, from the schema alone: never the value found in the file.
+
+    The file may be a symlink to a secret, and the message lands in world-readable state,
+    the log and /status; only the *kind* of value found is named.
+    """
+    rule, want, found = error.validator, error.validator_value, error.instance
+    if rule == "type":
+        types = want if isinstance(want, list) else [want]
+        return f"expected {' or '.join(map(str, types))}, found {_kind(found)} (value not shown)"
+    if rule == "additionalProperties" and isinstance(found, dict):
         known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
-        extra = [k for k in error.instance if k not in known]
         shown = [repr(k) if isinstance(k, str) and _SHOWN_KEY.match(k)
-                 else f"a key of {len(str(k))} characters (not shown)" for k in extra]
-        if shown:
-            verb = "was" if len(shown) == 1 else "were"
-            return _cut(f"Additional properties are not allowed ({', '.join(shown)} {verb} unexpected)")
-    return _cut(str(error.message))
+                 else f"a key of {len(str(k))} characters (not shown)" for k in found if k not in known]
+        verb = "was" if len(shown) == 1 else "were"
+        return _cut(f"Additional properties are not allowed ({', '.join(shown)} {verb} unexpected)")
+    if rule == "required" and isinstance(found, dict):
+        missing = [k for k in want if k not in found]
+        return f"missing required field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+    if rule == "enum":
+        return _cut(f"must be one of {', '.join(map(repr, want))} (value not shown)")
+    if rule == "const":
+        return f"must be {want!r}"
+    if rule in _BOUNDS:
+        return f"must be {_BOUNDS[rule]} {want}"
+    if rule == "pattern":
+        return _cut(f"must match {want} (value not shown)")
+    if rule in ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"):
+        return f"violates {rule} {want}"
+    if rule == "propertyNames":
+        return "a key does not follow the naming rule (key not shown)"
+    return f"does not satisfy the schema's {rule} rule (value not shown)"
 
 
 def _cut(message: str) -> str:

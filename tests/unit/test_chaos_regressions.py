@@ -38,7 +38,15 @@ def test_junk_keys_are_not_echoed_but_typos_are() -> None:
 
 def test_error_messages_are_capped() -> None:
     message = _error("desired_state", {"model": "gpt-oss", "requested_by": "z" * 600_000})
-    assert len(message) < 1000 and "characters in all" in message
+    assert len(message) < 1000 and "zzz" not in message and "maxLength 200" in message
+
+
+@pytest.mark.parametrize("value", [[{"api_key": "sk-live-123"}], 424242, {"k": "sk-live-123"}, 1.5e300, True])
+def test_wrong_typed_values_are_never_echoed(value: object) -> None:
+    """A desired file symlinked to a secret: the field and the expected type, never the value."""
+    message = _error("desired_state", {"model": value})
+    assert "sk-live" not in message and "424242" not in message and "1.5e" not in message, message
+    assert "field 'model'" in message and "expected string or null" in message
 
 
 def test_unknown_user_in_a_catalog_path_is_an_invalid_file(tmp_path: Path) -> None:
