@@ -117,8 +117,10 @@ class Reconciler:
         try:
             wish = desired.read(self.catalog)
         except desired.UnknownModel as exc:
+            self._absent_since = None  # the file is there: a later absence waits its own full second
             errors.append(("UnknownModel", f"{exc}; keeping the last good desired state"))
         except InvalidFile as exc:
+            self._absent_since = None
             errors.append(("InvalidDesiredState", f"{exc}; keeping the last good desired state"))
         else:
             if not self._settling(wish):

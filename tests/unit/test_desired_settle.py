@@ -1,0 +1,56 @@
+"""The settle rule on the fake clock: every absence of the desired file must last 1 s.
+
+Drives ``Reconciler._read_desired`` only (no processes): the rule is about time and files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from reconciler import clock, desired
+from reconciler.catalog import Identity, demo
+from reconciler.clock import FakeClock
+from reconciler.logs import ActivityLog
+from reconciler.loop import DESIRED_SETTLE_S, Reconciler
+
+
+@pytest.fixture
+def rec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Reconciler:
+    fake = FakeClock()
+    monkeypatch.setattr(clock, "clock", fake)
+    catalog = demo(tmp_path)
+    catalog = replace(catalog, identity=Identity(mode="record"), log_file=tmp_path / "a.log")
+    return Reconciler(catalog, ActivityLog(catalog.log_file, catalog.state_dir))
+
+
+def wanted(rec: Reconciler) -> str | None:
+    return rec._read_desired([]).model
+
+
+def test_every_absence_waits_its_own_full_second(rec: Reconciler) -> None:
+    """missing -> invalid for 2 s -> missing for 0.4 s must not stop the model (issue 11, 5)."""
+    fake = clock.clock
+    assert isinstance(fake, FakeClock)
+    path = rec.catalog.desired_path
+    desired.write(rec.catalog, "gpt-oss")
+    assert wanted(rec) == "gpt-oss"
+    path.unlink()
+    assert wanted(rec) == "gpt-oss"  # settling
+    path.write_text("model: [not, a, name]\n")
+    fake.advance(2.0)
+    assert wanted(rec) == "gpt-oss"  # invalid: the last good state stays
+    path.unlink()
+    fake.advance(0.4)
+    assert wanted(rec) == "gpt-oss", "the earlier absence must not count for this one"
+    fake.advance(DESIRED_SETTLE_S)
+    assert wanted(rec) is None
+
+
+def test_explicit_null_acts_at_once(rec: Reconciler) -> None:
+    desired.write(rec.catalog, "gpt-oss")
+    assert wanted(rec) == "gpt-oss"
+    desired.write(rec.catalog, None)
+    assert wanted(rec) is None
