@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
+import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from reconciler import clock, schemas, yamlfile
-from reconciler.atomicfile import write_atomic
+from reconciler.atomicfile import ensure_dir, write_atomic
 from reconciler.catalog import Catalog
 from reconciler.schemas import InvalidFile
 
@@ -62,12 +66,43 @@ def _previous_generation(path: Path) -> int:
     return 0
 
 
+def _observed_generation(catalog: Catalog) -> int:
+    """The generation the reconciler last reported: it counts toggles of a file without one."""
+    try:
+        value = json.loads(catalog.observed_path.read_text()).get("desired_generation", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) else 0
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path) -> Iterator[None]:
+    """One writer at a time (toggles from the CLI and the gate's threads): read, bump, replace."""
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def write(catalog: Catalog, model: str | None, requested_by: str | None = None) -> Desired:
-    """The reference writer for frontends: validate, bump the generation, replace atomically."""
+    """The reference writer for frontends: validate, bump the generation, replace atomically.
+
+    The generation only ever rises: above the file's and above what the reconciler reported
+    (a hand edit may drop it), and concurrent writers never share one.
+    """
     path = catalog.desired_path
     if model is not None and model not in catalog.engines:
         raise UnknownModel(path, model, catalog.names())
-    generation = _previous_generation(path) + 1
+    ensure_dir(path.parent)
+    with _writer_lock(path):
+        generation = max(_previous_generation(path), _observed_generation(catalog)) + 1
+        return _replace(path, model, generation, requested_by)
+
+
+def _replace(path: Path, model: str | None, generation: int, requested_by: str | None) -> Desired:
     document = {
         "model": model,
         "generation": generation,
@@ -75,7 +110,6 @@ def write(catalog: Catalog, model: str | None, requested_by: str | None = None) 
         "requested_at": clock.iso(),
     }
     schemas.validate("desired_state", document, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = "# Written by ailayer toggle. model: a catalog name, or null for none (IDLE).\n"
     write_atomic(path, header + yaml.safe_dump(document, sort_keys=False))
     return Desired(model, generation)

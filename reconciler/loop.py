@@ -124,8 +124,9 @@ class Reconciler:
             errors.append(("InvalidDesiredState", f"{exc}; keeping the last good desired state"))
         else:
             if not self._settling(wish):
-                if self.last_good is None or wish.model != self.last_good.model:
-                    self._desired_counter += 1
+                # The reported generation never goes back, even when a hand edit lowers the file's.
+                changed = self.last_good is None or wish.model != self.last_good.model
+                self._desired_counter = max(self._desired_counter + int(changed), wish.generation or 0)
                 self.last_good = wish
         return self.last_good or desired.Desired(None)
 
@@ -225,7 +226,7 @@ class Reconciler:
         if check:
             return PassResult(the_plan, None, None)
         errors.extend(("EngineRespawning", note) for note in the_plan.notes)
-        generation = wish.generation if wish.generation is not None else self._desired_counter
+        generation = self._desired_counter
         outcome = Outcome()
 
         def report(current: Plan, units: Iterable[Unit]) -> Status:

@@ -134,7 +134,8 @@ def test_write_names_the_requester_by_default(cat: Catalog) -> None:
 def test_write_is_atomic_and_leaves_no_temp_files(cat: Catalog) -> None:
     for model in ["gpt-oss", "gemma2", None, "gpt-oss"]:
         desired.write(cat, model, requested_by="test")
-    assert sorted(os.listdir(cat.desired_path.parent)) == [cat.desired_path.name]
+    name = cat.desired_path.name
+    assert sorted(os.listdir(cat.desired_path.parent)) == sorted([name, f".{name}.lock"])
 
 
 def test_write_creates_the_folder(tmp_path: Path) -> None:
@@ -174,3 +175,20 @@ def test_write_refuses_an_overlong_requester(cat: Catalog) -> None:
     with pytest.raises(InvalidFile, match="requested_by"):
         desired.write(cat, "gemma2", requested_by="x" * 500)
     assert not cat.desired_path.exists()
+
+
+def test_concurrent_toggles_never_share_a_generation(cat: Catalog) -> None:
+    """200 writers at once, as the gate's threads are: strictly increasing, no collision."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        generations = list(pool.map(lambda i: desired.write(cat, "gpt-oss" if i % 2 else None).generation,
+                                    range(200)))
+    assert sorted(g for g in generations if g is not None) == list(range(1, 201))
+
+
+def test_generation_never_falls_below_what_the_reconciler_reported(cat: Catalog) -> None:
+    cat.observed_path.parent.mkdir(parents=True, exist_ok=True)
+    cat.observed_path.write_text('{"phase": "IDLE", "desired_generation": 295}')
+    cat.desired_path.write_text("model: gpt-oss\ngeneration: 3\n")  # a hand edit reset it
+    assert desired.write(cat, None).generation == 296
