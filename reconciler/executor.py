@@ -117,7 +117,7 @@ class Executor:
                     record = replace(record, cgroup=str(group))
                 self.records.write(record)
                 spawned = spawn(engine, cookie, self.state_dir, group)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in argv or env
                 self.exits[cookie.instance] = f"could not be started: {exc}"
                 outcome.errors.append(f"SpawnFailed: {engine.command[0]}: {exc}")
                 outcome.started = None

@@ -7,6 +7,7 @@ resync interval.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -33,6 +34,9 @@ from reconciler.status import Phase, Status
 DESIRED_SETTLE_S = 1.0
 # GPU memory is informational; sampling NVML on every 1 s boot pass is not needed.
 GPU_EVERY_S = 10.0
+# A pass that raises is retried after resync_interval_s, doubling up to this.
+PASS_FAILURE_BACKOFF_MAX_S = 60.0
+MAX_PASS_ERROR_CHARS = 300
 
 
 def namespace_of(state_dir: Path) -> str:
@@ -308,6 +312,7 @@ class Reconciler:
                        f"desired state {self.catalog.desired_path}, state dir {self.state_dir})")
         self.log.event(f"engine identity: {self.mode.name} mode: {self.mode.reason}; "
                        f"port holders seen by {ports.observer()}")
+        failed_passes = 0
         try:
             while not stop.is_set():
                 self.wake.clear()
@@ -323,9 +328,10 @@ class Reconciler:
                     result = self.step()
                     delay = min(result.plan.requeue_after, self.catalog.resync_interval_s,
                                 self.recheck_in if self.recheck_in is not None else float("inf"))
+                    failed_passes = 0
                 except Exception as exc:  # the loop must outlive any single bad pass
-                    self.log.event(f"pass failed: {type(exc).__name__}: {exc}")
-                    delay = self.catalog.resync_interval_s
+                    failed_passes += 1
+                    delay = self._pass_failed(exc, failed_passes)
                 if delay > 0:
                     clock.sleep(delay, self.wake)
                 if stop.is_set():
@@ -333,6 +339,25 @@ class Reconciler:
         finally:
             observer.stop()
             follower.join(timeout=clock.real_seconds(2.0))
+
+    def _pass_failed(self, exc: Exception, count: int) -> float:
+        """Say it (state, log) and back off: a pass that fails the same way every time must
+        neither spin nor look like a dead reconciler to the gate."""
+        what = f"{type(exc).__name__}: {str(exc)[:MAX_PASS_ERROR_CHARS]}"
+        delay = min(self.catalog.resync_interval_s * 2.0 ** (count - 1), PASS_FAILURE_BACKOFF_MAX_S)
+        if count == 1 or self.previous is None or self.previous.last_error is None \
+                or what not in self.previous.last_error.message:
+            self.log.event(f"pass failed: {what}; retrying with backoff up to {PASS_FAILURE_BACKOFF_MAX_S:g} s")
+        if self.previous is not None:
+            message = f"a reconciler pass failed {count} time(s) in a row (next try in {delay:.0f} s): {what}"
+            error = status.ErrorInfo("PassFailed", message, clock.iso())
+            beat = {**self.previous.reconciler, "heartbeat": clock.iso()}
+            new = status.with_revision(replace(self.previous, last_error=error, reconciler=beat),
+                                       self.previous)
+            with contextlib.suppress(OSError):
+                status.write(self.catalog.observed_path, new)
+            self.previous = new
+        return delay
 
     def stop_engines(self) -> None:
         """--stop-on-exit: converge to nothing before leaving."""

@@ -74,10 +74,10 @@ def _message(error: jsonschema.ValidationError) -> str:
                  else f"a key of {len(str(k))} characters (not shown)" for k in found if k not in known]
         verb = "was" if len(shown) == 1 else "were"
         return _cut(f"Additional properties are not allowed ({', '.join(shown)} {verb} unexpected)")
-    if rule == "required" and isinstance(found, dict):
+    if rule == "required" and isinstance(found, dict) and isinstance(want, list):
         missing = [k for k in want if k not in found]
         return f"missing required field{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
-    if rule == "enum":
+    if rule == "enum" and isinstance(want, list):
         return _cut(f"must be one of {', '.join(map(repr, want))} (value not shown)")
     if rule == "const":
         return f"must be {want!r}"

@@ -383,3 +383,14 @@ def test_every_example_catalog_loads(path: Path | None) -> None:
     for engine in loaded.engines.values():
         assert engine.command
         assert 1 <= engine.port <= 65535
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("boot_timeout_s", 1e12),  # raised "year out of range" on every pass
+    ("env", {"A": "x\x00y"}),  # raised "embedded null byte" on every pass
+    ("command", ["/bin/engine", "--port", "{port}", "a\x00b"]),
+    ("liveness", {"period_s": 1e9}),
+])
+def test_values_that_would_fail_every_pass_are_rejected_at_validation(field: str, value: object) -> None:
+    with pytest.raises(InvalidFile, match=f"field 'engines.m.{field}"):
+        build(engine_doc(**{field: value}))

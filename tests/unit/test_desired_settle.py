@@ -54,3 +54,17 @@ def test_explicit_null_acts_at_once(rec: Reconciler) -> None:
     assert wanted(rec) == "gpt-oss"
     desired.write(rec.catalog, None)
     assert wanted(rec) is None
+
+
+def test_a_failing_pass_is_reported_and_backs_off(rec: Reconciler) -> None:
+    """An exception in a pass: PassFailed in the state, a moving heartbeat, doubling delays."""
+    first = rec.step()  # a good pass first: there is a state to keep
+    assert first.status is not None
+    delays = [rec._pass_failed(ValueError("embedded null byte"), n) for n in range(1, 9)]
+    assert delays == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0, 60.0, 60.0]
+    assert rec.previous is not None and rec.previous.last_error is not None
+    assert rec.previous.last_error.reason == "PassFailed"
+    assert "8 time(s) in a row" in rec.previous.last_error.message
+    assert rec.previous.phase is first.status.phase  # the last good state is kept
+    log = rec.catalog.log_file.read_text()
+    assert log.count("pass failed: ValueError: embedded null byte") == 1
