@@ -272,7 +272,10 @@ def _plan_keeper(
         # A running instance of ours we did not start in this process (restart, --once):
         # continue its boot from its own start time rather than restarting it.
         memory = replace(memory, tracked=keeper.instance, ready_since=None, liveness_failures=0)
-    warm_done = engine.ready.warmup is None or engine.ready.json_check is not None or obs.warmup == "done"
+    # Ollama before 0.32.4 lists a model in /api/ps as soon as its runner starts: only the
+    # warm-up's answer says the load finished (docs/ENGINES.md). An adopted engine someone
+    # else started gets no warm-up from us: its listing is all there is.
+    warm_done = engine.ready.warmup is None or obs.warmup == "done" or adopted
     json_ok = probe is not None and (probe.json_ok is None or probe.json_ok)
     ready = probe is not None and probe.ok and json_ok and warm_done
     def done(verdict: Verdict, mem: Memory, requeue: float) -> Plan:
@@ -322,7 +325,7 @@ def _plan_keeper(
         probe is not None and probe.ok and engine.ready.warmup is not None
         and keeper.instance is not None and obs.warmup != "pending"
         and (obs.warmup is None or (memory.warmup_failed_at or 0) + engine.backoff_initial_s <= now)
-        and not (probe.json_ok or obs.warmup == "done")
+        and obs.warmup != "done"
     ):
         actions.append(Warmup(engine.name, keeper.instance, "engine is up; ask it to load the model"))
     if obs.warmup and obs.warmup.startswith("failed") and memory.warmup_failed_at is None:
