@@ -200,12 +200,21 @@ def ours_since(started: float) -> list[psutil.Process]:
     return session_procs(started)
 
 
-def engine_procs(marker: str) -> list[psutil.Process]:
+Marker = str | tuple[str, ...]
+"""A command-line substring, or several (a process matches any): an engine's workers retitle
+themselves (``VLLM::EngineCore``), so one engine may need its module name and its titles."""
+
+
+def _hits(cmdline: str, marker: Marker) -> bool:
+    return any(m in cmdline for m in ((marker,) if isinstance(marker, str) else marker))
+
+
+def engine_procs(marker: Marker) -> list[psutil.Process]:
     """This test session's live processes whose command line (or title) contains ``marker``."""
     found = []
     for proc in session_procs():
         with contextlib.suppress(psutil.Error):
-            if marker in " ".join(proc.cmdline()):
+            if _hits(" ".join(proc.cmdline()), marker):
                 found.append(proc)
     return found
 
@@ -217,7 +226,7 @@ def kill_all(procs: list[psutil.Process]) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def sampler(markers: tuple[str, str], stop: Callable[[], bool]) -> Iterator[tuple[int, int]]:
+def sampler(markers: tuple[Marker, Marker], stop: Callable[[], bool]) -> Iterator[tuple[int, int]]:
     """Yield (count of this session's processes matching markers[0], markers[1]) every ~10 ms."""
     while not stop():
         counts = [0, 0]
@@ -227,7 +236,7 @@ def sampler(markers: tuple[str, str], stop: Callable[[], bool]) -> Iterator[tupl
             except psutil.Error:
                 continue
             for i, marker in enumerate(markers):
-                if marker in cmd:
+                if _hits(cmd, marker):
                     counts[i] += 1
         yield counts[0], counts[1]
         time.sleep(0.01)

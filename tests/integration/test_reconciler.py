@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -16,11 +17,13 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.helpers import PY, Stack, demo_engine, engine_procs, free_port, sampler, wait_until
+from tests.helpers import PY, Stack, demo_engine, engine_procs, free_port, kill_all, sampler, wait_until
 
 pytestmark = pytest.mark.integration
 
-VLLM_MARK, OLLAMA_MARK = "reconciler.demo.vllm_like", "reconciler.demo.ollama_like"
+# The engines' main processes by module, their workers by the titles real engines give them.
+VLLM_MARK = ("reconciler.demo.vllm_like", "VLLM::EngineCore", "VLLM::Worker")
+OLLAMA_MARK = ("reconciler.demo.ollama_like", "lib/ollama/llama-server")
 LINE = re.compile(r"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d\] \[([^\]]+)\] \[(\d+|-)\] (.*)$")
 
 
@@ -46,18 +49,20 @@ def test_idle_without_a_desired_file(stack: Stack) -> None:
     assert not engine_procs(VLLM_MARK) and not engine_procs(OLLAMA_MARK)
 
 
-def test_switch_leaves_no_process_of_the_old_tree_before_the_new_starts(stack: Stack) -> None:
+@pytest.mark.parametrize("identity", ["cgroup", "record"])
+def test_switch_leaves_no_process_of_the_old_tree_before_the_new_starts(stack: Stack, identity: str) -> None:
     stack.engines["gpt-oss"]["command"].append("--worker-escapes")
+    stack.top["identity"] = {"mode": identity}
     stack.write_catalog()
     stack.start()
     stack.toggle("gpt-oss")
     ready = stack.wait_phase("READY", "gpt-oss")
     old = engine_procs(VLLM_MARK)
     sessions = {p.pid: p for p in old}
-    assert len(old) >= 2, "the vLLM-like engine and its EngineCore worker"
-    assert len({psutil.Process(p.pid).pid for p in old}) == len(old)
-    import os
+    titles = sorted(" ".join(p.cmdline()).strip() for p in old if "VLLM::" in " ".join(p.cmdline()))
+    assert titles == ["VLLM::EngineCore", "VLLM::Worker"], titles
     assert len({os.getsid(p.pid) for p in sessions.values()}) >= 2, "worker escaped the session"
+    assert ready["identity"]["mode"] == identity
 
     overlaps: list[tuple[int, int]] = []
     done = threading.Event()
@@ -119,20 +124,58 @@ def test_foreign_port_holder_is_waited_for_never_killed(stack: Stack) -> None:
     stack.wait_phase("READY", "gpt-oss")
 
 
-def test_port_held_by_a_stray_engine_is_cleared(stack: Stack) -> None:
+def test_a_stray_copy_holding_the_wanted_port_is_cleared(stack: Stack) -> None:
+    """A copy of the wanted engine, started by hand, still loading (bound, not listening) on
+    its port: in the way, not adoptable, so it is killed and ours starts."""
     port = stack.engines["gpt-oss"]["port"]
-    stray = subprocess.Popen([PY, "-m", VLLM_MARK, "serve", "openai/gpt-oss-20b", "--host", "127.0.0.1",
-                              "--port", str(port), "--boot-seconds", "0.1"], stdout=subprocess.DEVNULL,
+    head = stack.engines["gpt-oss"]["command"][:stack.engines["gpt-oss"]["command"].index("{port}") + 1]
+    argv = [PY if a == "{python}" else a.replace("{host}", "127.0.0.1").replace("{port}", str(port))
+            for a in head]
+    stray = subprocess.Popen([*argv, "--boot-seconds", "600"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_until("stray listening", lambda: _listening(port))
-    stray_tree = [stray.pid] + [c.pid for c in psutil.Process(stray.pid).children(recursive=True)]
-    # A healthy stray on the wanted port is adopted; toggling away must clear it.
-    stack.toggle("gemma2")
-    stack.start()
-    stack.wait_phase("READY", "gemma2")
-    wait_until("stray reaped", lambda: stray.poll() is not None)
-    assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
-               for p in stray_tree)
+    try:
+        wait_until("stray's port bound", lambda: _bound(port))
+        stray_tree = [stray.pid] + [c.pid for c in psutil.Process(stray.pid).children(recursive=True)]
+        stack.toggle("gpt-oss")
+        stack.start()
+        ready = stack.wait_phase("READY", "gpt-oss")
+        wait_until("stray reaped", lambda: stray.poll() is not None)
+        assert stray.pid not in ready["engine"]["pids"]
+        assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+                   for p in stray_tree)
+    finally:
+        if stray.poll() is None:
+            kill_all([psutil.Process(stray.pid), *psutil.Process(stray.pid).children(recursive=True)])
+        stray.wait()
+
+
+def test_a_stray_copy_on_another_port_is_reported_not_killed(stack: Stack) -> None:
+    """A copy of gpt-oss on its own port gets in nobody's way while gemma2 runs."""
+    port = stack.engines["gpt-oss"]["port"]
+    stray = subprocess.Popen([PY, "-m", "reconciler.demo.vllm_like", "serve", "openai/gpt-oss-20b", "--host",
+                              "127.0.0.1", "--port", str(port), "--boot-seconds", "0.1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until("stray listening", lambda: _listening(port))
+        stack.toggle("gemma2")
+        stack.start()
+        stack.wait_phase("READY", "gemma2")
+        doc = wait_until("the stray reported", lambda: [s for s in stack.status()["strays"]
+                                                       if stray.pid in s["pids"]])
+        assert doc[0]["model"] == "gpt-oss" and "does not hold the wanted engine's port" in doc[0]["why"]
+        assert stray.poll() is None
+    finally:
+        kill_all([psutil.Process(stray.pid), *psutil.Process(stray.pid).children(recursive=True)])
+        stray.wait()
+
+
+def _bound(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))  # no SO_REUSEADDR: fails while anyone holds it bound
+        except OSError:
+            return True
+    return False
 
 
 def _listening(port: int) -> bool:
