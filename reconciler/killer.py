@@ -92,5 +92,8 @@ def cleanup_active_processes(
         pending = [p for p in rescan() if not p.zombie]
         if not pending:
             break
+    else:
+        # Forks found by the last re-scan were never signalled: they are survivors, not "ok".
+        survivors = [live for live in map(_same, pending) if live is not None]
     reap()
     return KillResult(tuple(sorted(killed)), tuple(sorted(p.pid for p in survivors)))

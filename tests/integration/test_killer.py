@@ -1,0 +1,65 @@
+"""The killer on the fake clock, against real short-lived processes of its own (so the leak
+check of tests/conftest.py applies).
+
+A tree that keeps forking faster than the rounds allow must come back as *not* ok.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from reconciler import clock, killer
+from reconciler.clock import FakeClock
+from reconciler.facts import Proc
+
+
+@pytest.fixture(autouse=True)
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
+    fake = FakeClock()
+    monkeypatch.setattr(clock, "clock", fake)
+    yield fake
+
+
+def _proc(popen: subprocess.Popen[bytes]) -> Proc:
+    live = psutil.Process(popen.pid)
+    return Proc(pid=popen.pid, ppid=live.ppid(), create_time=live.create_time(), cmdline="sleep")
+
+
+def _sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_forks_found_by_the_last_rescan_are_survivors_not_ok() -> None:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def rescan() -> list[Proc]:
+        fresh = _sleeper()  # the tree forks again every round
+        started.append(fresh)
+        return [_proc(fresh)]
+
+    def reap() -> None:
+        for child in started:
+            child.poll()
+
+    first = _sleeper()
+    started.append(first)
+    try:
+        result = killer.cleanup_active_processes([_proc(first)], rescan, reap)
+        assert not result.ok
+        assert result.survivors == (started[-1].pid,)
+    finally:
+        for child in started:
+            child.kill()
+            child.wait()
+
+
+def test_a_tree_that_dies_is_ok() -> None:
+    child = _sleeper()
+    result = killer.cleanup_active_processes([_proc(child)], list, lambda: child.poll() and None)
+    child.wait()
+    assert result.ok and result.killed == (child.pid,)
