@@ -85,6 +85,8 @@ class Memory:
     liveness_failures: int = 0
     warmup_failed_at: float | None = None
     stray_kills: tuple[tuple[str, float], ...] = ()  # (model, when) of killed strays
+    # Models whose strays another supervisor restarts: not killed again until none is seen.
+    respawning: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ def plan(
     namespace: str,
 ) -> Plan:
     if memory.model != desired:
-        memory = Memory(model=desired, stray_kills=memory.stray_kills)
+        memory = Memory(model=desired, stray_kills=memory.stray_kills, respawning=memory.respawning)
     view = classify(obs, engines, namespace)
     engine = engines.get(desired) if desired else None
     keeper, adopted = _keeper(view, engine, obs, memory) if engine else (None, False)
@@ -201,6 +203,7 @@ def plan(
     killable: list[Unit] = []
     spared: list[Spared] = []
     stray_kills = tuple((m, t) for m, t in memory.stray_kills if now - t <= RESPAWN_WINDOW_S)
+    respawning = {m for m in memory.respawning if any(u.model == m for u in view.strays())}
     respawners: list[Unit] = []
     for proc in view.forged:
         model = proc.cookie.model if proc.cookie else "?"
@@ -213,12 +216,14 @@ def plan(
         if why_spared is not None:
             spared.append(Spared(unit, why_spared))
             continue
-        if unit.instance is None and _respawning(unit.model, memory, now):
+        if unit.instance is None and (unit.model in respawning or _respawning(unit.model, memory, now)):
+            respawning.add(unit.model)
             respawners.append(unit)
             notes.append(
                 f"{unit.model} pids {unit.pids} keep coming back after SIGKILL "
                 f"({_parent_desc(unit, obs)}): another supervisor restarts them "
-                "(systemd Restart=always?); stop that service. Not killing again."
+                "(systemd Restart=always?). Stop and disable that service (for Ollama's package: "
+                "systemctl disable --now ollama); not killing again until they are gone."
             )
             continue
         killable.append(unit)
@@ -228,7 +233,7 @@ def plan(
         targets = tuple(p for u in killable for p in u.procs)
         why = "; ".join(_why_surplus(u, desired) for u in killable)
         actions.append(Kill(targets, why, tuple((u.model, u.instance) for u in killable)))
-    memory = replace(memory, stray_kills=stray_kills)
+    memory = replace(memory, stray_kills=stray_kills, respawning=frozenset(respawning))
 
     if engine is None:
         phase = Phase.STOPPING if killable else Phase.IDLE

@@ -270,7 +270,15 @@ def test_respawning_stray_on_the_port_is_reported_not_killed_forever() -> None:
                   memory, NS)
     assert result.actions == ()
     assert result.verdict.reason == "EngineRespawning"
-    assert "keep coming back" in result.verdict.message
+    assert "keep coming back" in result.verdict.message and "systemctl disable" in result.verdict.message
+    # The verdict holds past the window, while the other supervisor keeps it alive...
+    later = plan("gemma2", ENGINES, replace(obs(vllm(61, listens=ON_O), port_free=False), now=NOW + 1000),
+                 result.memory, NS)
+    assert later.actions == () and later.verdict.reason == "EngineRespawning"
+    # ...and ends once it is gone: then ours starts.
+    gone = plan("gemma2", ENGINES, replace(obs(), now=NOW + 1001), later.memory, NS)
+    assert [shape(a) for a in gone.actions] == [("Start", "gemma2", 1)]
+    assert gone.memory.respawning == frozenset()
 
 
 def test_switch_then_verdict_is_loading() -> None:
