@@ -24,8 +24,12 @@ _INSTANCE_ID = re.compile(r"[0-9a-f]{8}")
 
 
 class Records:
+    """The files, backed by what this process wrote: a state dir removed under a running
+    reconciler loses no instance (the records are written again on the next load)."""
+
     def __init__(self, state_dir: Path) -> None:
         self.folder = state_dir / "instances"
+        self._written: dict[str, Record] = {}
 
     def _path(self, instance: str) -> Path:
         if not _INSTANCE_ID.fullmatch(instance):
@@ -33,21 +37,33 @@ class Records:
         return self.folder / f"{instance}.json"
 
     def write(self, record: Record) -> None:
+        self._written[record.instance] = record
         ensure_dir(self.folder)
         write_atomic(self._path(record.instance), json.dumps(asdict(record), sort_keys=True),
                      mode=RECORD_MODE)
 
     def remove(self, instance: str) -> None:
+        self._written.pop(instance, None)
         with contextlib.suppress(FileNotFoundError, ValueError):
             os.unlink(self._path(instance))
 
     def load(self) -> tuple[Record, ...]:
-        """Every readable record; an unreadable or foreign-owned file is skipped, not trusted."""
-        found = []
+        """Every record: the readable files, and ours whose file went missing (rewritten)."""
+        found = {r.instance: r for r in self._read()}
+        for instance, record in self._written.items():
+            if instance not in found:
+                with contextlib.suppress(OSError):
+                    self.write(record)
+                found[instance] = record
+        return tuple(found.values())
+
+    def _read(self) -> list[Record]:
+        """An unreadable or foreign-owned file is skipped, not trusted."""
+        found: list[Record] = []
         try:
             names = sorted(os.listdir(self.folder))
         except OSError:
-            return ()
+            return found
         for name in names:
             instance = name.removesuffix(".json")
             if not name.endswith(".json") or not _INSTANCE_ID.fullmatch(instance):
@@ -68,5 +84,5 @@ class Records:
                     continue
             if record.instance == instance:
                 found.append(record)
-        return tuple(found)
+        return found
 
