@@ -239,7 +239,7 @@ def _strays(raw: Mapping[str, Any], defaults: Mapping[str, Any], own: tuple[str,
     uids |= {_uid_of(u, source, explicit=True) for u in given.get("users", [])}
     return Strays(
         argv=tuple(dict.fromkeys([own, *argv])),
-        titles=tuple(given.get("titles", defaults.get("titles", []))),
+        titles=tuple(_substitute(t, values) for t in given.get("titles", defaults.get("titles", []))),
         uids=frozenset(u for u in uids if u is not None),
     )
 

@@ -75,7 +75,18 @@ class View:
 
 
 def argv_matches(pattern: tuple[str, ...], argv: tuple[str, ...]) -> bool:
-    """Prefix match; element 0 against the program (see catalog.Strays)."""
+    """Prefix match; element 0 against the program (see catalog.Strays).
+
+    A console script (``vllm``, ``ollama`` is Go) runs as ``python3 /path/bin/vllm serve …``:
+    when argv[0] is an interpreter and argv[1] a script path, the script is the program too.
+    """
+    if (pattern and pattern[0] != PYTHON and len(argv) > 1 and "/" in argv[1]
+            and _PYTHON_NAME.fullmatch(os.path.basename(argv[0])) and _prefix(pattern, argv[1:])):
+        return True
+    return _prefix(pattern, argv)
+
+
+def _prefix(pattern: tuple[str, ...], argv: tuple[str, ...]) -> bool:
     if not pattern or len(argv) < len(pattern):
         return False
     head, program = pattern[0], argv[0]

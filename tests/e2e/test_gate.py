@@ -740,7 +740,7 @@ def test_long_poll_returns_on_change_and_on_timeout(gate: Gate) -> None:
 def test_events_stream_delivers_changes(gate: Gate) -> None:
     gen = gate.state.idle()
     with gate.client() as client:
-        poll_until(lambda: client.get("/status").json()["revision"] == gen, "first state")
+        poll_until(lambda: client.get("/status").json().get("revision") == gen, "first state")
         with client.stream("GET", "/events") as resp:
             assert resp.headers["content-type"].startswith("text/event-stream")
             assert resp.headers["cache-control"] == "no-cache"

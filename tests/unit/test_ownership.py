@@ -95,6 +95,10 @@ def test_argv_rules() -> None:
     assert not argv_matches(("lib/ollama/llama-server",), ("/usr/xlib/ollama/llama-server",))
     assert not argv_matches(("vllm", "serve"), ("vllm",))
     assert not argv_matches((), ("vllm",))
+    # a console script as the kernel runs it: the interpreter, then the script's path
+    assert argv_matches(("vllm", "serve"), ("/venv/bin/python3", "/venv/bin/vllm", "serve", "m"))
+    assert argv_matches(("/venv/bin/vllm", "serve"), ("/venv/bin/python3", "/venv/bin/vllm", "serve"))
+    assert not argv_matches(("vllm", "serve"), ("python3", "-c", "vllm", "serve"))
 
 
 def test_title_rules() -> None:
