@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -9,6 +10,11 @@ from typing import Any
 
 from reconciler.catalog import Engine
 from reconciler.facts import Probe
+
+# What a dead, slow or hostile engine can make a request raise. http.client's own errors
+# (IncompleteRead, BadStatusLine, LineTooLong) are neither OSError nor ValueError, and one
+# escaping here failed every pass and killed the warm-up thread for good.
+PROBE_ERRORS = (OSError, ValueError, http.client.HTTPException)
 
 # Loopback engines must never be reached through an HTTP proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -66,7 +72,7 @@ def check(engine: Engine) -> Probe:
     ready = engine.ready
     try:
         status, body = _request(engine.url(ready.url), ready.timeout_s)
-    except (OSError, ValueError) as exc:
+    except PROBE_ERRORS as exc:
         return Probe(False, _describe(exc))
     if status != ready.status:
         snippet = body[:120].decode("utf-8", "replace").strip()
@@ -77,7 +83,7 @@ def check(engine: Engine) -> Probe:
     try:
         _, jbody = _request(engine.url(jc.url), ready.timeout_s)
         found = jc.equals in walk(json.loads(jbody), jc.path)
-    except (OSError, ValueError) as exc:
+    except PROBE_ERRORS as exc:
         if _timed_out(exc):
             why = f"still loading: {jc.url} did not answer within {ready.timeout_s:g} s (it waits for the load)"
             return Probe(True, f"HTTP {status}; {why}", json_ok=False)
@@ -93,7 +99,7 @@ def warmup(engine: Engine, timeout_s: float) -> str:
         return "done"
     try:
         status, body = _request(engine.url(warm.url), timeout_s, warm.method, warm.json)
-    except (OSError, ValueError) as exc:
+    except PROBE_ERRORS as exc:
         return f"failed: {_describe(exc)}"
     if 200 <= status < 300:
         return "done"

@@ -171,3 +171,39 @@ def test_warmup_reports_an_engine_error(fake: FakeEngine) -> None:
     fake.routes["/api/generate"] = Route(500, {"error": "llama runner process has terminated: exit status 1"})
     result = probe.warmup(ollama_engine(fake.port), timeout_s=5.0)
     assert result.startswith("failed: HTTP 500") and "exit status 1" in result
+
+
+HOSTILE = {
+    "bad status line": b"NOT-HTTP garbage\r\n\r\n",
+    "incomplete body": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",
+    "line too long": b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("reply", list(HOSTILE.values()), ids=list(HOSTILE))
+def test_a_hostile_reply_is_a_failed_probe_never_an_exception(reply: bytes) -> None:
+    """A malformed answer must not escape: it failed every pass and the warm-up thread."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            for _ in range(2):  # the readiness probe, then the warm-up
+                conn, _ = server.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(reply)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        engine = Engine(name="m", kind="generic", command=("x",), env={}, port=port, host="127.0.0.1",
+                        served_name="m", boot_timeout_s=60,
+                        ready=ReadyProbe(url="/health", timeout_s=PROBE_TIMEOUT_S,
+                                         warmup=Warmup(url="/api/generate")))
+        result = probe.check(engine)
+        assert not result.ok and result.detail
+        assert probe.warmup(engine, PROBE_TIMEOUT_S).startswith("failed: ")
+        thread.join(HOLD_S)
