@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -51,3 +53,30 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def open_append(path: Path, mode: int = 0o640) -> int:
+    """An fd appending to ``path``, which must be a regular file of ours reached without links.
+
+    Root writes here on behalf of whoever set the path up: a FIFO would block the loop (so
+    O_NONBLOCK: a FIFO without a reader fails at once, one with a reader is refused), a
+    symlink at the file or at its folder would redirect the write, and another user's file
+    (planted in a world-writable folder) is theirs to read. Each of these is an OSError.
+    """
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(path.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, mode, dir_fd=parent)
+    finally:
+        os.close(parent)
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = (errno.EINVAL, "not a regular file")
+    elif st.st_uid != os.geteuid():
+        problem = (errno.EPERM, f"owned by uid {st.st_uid}, not by us")
+    if problem is not None:
+        os.close(fd)
+        raise OSError(problem[0], problem[1], str(path))
+    os.set_blocking(fd, True)
+    return fd

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from reconciler import clock
-from reconciler.atomicfile import ensure_dir
+from reconciler.atomicfile import ensure_dir, open_append
 
 SELF = "ailayer"
 # Check whether logrotate moved the file at most this often: a stat per line would
@@ -58,7 +58,7 @@ class ActivityLog:
         for candidate in (self._wanted, self._fallback):
             try:
                 ensure_dir(candidate.parent)
-                fd = os.open(candidate, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+                fd = open_append(candidate)
             except OSError as exc:
                 # Said at start and on every move to the fallback (not on each retry while there).
                 if candidate == self._wanted and (first or self.path == self._wanted):

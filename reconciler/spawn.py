@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler import cgroups
-from reconciler.atomicfile import ensure_dir
+from reconciler.atomicfile import ensure_dir, open_append
 from reconciler.catalog import Engine
 from reconciler.facts import COOKIE_ENV, Cookie
 
@@ -42,7 +42,7 @@ def spawn(engine: Engine, cookie: Cookie, state_dir: Path, cgroup: Path | None =
     env.update(engine.env)
     env[COOKIE_ENV] = cookie.encode()
     env.setdefault("PYTHONUNBUFFERED", "1")
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o640)
+    fd = open_append(log_path)
     try:
         process = subprocess.Popen(
             list(engine.command),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from reconciler import logs
+from reconciler.atomicfile import open_append
 from reconciler.logs import ActivityLog, format_line, sanitize
 
 LINE = re.compile(
@@ -242,3 +243,30 @@ def test_nowhere_to_write_is_terminal_only_says_so_once_and_recovers(tmp_path: P
     log.close()
     assert messages((blocker / "a.log").read_text(encoding="utf-8")) == ["back"]
     assert any("writable again; 3 lines were lost" in m for m in messages(term.getvalue()))
+
+
+def test_a_fifo_at_the_log_path_neither_blocks_nor_is_written(tmp_path: Path) -> None:
+    """A FIFO there blocked open() and froze the loop (issue 11, item 8)."""
+    fifo = tmp_path / "activity.log"
+    os.mkfifo(fifo)
+    log = ActivityLog(fifo, tmp_path / "state", terminal=None)
+    log.event("hello")
+    log.close()
+    assert log.path == tmp_path / "state" / "ai_layer_activity.log"
+    assert "hello" in log.path.read_text()
+
+
+def test_another_users_file_and_a_symlinked_folder_are_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a file of another user")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    planted = shared / "activity.log"
+    planted.write_text("")
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(OSError, match="owned by uid 65534"):
+        open_append(planted)
+    (tmp_path / "linked").symlink_to(tmp_path / "state", target_is_directory=True)
+    (tmp_path / "state").mkdir()
+    with pytest.raises(OSError):
+        open_append(tmp_path / "linked" / "activity.log")
