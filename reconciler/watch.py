@@ -11,6 +11,8 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from reconciler.atomicfile import ensure_dir
+
 
 class _Wake(FileSystemEventHandler):
     def __init__(self, wake: threading.Event, names: set[str]) -> None:
@@ -41,7 +43,7 @@ def watch(files: Iterable[Path], wake: threading.Event) -> BaseObserver:
     for file in files:
         by_dir.setdefault(file.parent, set()).add(file.name)
     for directory, names in by_dir.items():
-        directory.mkdir(parents=True, exist_ok=True)
+        ensure_dir(directory)
         observer.schedule(_Wake(wake, names), str(directory), recursive=False)
     observer.daemon = True
     observer.start()

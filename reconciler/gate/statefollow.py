@@ -37,6 +37,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from reconciler import clock, status
+from reconciler.atomicfile import ensure_dir
 
 log = logging.getLogger("ailayer.gate")
 
@@ -183,7 +184,7 @@ class StateFollower:
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> bool:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_dir(self.path.parent)
             observer = Observer()
             observer.schedule(_Handler(self.path.name, loop, self.reload), str(self.path.parent))
             observer.daemon = True
