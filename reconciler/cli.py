@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -35,6 +37,10 @@ DemoOpt = Annotated[bool, typer.Option("--demo", help="Use the built-in demo cat
 EXIT_CONVERGED, EXIT_FAILED, EXIT_WAITING = 0, 1, 2
 # The gate drains in-flight requests on SIGTERM; past this it is killed so Ctrl-C never hangs.
 GATE_STOP_GRACE_S = 15.0
+# The gate imports aiohttp and binds: about a second here; a loaded machine may take longer.
+GATE_START_LIMIT_S = 30.0
+GATE_START_POLL_S = 0.05
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _err(message: str) -> None:
@@ -146,9 +152,17 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
     rec = _reconciler(catalog, log)
     rec.lock = lock
     # The gate runs as its own process: the proxy's latency never waits on a process scan.
-    gate_proc = subprocess.Popen([sys.executable, "-m", "reconciler.gate", *where])
+    # It dies with us (PR_SET_PDEATHSIG): an orphaned gate would go on serving an old state.
+    gate_proc = subprocess.Popen([sys.executable, "-m", "reconciler.gate", *where],
+                                 preexec_fn=_die_with_parent(os.getpid()))
     host, port = catalog.gate.host, catalog.gate.port
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    if not _listening(gate_proc, port):
+        _stop(gate_proc)
+        _err(f"ailayer: the gate could not listen on {host}:{port} (exit {gate_proc.returncode}; "
+             "its reason is above); ailayer is not up")
+        log.close()
+        raise typer.Exit(EXIT_FAILED)
     toggle_cmd = "ailayer toggle" + (f" --config {catalog.path}" if catalog.path else "")
     typer.echo(f"ailayer is up: gate {url}  (models: {', '.join(catalog.names())})\n"
                f"  select a model:  {toggle_cmd} {catalog.names()[0]}   (or: {toggle_cmd} none)\n"
@@ -165,13 +179,43 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
         if stop_on_exit:
             log.event("stopping managed engines")
             rec.stop_engines()
-        try:
-            gate_proc.wait(timeout=GATE_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            gate_proc.kill()
-            gate_proc.wait()
+        _stop(gate_proc)
         log.event("ailayer stopped")
         log.close()
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """For preexec_fn: SIGTERM this child when its parent dies (Linux), even if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+def _listening(proc: subprocess.Popen[bytes], port: int) -> bool:
+    """Wait until the gate itself listens on ``port`` (not merely someone: a squatter accepts
+    connections too); False as soon as it exits, or at the limit."""
+    from reconciler.gather import port_holders
+
+    deadline = clock.monotonic() + GATE_START_LIMIT_S
+    while proc.poll() is None and clock.monotonic() < deadline:
+        if port_holders(port, likely=[proc.pid]).get(proc.pid):
+            return True
+        clock.sleep(GATE_START_POLL_S)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=clock.real_seconds(GATE_STOP_GRACE_S))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _on_signals(stop: threading.Event, wake: threading.Event) -> None:

@@ -59,3 +59,45 @@ def test_up_serves_gates_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     assert up.returncode == 0, err
     assert f"http://127.0.0.1:{gate_port}" in err and "ailayer toggle" in err  # how to use it
     assert "stopping managed engines" in out and "ailayer stopped" in out
+
+
+def _catalog(tmp_path: Path, gate_port: int) -> Path:
+    config = tmp_path / "engines.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": "run", "log_file": "activity.log", "gate": {"listen": f"127.0.0.1:{gate_port}"},
+        "engines": {"gpt-oss": demo_engine("vllm", free_port())}}))
+    return config
+
+
+def test_up_fails_fast_with_one_line_when_the_gate_cannot_bind(tmp_path: Path) -> None:
+    """It used to keep the reconciler running without a gate and still say "ailayer is up"."""
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        up = subprocess.run([sys.executable, "-m", "reconciler", "up", "--config", str(_catalog(tmp_path, port))],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert up.returncode == 1
+    assert f"the gate could not listen on 127.0.0.1:{port}" in up.stderr
+    assert "ailayer is up" not in up.stderr
+
+
+def test_the_gate_dies_with_a_sigkilled_up(tmp_path: Path) -> None:
+    """An orphaned gate kept serving the old configuration."""
+    import psutil
+
+    gate_port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "reconciler", "up", "--config", str(_catalog(tmp_path, gate_port))],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    url = f"http://127.0.0.1:{gate_port}/v1/chat/completions"
+    try:
+        wait_until("428 from the gate", lambda: post(url)[0] == 428)
+        gates = [c for c in psutil.Process(up.pid).children() if "reconciler.gate" in " ".join(c.cmdline())]
+        assert len(gates) == 1
+    finally:
+        up.kill()
+        up.wait()
+    assert psutil.wait_procs(gates, timeout=20)[1] == [], "the gate outlived its parent"
+    assert post(url)[0] == 0  # nothing answers any more
