@@ -26,7 +26,7 @@ RETRY_FAILED_DEFAULT_S = 10.0
 
 SELECT_HINT = (
     'select one with `ailayer toggle MODEL` or POST /toggle {"model": "MODEL"} '
-    "(bearer token); follow progress at GET /status?wait=60&since=GENERATION"
+    "(bearer token); follow progress at GET /status?wait=50&since=REVISION (the revision of the last /status answer)"
 )
 
 

@@ -1,8 +1,10 @@
 """State for UIs and monitoring: GET /status (with Consul-style long-poll), /events, /healthz.
 
 A UI follows a 35-minute boot with a chain of short requests, none of which outlives a
-proxy's timeout: ``GET /status?wait=50&since=GEN`` answers at once if the generation
-moved past GEN, otherwise at the next change, otherwise after ``wait``.
+proxy's timeout: ``GET /status?wait=50&since=REVISION`` answers at once if the observed
+state's ``revision`` moved past REVISION, otherwise at the next change, otherwise after
+``wait``. ``revision`` is the one counter to follow (the desired ``generation`` counts
+toggles, not state changes).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from reconciler.gate.errors import Refusal
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.statefollow import StateFollower
 
-# Consul's cap on a blocking query: long enough to be cheap, short enough that a lost
-# client's request is not kept for hours.
-MAX_WAIT_S = 600.0
+# The longest a blocking query is held: below nginx's default proxy_read_timeout (60 s), so a
+# long-poll behind a default nginx never gets a 504. A longer ``wait`` is cut to this, and
+# the answer says so (X-AILayer-Wait-Capped).
+MAX_WAIT_S = 55.0
+WAIT_CAPPED_HEADER = "X-AILayer-Wait-Capped"
 # When ``since`` comes without ``wait``: under nginx's default proxy_read_timeout (60 s).
 DEFAULT_WAIT_S = 50.0
 # A comment line this often keeps an idle /events stream alive through proxies
@@ -92,11 +96,14 @@ class StatusApi:
             wait = parse_duration(request.query["wait"]) if "wait" in request.query else None
         except ValueError as exc:
             return self._bad(f"bad long-poll query: {exc}")
+        asked = DEFAULT_WAIT_S if wait is None else wait
         if since is not None and since == follower.generation and not follower.closing:
-            await self._wait(min(MAX_WAIT_S, DEFAULT_WAIT_S if wait is None else wait))
+            await self._wait(min(MAX_WAIT_S, asked))
         self._metrics.request("/status", "ok")
-        return web.Response(text=render(follower), content_type="application/json",
-                            headers=state_headers(follower))
+        headers = state_headers(follower)
+        if asked > MAX_WAIT_S:
+            headers = {**headers, WAIT_CAPPED_HEADER: f"{MAX_WAIT_S:g}"}
+        return web.Response(text=render(follower), content_type="application/json", headers=headers)
 
     async def _wait(self, seconds: float) -> None:
         change = self._follower.change_event()

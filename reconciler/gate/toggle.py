@@ -29,10 +29,12 @@ MAX_REQUESTED_BY = 200
 
 class Toggle:
     def __init__(
-        self, catalog: Catalog, metrics: GateMetrics, stale: Callable[[], bool]
+        self, catalog: Catalog, metrics: GateMetrics, stale: Callable[[], bool],
+        revision: Callable[[], int],
     ) -> None:
         self._catalog = catalog
         self._stale = stale
+        self._revision = revision  # the observed state's: what GET /status?since= compares
         self._metrics = metrics
         token = catalog.gate.token
         self._token = token.encode() if token else None
@@ -78,7 +80,8 @@ class Toggle:
             "model": wish.model,
             "generation": wish.generation,
             "desired_state": str(self._catalog.desired_path),
-            "follow": "GET /status?wait=50&since=GENERATION or GET /events",
+            "revision": self._revision(),
+            "follow": "GET /status?wait=50&since=REVISION (this answer's revision) or GET /events",
         }
         stale = "true" if self._stale() else "false"
         return web.json_response(body, status=202, headers={errors.STALE_HEADER: stale})

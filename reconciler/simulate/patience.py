@@ -23,7 +23,7 @@ BOOT_S = 35 * 60  # the seed's scenario, in scenario seconds
 COMPRESSED_SCALE = 60.0
 # Scenario seconds: how long a UI's long-poll asks to wait, and how often a client prods
 # the inference route while loading.
-LONG_POLL_WAIT_S = 60.0
+LONG_POLL_WAIT_S = 50.0
 PROMPT_EVERY_S = 30.0
 # Scenario seconds of slack a single answer may take beyond what it asked for.
 ANSWER_SLACK_S = 30.0

@@ -735,6 +735,23 @@ def test_long_poll_returns_on_change_and_on_timeout(gate: Gate) -> None:
         assert result["at"] - changed < 1.0
         bad = client.get("/status", params={"wait": "soon", "since": gen})
         assert bad.status_code == 400
+        # Over the cap (below nginx's 60 s proxy_read_timeout): cut, and the answer says so.
+        capped = client.get("/status", params={"wait": "600s", "since": gen - 1})
+        assert capped.headers["X-AILayer-Wait-Capped"] == "55"
+        assert "X-AILayer-Wait-Capped" not in client.get("/status", params={"wait": 30, "since": 0}).headers
+
+
+def test_every_hint_names_the_revision_that_since_compares(gate: Gate) -> None:
+    rev = gate.state.idle()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with gate.client() as client:
+        poll_until(lambda: client.get("/status").json().get("revision") == rev, "first state")
+        idle = client.post("/v1/chat/completions", json={"model": "gpt-oss", "messages": []})
+        assert idle.status_code == 428 and "since=REVISION" in idle.text and "GENERATION" not in idle.text
+        accepted = client.post("/toggle", json={"model": "gpt-oss"}, headers=auth)
+        assert accepted.status_code == 202
+        body = accepted.json()
+        assert body["revision"] == rev and "since=REVISION" in body["follow"]
 
 
 def test_events_stream_delivers_changes(gate: Gate) -> None:
