@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from reconciler import clock, desired, status
+from reconciler import __version__, clock, desired, status
 from reconciler.catalog import Catalog, resolve
 from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.logs import ActivityLog
@@ -30,6 +30,20 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"ailayer {__version__}")
+        raise typer.Exit(EXIT_CONVERGED)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Declarative lifecycle manager for self-hosted LLM engines (vLLM, Ollama, llama.cpp)."""
+
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Engine catalog (engines.yaml).")]
 DemoOpt = Annotated[bool, typer.Option("--demo", help="Use the built-in demo catalog.")]

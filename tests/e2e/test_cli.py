@@ -59,3 +59,11 @@ def test_bin_reconcile_runs_from_the_checkout(stack: Stack) -> None:
     result = subprocess.run([str(REPO / "bin" / "reconcile"), "--check", "--config", str(stack.config)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "nothing to change" in result.stdout
+
+
+def test_version() -> None:
+    from reconciler import __version__
+    from tests.helpers import PY
+
+    result = subprocess.run([PY, "-m", "reconciler", "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"ailayer {__version__}"
