@@ -10,11 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import openai
 import psutil
 import yaml
 
@@ -25,6 +28,9 @@ T = TypeVar("T")
 # Generous ceilings for conditions on a loaded 2-core CI machine; a passing run takes a
 # fraction of them. These are deadlines, not sleeps.
 DEADLINE_S = 30.0
+# One HTTP request of a sampler to a local engine or gate: short, because a hung request
+# would blind the sampler.
+PROBE_TIMEOUT_S = 1.0
 
 
 def free_port() -> int:
@@ -240,3 +246,51 @@ def sampler(markers: tuple[Marker, Marker], stop: Callable[[], bool]) -> Iterato
                     counts[i] += 1
         yield counts[0], counts[1]
         time.sleep(0.01)
+
+
+def http_status(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str]] | None:
+    """(status, headers) of one request, or None when nothing answers (refused, reset, timeout)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
+            response.read()
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as err:
+        err.read()
+        return err.code, dict(err.headers)
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class GatedStack(Stack):
+    """The Stack, plus the gate on its own port, in the catalog and as a process."""
+
+    gate_port: int = 0
+    gate: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    request_timeout_s: float = DEADLINE_S  # the openai client's, for a whole completion
+
+    def write_catalog(self) -> None:
+        self.top["gate"] = {"listen": f"127.0.0.1:{self.gate_port}"}
+        super().write_catalog()
+
+    @property
+    def gate_url(self) -> str:
+        return f"http://127.0.0.1:{self.gate_port}"
+
+    def start_gate(self) -> None:
+        with (self.root / "gate.out").open("ab") as out:
+            self.gate = subprocess.Popen([PY, "-m", "reconciler.gate", "--config", str(self.config)],
+                                         stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env}, cwd=self.root)
+        wait_until("gate listening", lambda: http_status(self.gate_url + "/healthz") is not None)
+
+    def stop_gate(self) -> None:
+        if self.gate is not None and self.gate.poll() is None:
+            self.gate.send_signal(signal.SIGTERM)
+            self.gate.wait(timeout=DEADLINE_S)
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.gate_url + "/v1", api_key="unused",
+                             timeout=self.request_timeout_s, max_retries=0)

@@ -8,23 +8,19 @@ such "models" share one port, so switching between them is a real switch of real
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-import yaml
 
 pytest.importorskip("xllamacpp")
 pytest.importorskip("gguf")
@@ -36,10 +32,11 @@ from tests.helpers import (
     DEADLINE_S,
     PY,
     TEST_RUN_ENV,
-    Stack,
+    GatedStack,
     demo_engine,
     engine_procs,
     free_port,
+    http_status,
     wait_until,
 )
 
@@ -49,8 +46,6 @@ LLAMA_MARK, VLLM_MARK = "reconciler.llamacpp", "reconciler.demo.vllm_like"
 MODELS = {"tiny-a": "tiny-a.gguf", "tiny-b": "tiny-b.gguf"}  # catalog name -> file (its marker)
 # Each sampler pass reads the process table; this gap keeps it from eating a CI core.
 SAMPLE_GAP_S = 0.005
-# One HTTP probe of the sampler; short because a hung probe would blind the sampler.
-PROBE_TIMEOUT_S = 1.0
 # A single chat request against a 0.4 MB model on CPU takes milliseconds; this is a ceiling.
 REQUEST_TIMEOUT_S = 30.0
 # A process's start time is kept in clock ticks (1/100 s on Linux): the slack when comparing it.
@@ -83,40 +78,6 @@ def llama_engine(path: Path, alias: str, port: int) -> dict[str, Any]:
             "restart_backoff": {"initial_s": 0.5, "max_s": 2}}
 
 
-@dataclass
-class GatedStack(Stack):
-    """The Stack, plus the gate on its own port in the catalog and as a process."""
-
-    gate_port: int = 0
-    gate: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    def write_catalog(self) -> None:
-        super().write_catalog()
-        doc = yaml.safe_load(self.config.read_text())
-        doc["gate"] = {"listen": f"127.0.0.1:{self.gate_port}"}
-        self.config.write_text(yaml.safe_dump(doc))
-
-    @property
-    def gate_url(self) -> str:
-        return f"http://127.0.0.1:{self.gate_port}"
-
-    def start_gate(self) -> None:
-        with (self.root / "gate.out").open("ab") as out:
-            self.gate = subprocess.Popen([PY, "-m", "reconciler.gate", "--config", str(self.config)],
-                                         stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **self.env}, cwd=self.root)
-        wait_until("gate listening", lambda: http_status(self.gate_url + "/healthz") is not None)
-
-    def stop_gate(self) -> None:
-        if self.gate is not None and self.gate.poll() is None:
-            self.gate.send_signal(signal.SIGTERM)
-            self.gate.wait(timeout=DEADLINE_S)
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.gate_url + "/v1", api_key="unused",
-                             timeout=REQUEST_TIMEOUT_S, max_retries=0)
-
-
 @pytest.fixture
 def stack(tmp_path: Path, models: dict[str, Path]) -> Iterator[GatedStack]:
     """tiny-a and tiny-b on one port, a demo vLLM engine on the same port, the gate in front.
@@ -126,28 +87,13 @@ def stack(tmp_path: Path, models: dict[str, Path]) -> Iterator[GatedStack]:
     port = free_port()
     engines = {name: llama_engine(path, name, port) for name, path in models.items()}
     engines["gpt-oss"] = demo_engine("vllm", port)
-    s = GatedStack(tmp_path, engines, gate_port=free_port())
+    s = GatedStack(tmp_path, engines, gate_port=free_port(), request_timeout_s=REQUEST_TIMEOUT_S)
     yield s
     s.stop()
     s.stop_gate()
     s.toggle(None)
     result = s.cli("reconcile", "--once")
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def http_status(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str]] | None:
-    """(status, headers) of one request, or None when nothing answers (refused, reset, timeout)."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
-            response.read()
-            return response.status, dict(response.headers)
-    except urllib.error.HTTPError as err:
-        err.read()
-        return err.code, dict(err.headers)
-    except (OSError, ValueError):
-        return None
 
 
 def boottime() -> float:

@@ -22,29 +22,24 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-import yaml
 
 pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 
-import openai
 
 from reconciler import ports
 from reconciler.demomodel_hf import write_tiny_hf
 from reconciler.simulate import real_vllm
-from tests.helpers import DEADLINE_S, PY, Stack, free_port, wait_until
+from tests.helpers import DEADLINE_S, GatedStack, free_port, http_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -63,8 +58,6 @@ ENGINE_BOOT_BUDGET_S = 600
 TEST_OVERHEAD_S = 120.0
 # One chat request to a 1.8 MB model on CPU takes well under a second; a ceiling.
 REQUEST_TIMEOUT_S = 60.0
-# One HTTP probe of a watcher; short because a hung probe would blind the watcher.
-PROBE_TIMEOUT_S = 1.0
 # Between two samples of the process table: keeps the sampler from eating a core of two.
 SAMPLE_GAP_S = 0.02
 # A process's start time is kept in clock ticks (1/100 s on Linux): the slack when comparing.
@@ -119,32 +112,10 @@ def llama_engine(model: Path, port: int) -> dict[str, Any]:
 
 
 @dataclass
-class GatedStack(Stack):
-    """The Stack, plus the gate on its own port; every process it starts runs in ``root``."""
+class VllmStack(GatedStack):
+    """The gated stack, with a teardown that proves nothing of its folder is left."""
 
-    gate_port: int = 0
-    gate: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    def write_catalog(self) -> None:
-        super().write_catalog()
-        doc = yaml.safe_load(self.config.read_text())
-        doc["gate"] = {"listen": f"127.0.0.1:{self.gate_port}"}
-        self.config.write_text(yaml.safe_dump(doc))
-
-    @property
-    def gate_url(self) -> str:
-        return f"http://127.0.0.1:{self.gate_port}"
-
-    def start_gate(self) -> None:
-        with (self.root / "gate.out").open("ab") as out:
-            self.gate = subprocess.Popen([PY, "-m", "reconciler.gate", "--config", str(self.config)],
-                                         stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **self.env}, cwd=self.root)
-        wait_until("gate listening", lambda: http(self.gate_url + "/healthz") is not None)
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.gate_url + "/v1", api_key="unused",
-                             timeout=REQUEST_TIMEOUT_S, max_retries=0)
+    request_timeout_s: float = REQUEST_TIMEOUT_S
 
     def engine_pid(self) -> int | None:
         engine = self.status().get("engine") or {}
@@ -165,21 +136,6 @@ class GatedStack(Stack):
             left = [describe(p) for p in in_folder(self.root)]
             kill_folder(self.root)
         assert not left, f"processes left behind (killed now): {left}"
-
-
-def http(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str]] | None:
-    """(status, headers) of one request, or None when nothing answers (refused, reset, timeout)."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
-            response.read()
-            return response.status, dict(response.headers)
-    except urllib.error.HTTPError as err:
-        err.read()
-        return err.code, dict(err.headers)
-    except (OSError, ValueError):
-        return None
 
 
 def accepts(port: int) -> bool:
@@ -355,14 +311,14 @@ class LoadSample:
 class Booted:
     """The module's stack: vLLM booted once through the reconciler, watched while it loaded."""
 
-    stack: GatedStack
+    stack: VllmStack
     exe: Path
     started: float  # boottime() before the reconciler started
     loading: list[LoadSample]
     status_while_bound: dict[str, Any] | None  # `ailayer status --json` while bound-not-listening
 
 
-def watch_boot(stack: GatedStack, port: int) -> tuple[list[LoadSample], dict[str, Any] | None]:
+def watch_boot(stack: VllmStack, port: int) -> tuple[list[LoadSample], dict[str, Any] | None]:
     """Toggle vLLM on and sample phase, gate, port and socket table until the gate proxies."""
     body = {"model": VLLM_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     seen: list[LoadSample] = []
@@ -372,7 +328,7 @@ def watch_boot(stack: GatedStack, port: int) -> tuple[list[LoadSample], dict[str
     while time.monotonic() < deadline:
         doc = stack.status()
         phase, pid = doc.get("phase"), stack.engine_pid()
-        gate = http(stack.gate_url + "/v1/chat/completions", body)
+        gate = http_status(stack.gate_url + "/v1/chat/completions", body)
         if stack.status().get("phase") != phase:
             continue  # the state moved during the request: the answer belongs to neither phase
         bound = pid is not None and bound_not_listening(port, pid)
@@ -392,7 +348,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory, vllm_exe: Path, hf_model: P
     """The reconciler and the gate, with vLLM booted once (and watched while it loads)."""
     root = tmp_path_factory.mktemp("vllm-stack")
     port = free_port()
-    stack = GatedStack(root, {VLLM_MODEL: vllm_engine(vllm_exe, hf_model, port)}, gate_port=free_port())
+    stack = VllmStack(root, {VLLM_MODEL: vllm_engine(vllm_exe, hf_model, port)}, gate_port=free_port())
     started = boottime()
     try:
         stack.start()
@@ -433,7 +389,7 @@ def test_loading_while_bound_not_listening_then_ready(booted: Booted) -> None:
     # The engine that listens now is the one that held the port while loading: never restarted.
     ready = stack.wait_phase("READY", VLLM_MODEL)
     assert ready["engine"]["pid"] == bound[0].engine_pid
-    health = http(f"http://127.0.0.1:{port}/health")
+    health = http_status(f"http://127.0.0.1:{port}/health")
     assert health is not None and health[0] == 200
 
 
@@ -469,7 +425,7 @@ def test_chat_completions_through_the_gate(booted: Booted) -> None:
     assert chunks >= STREAM_TOKENS // 2, chunks
 
     # The gate names the active model to a client that asks for another.
-    other = http(stack.gate_url + "/v1/chat/completions",
+    other = http_status(stack.gate_url + "/v1/chat/completions",
                  {"model": "not-loaded", "messages": [{"role": "user", "content": "hi"}]})
     assert other is not None and other[0] == 409, other
 
@@ -539,7 +495,7 @@ def test_switches_vllm_and_llamacpp_never_overlap(tmp_path: Path, tmp_path_facto
 
     port = free_port()
     gguf = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-    stack = GatedStack(tmp_path, {VLLM_MODEL: vllm_engine(vllm_exe, hf_model, port),
+    stack = VllmStack(tmp_path, {VLLM_MODEL: vllm_engine(vllm_exe, hf_model, port),
                                             LLAMA_MODEL: llama_engine(gguf, port)}, gate_port=free_port())
     started = boottime()
     try:
@@ -570,7 +526,7 @@ def test_switches_vllm_and_llamacpp_never_overlap(tmp_path: Path, tmp_path_facto
 def test_reconciler_killed_mid_load_adopts_the_loading_vllm(tmp_path: Path, vllm_exe: Path,
                                                             hf_model: Path) -> None:
     port = free_port()
-    stack = GatedStack(tmp_path, {VLLM_MODEL: vllm_engine(vllm_exe, hf_model, port)}, gate_port=free_port())
+    stack = VllmStack(tmp_path, {VLLM_MODEL: vllm_engine(vllm_exe, hf_model, port)}, gate_port=free_port())
     started = boottime()
     try:
         with Sampler(stack.root, vllm_exe, port, since=started) as sampler:
