@@ -46,8 +46,8 @@ def installed(path: Path) -> bool:
 def entry(exe: Path, model: Path, port: int) -> dict[str, Any]:
     """A catalog entry of kind vllm serving ``model`` on ``port``, strays per instance.
 
-    ``strays`` is the instance's own command line as the process shows it (a console script
-    runs as ``python3 <venv>/bin/vllm serve ...``), its port included, and no titles: a
+    Strays are only the entry's own command up to its port (which also matches it run as
+    ``python3 <venv>/bin/vllm serve ...``, as a console script runs), and no titles: a
     machine-wide ``VLLM::`` title would take any vLLM on the machine for this one. The
     orphans of a killed API server must be found as members of the instance instead.
     """
@@ -55,4 +55,4 @@ def entry(exe: Path, model: Path, port: int) -> dict[str, Any]:
     return {"kind": "vllm", "port": port, "served_name": SERVED_NAME,
             "command": [*head, "--served-model-name", "{served_name}", "--enforce-eager",
                         "--max-model-len", str(MAX_MODEL_LEN)],
-            "env": dict(ENV), "strays": {"argv": [["{python}", *head]], "titles": []}}
+            "env": dict(ENV), "strays": {"argv": [], "titles": []}}
