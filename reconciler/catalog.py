@@ -127,6 +127,7 @@ class Engine:
 class GateConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    token_env: str = DEFAULT_TOKEN_ENV  # never handed on to an engine (reconciler/spawn.py)
     token: str | None = None
     read_timeout_s: float | None = DEFAULT_GATE_READ_TIMEOUT_S
     connect_timeout_s: float = DEFAULT_GATE_CONNECT_TIMEOUT_S
@@ -298,9 +299,11 @@ def _split_listen(listen: str) -> tuple[str, int]:
 
 def _gate(raw: Mapping[str, Any]) -> GateConfig:
     host, port = _split_listen(raw.get("listen", DEFAULT_GATE_LISTEN))
-    token = raw.get("token") or os.environ.get(raw.get("token_env", DEFAULT_TOKEN_ENV)) or None
+    token_env = str(raw.get("token_env", DEFAULT_TOKEN_ENV))
+    token = raw.get("token") or os.environ.get(token_env) or None
     return GateConfig(
         host=host,
+        token_env=token_env,
         port=port,
         token=token,
         read_timeout_s=raw.get("read_timeout_s", DEFAULT_GATE_READ_TIMEOUT_S),

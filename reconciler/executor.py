@@ -46,8 +46,10 @@ def _describe_exit(code: int) -> str:
 class Executor:
     """Owns the side effects: child processes, warm-up threads, kills, port waits."""
 
-    def __init__(self, state_dir: Path, namespace: str, log: ActivityLog, mode: Mode) -> None:
+    def __init__(self, state_dir: Path, namespace: str, log: ActivityLog, mode: Mode,
+                 withheld: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
+        self.withheld = withheld
         self.namespace = namespace
         self.log = log
         self.mode = mode
@@ -116,7 +118,7 @@ class Executor:
                     group = cgroups.create(self.mode.base, cookie.instance)
                     record = replace(record, cgroup=str(group))
                 self.records.write(record)
-                spawned = spawn(engine, cookie, self.state_dir, group)
+                spawned = spawn(engine, cookie, self.state_dir, group, self.withheld)
             except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in argv or env
                 self.exits[cookie.instance] = f"could not be started: {exc}"
                 outcome.errors.append(f"SpawnFailed: {engine.command[0]}: {exc}")

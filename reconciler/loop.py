@@ -93,7 +93,8 @@ class Reconciler:
         self.log = log
         self.follower = Follower(log, self.state_dir)
         self.mode = cgroups.detect(self.namespace, catalog.identity)
-        self.executor = Executor(self.state_dir, self.namespace, log, self.mode)
+        self.executor = Executor(self.state_dir, self.namespace, log, self.mode,
+                                 withheld=(catalog.gate.token_env,))
         self.memory = Memory()
         self.previous: Status | None = self._load_previous()
         self.last_good: desired.Desired | None = None

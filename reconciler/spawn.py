@@ -30,15 +30,17 @@ def new_cookie(namespace: str, model: str, started_at: float) -> Cookie:
     return Cookie(namespace, model, secrets.token_hex(4), started_at)
 
 
-def spawn(engine: Engine, cookie: Cookie, state_dir: Path, cgroup: Path | None = None) -> Spawned:
+def spawn(engine: Engine, cookie: Cookie, state_dir: Path, cgroup: Path | None = None,
+          withheld: tuple[str, ...] = ()) -> Spawned:
     """Raises OSError (e.g. FileNotFoundError for a missing binary) for the caller to report.
 
     With ``cgroup`` the child joins it between fork and exec, so the engine and everything
-    it will ever fork are members from the first instruction.
+    it will ever fork are members from the first instruction. ``withheld`` names variables of
+    ours an engine must not inherit (the gate's token: any engine could toggle models with it).
     """
     log_path = raw_log_path(state_dir, cookie.model, cookie.instance)
     ensure_dir(log_path.parent)
-    env = {k: v for k, v in os.environ.items() if k != COOKIE_ENV}
+    env = {k: v for k, v in os.environ.items() if k != COOKIE_ENV and k not in withheld}
     env.update(engine.env)
     env[COOKIE_ENV] = cookie.encode()
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -381,3 +381,14 @@ def test_a_non_atomic_write_does_not_stop_the_engine(stack: Stack) -> None:
     stack.desired.write_text("")
     stack.wait_phase("IDLE", None)
     assert "missing or empty" in stack.output()
+
+
+def test_engines_never_inherit_the_gates_token(stack: Stack) -> None:
+    """With the token any engine (or anything it runs) could switch models through /toggle."""
+    stack.env["AILAYER_TOKEN"] = "s3cret-token-of-the-gate"
+    stack.env["SOME_OTHER_VAR"] = "kept"
+    stack.start()
+    stack.toggle("gpt-oss")
+    doc = stack.wait_phase("READY", "gpt-oss")
+    env = psutil.Process(doc["engine"]["pid"]).environ()
+    assert "AILAYER_TOKEN" not in env and env.get("SOME_OTHER_VAR") == "kept"
