@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -214,6 +215,11 @@ class Proxy:
         """A handler for ``route``; ``model_field`` names the JSON key that carries the model."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
+            if _dot_segments(request.raw_path):
+                self._metrics.request(route, "bad_path")
+                return errors.respond(Refusal(400, "bad_path", "a path with '.' or '..' segments is not "
+                                              "forwarded: the engine could read it as another route"),
+                                      family, stale=self._follower.stale())
             verdict = admit(self._follower, self._known)
             if isinstance(verdict, Refusal):
                 self._metrics.request(route, verdict.code)
@@ -400,3 +406,10 @@ class Proxy:
         if request.transport is not None:
             request.transport.abort()
         return resp
+
+
+def _dot_segments(raw_path: str) -> bool:
+    """'.' or '..' as a path segment, plain or percent-encoded: the route we matched is the
+    normalised path, but the engine would get (and might resolve) the raw one."""
+    path = urllib.parse.unquote(raw_path.split("?", 1)[0])
+    return any(segment in (".", "..") for segment in path.split("/"))

@@ -10,6 +10,7 @@ how pytest names conftest modules.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import itertools
 import json
 import os
@@ -443,6 +444,26 @@ def test_stale_heartbeat_is_visible_everywhere(
 
 
 # --------------------------------------------------------------------------- proxying
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("/api/../v1/models", 404), ("/v1/./models", 404), ("/api/%2e%2e/v1/models", 404),  # match no route
+    ("/v1/models/%2E%2E/%2E%2E/admin", 400), ("/v1/models/../../api/tags", 400)])  # /v1/models/{name}: refused
+def test_dot_segment_paths_are_never_forwarded(gate: Gate, vllm: DemoEngine, path: str, expected: int) -> None:
+    """A prefix route would forward the raw path, which the engine might resolve elsewhere."""
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+    host, port = gate.url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=CONDITION_DEADLINE_S)
+    try:
+        conn.request("GET", path)  # sent as written: no client-side normalisation
+        answer = conn.getresponse()
+        body = answer.read()
+        assert answer.status == expected, (answer.status, body[:200])
+        assert expected == 404 or b"bad_path" in body
+    finally:
+        conn.close()
 
 
 def test_stream_arrives_chunk_by_chunk(gate: Gate, vllm: DemoEngine) -> None:
