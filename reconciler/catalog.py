@@ -128,6 +128,8 @@ class GateConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     token_env: str = DEFAULT_TOKEN_ENV  # never handed on to an engine (reconciler/spawn.py)
+    # Host header names the gate answers besides loopback and its listen address ("*": any).
+    allowed_hosts: tuple[str, ...] = ()
     token: str | None = None
     read_timeout_s: float | None = DEFAULT_GATE_READ_TIMEOUT_S
     connect_timeout_s: float = DEFAULT_GATE_CONNECT_TIMEOUT_S
@@ -309,6 +311,7 @@ def _gate(raw: Mapping[str, Any]) -> GateConfig:
         read_timeout_s=raw.get("read_timeout_s", DEFAULT_GATE_READ_TIMEOUT_S),
         connect_timeout_s=float(raw.get("connect_timeout_s", DEFAULT_GATE_CONNECT_TIMEOUT_S)),
         stale_after_s=float(raw.get("stale_after_s", DEFAULT_STALE_AFTER_S)),
+        allowed_hosts=tuple(str(h).lower() for h in raw.get("allowed_hosts", ())),
     )
 
 

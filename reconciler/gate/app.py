@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from reconciler import clock
-from reconciler.catalog import Catalog
-from reconciler.gate.errors import OLLAMA, OPENAI
+from reconciler.catalog import Catalog, GateConfig
+from reconciler.gate import errors
+from reconciler.gate.errors import OLLAMA, OPENAI, Refusal
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.proxy import Proxy
 from reconciler.gate.statefollow import StateFollower
@@ -58,12 +61,40 @@ INFERENCE_ROUTES: tuple[tuple[str, str, str, str | None], ...] = (
 )
 
 Listening = Callable[[list[str]], None]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def _loopback_ip(name: str) -> bool:
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_check(gate: GateConfig) -> Callable[..., Any]:
+    """Answer only to Host names we serve: a page on an attacker's domain that resolves to
+    127.0.0.1 (DNS rebinding) must not reach the gate from a browser on this machine."""
+    allowed = LOOPBACK_NAMES | {gate.host.lower(), f"[{gate.host.lower()}]"} | set(gate.allowed_hosts)
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = (request.host or "").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if "*" in allowed or name in allowed or _loopback_ip(name):
+            return await handler(request)
+        return errors.respond(Refusal(421, "host_not_allowed",
+                                      f"this gate does not answer for Host {name[:100]!r}; add it to "
+                                      "gate.allowed_hosts in the catalog if it is yours"),
+                              errors.family_of(request.path), stale=False)
+
+    return check
 
 
 def build_app(catalog: Catalog) -> web.Application:
     """All routes, with the state follower and upstream session tied to the app's life."""
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     gate = catalog.gate
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_host_check(gate)])
     follower = StateFollower(catalog.observed_path, gate.stale_after_s)
     metrics = GateMetrics()
     proxy = Proxy(catalog, follower, metrics)

@@ -446,6 +446,18 @@ def test_stale_heartbeat_is_visible_everywhere(
 # --------------------------------------------------------------------------- proxying
 
 
+@pytest.mark.parametrize(("host", "expected"), [
+    ("evil.example:80", 421), ("127.0.0.1.nip.io", 421),  # DNS rebinding: never answered
+    ("localhost:8080", 200), ("127.0.0.1", 200), ("[::1]:8080", 200), ("ai.internal", 200)])
+def test_only_loopback_and_configured_host_names_are_answered(procs: Processes, tmp_path: Path,
+                                                              host: str, expected: int) -> None:
+    gate = start_gate(procs, tmp_path, token=TOKEN, allowed_hosts=["ai.internal"])
+    with gate.client() as client:
+        answer = client.get("/healthz", headers={"Host": host})
+    assert answer.status_code == expected, answer.text
+    assert expected == 200 or "gate.allowed_hosts" in answer.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(("path", "expected"), [
     ("/api/../v1/models", 404), ("/v1/./models", 404), ("/api/%2e%2e/v1/models", 404),  # match no route
     ("/v1/models/%2E%2E/%2E%2E/admin", 400), ("/v1/models/../../api/tags", 400)])  # /v1/models/{name}: refused
