@@ -52,6 +52,9 @@ WHOLE_BODY_MAX = 1 << 20
 # Retry hint after an engine that should be READY refused the connection: the reconciler's
 # liveness probe needs a few seconds to notice and restart it.
 RETRY_ENGINE_DOWN_S = 5.0
+# Retry-After when the state file routes to a URL the catalog does not name (planted, or
+# written by another install): the reconciler rewrites the state within a resync.
+UNTRUSTED_RETRY_S = 5.0
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -221,6 +224,8 @@ class Proxy:
                                               "forwarded: the engine could read it as another route"),
                                       family, stale=self._follower.stale())
             verdict = admit(self._follower, self._known)
+            if not isinstance(verdict, Refusal):
+                verdict = self._trusted(verdict)
             if isinstance(verdict, Refusal):
                 self._metrics.request(route, verdict.code)
                 return errors.respond(verdict, family, stale=self._follower.stale())
@@ -234,6 +239,17 @@ class Proxy:
                 self._inflight.discard(flight)
 
         return handle
+
+    def _trusted(self, target: Target) -> Target | Refusal:
+        """Proxy only to an engine URL the catalog names: the state file says where prompts
+        (and clients' Authorization headers) go, and a planted one must not send them elsewhere."""
+        engine = self._catalog.engines.get(target.model)
+        if engine is not None and target.url == engine.base_url:
+            return target
+        return Refusal(503, "untrusted_state",
+                       f"the observed state routes {target.model!r} to {target.url[:200]}, which the "
+                       "catalog does not name; not proxying", UNTRUSTED_RETRY_S,
+                       {"model": target.model})
 
     def _check_model(self, body: bytes, target: Target, family: str, field: str) -> bytes | Refusal:
         """Refuse another model by name (409); map the catalog name to the served name."""

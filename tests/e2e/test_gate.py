@@ -81,6 +81,12 @@ class Processes:
     def __init__(self, logdir: Path) -> None:
         self.logdir = logdir
         self.started: list[subprocess.Popen[bytes]] = []
+        self._ports: dict[str, int] = {}
+
+    def port_for(self, kind: str) -> int:
+        """One port per engine kind and test: the catalog names it, and the engine listens there
+        (the gate proxies only to an engine URL its catalog names)."""
+        return self._ports.setdefault(kind, free_port())
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Path:
         """Start ``argv`` with output to ``logdir/name.log``; returns the log path."""
@@ -141,7 +147,7 @@ class DemoEngine:
 
 
 def start_vllm(procs: Processes, served: str = VLLM_SERVED) -> DemoEngine:
-    port = free_port()
+    port = procs.port_for("vllm")
     log = procs.start("vllm", [
         sys.executable, "-m", "reconciler.demo.vllm_like", "serve", served,
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served,
@@ -153,7 +159,7 @@ def start_vllm(procs: Processes, served: str = VLLM_SERVED) -> DemoEngine:
 
 
 def start_ollama(procs: Processes, model: str = OLLAMA_SERVED) -> DemoEngine:
-    port = free_port()
+    port = procs.port_for("ollama")
     log = procs.start("ollama", [
         sys.executable, "-m", "reconciler.demo.ollama_like", "serve",
         "--host", "127.0.0.1", "--port", str(port), "--models", model,
@@ -244,16 +250,16 @@ class Gate:
         return httpx.Client(base_url=self.url, timeout=CONDITION_DEADLINE_S, **kw)
 
 
-def write_catalog(directory: Path, gate: dict[str, Any]) -> Path:
+def write_catalog(directory: Path, gate: dict[str, Any], ports: dict[str, int]) -> Path:
     doc = {
         "state_dir": str(directory / "run"),
         "desired_state": str(directory / "desired_state.yaml"),
         "log_file": str(directory / "activity.log"),
         "gate": {"listen": "127.0.0.1:0", **gate},
         "engines": {
-            "gpt-oss": {"kind": "vllm", "command": ["{python}", "-c", "pass"], "port": 18001,
+            "gpt-oss": {"kind": "vllm", "command": ["{python}", "-c", "pass"], "port": ports["vllm"],
                         "served_name": VLLM_SERVED},
-            "gemma2": {"kind": "ollama", "command": ["{python}", "-c", "pass"], "port": 18435,
+            "gemma2": {"kind": "ollama", "command": ["{python}", "-c", "pass"], "port": ports["ollama"],
                        "served_name": OLLAMA_SERVED},
         },
     }  # fmt: skip
@@ -264,7 +270,7 @@ def write_catalog(directory: Path, gate: dict[str, Any]) -> Path:
 
 def start_gate(procs: Processes, directory: Path, **gate: Any) -> Gate:
     """Start ``python -m reconciler.gate`` on a kernel-chosen port and read the port back."""
-    catalog = write_catalog(directory, gate)
+    catalog = write_catalog(directory, gate, {k: procs.port_for(k) for k in ("vllm", "ollama")})
     env = {"AILAYER_TOKEN": "", "AILAYER_TIME_SCALE": "1"}
     log = procs.start("gate", [sys.executable, "-m", "reconciler.gate", "--config", str(catalog)],
                       env)
@@ -446,6 +452,23 @@ def test_stale_heartbeat_is_visible_everywhere(
 # --------------------------------------------------------------------------- proxying
 
 
+def test_a_state_file_routing_to_a_url_the_catalog_does_not_name_is_never_proxied(gate: Gate) -> None:
+    """A planted observed state must not send prompts (and Authorization headers) elsewhere."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        planted = DemoEngine(f"http://127.0.0.1:{listener.getsockname()[1]}", gate.log)
+        gate.state.ready(planted, "gpt-oss", VLLM_SERVED)
+        with gate.client() as client:
+            answer = poll_until(lambda: (r := client.post("/v1/chat/completions", json=chat_body(),
+                                                          headers={"Authorization": "Bearer user-key"}))
+                                .json()["error"]["code"] == "untrusted_state" and r, "the planted state refused")
+        assert answer.status_code == 503 and "does not name" in answer.text
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing ever connected to the planted URL
+
+
 @pytest.mark.parametrize(("host", "expected"), [
     ("evil.example:80", 421), ("127.0.0.1.nip.io", 421),  # DNS rebinding: never answered
     ("localhost:8080", 200), ("127.0.0.1", 200), ("[::1]:8080", 200), ("ai.internal", 200)])
@@ -533,7 +556,7 @@ def test_client_leaving_before_the_first_byte_cancels_the_engine_request(
     body = json.dumps(chat_body(tokens=LONG_TOKENS)).encode()
     host, port = gate.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gate\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         poll_until(lambda: vllm.stats()["requests_started"] > before["requests_started"],
