@@ -53,6 +53,8 @@ START_TIME_RESOLUTION_S = 0.01
 # Tokens in the streamed completion: enough that generating them takes far longer than the
 # first chunk's trip, so a buffered relay (every chunk at the end) would show.
 STREAM_TOKENS = 600
+# A streamed answer's chunks must arrive spread over at least this share of the generation.
+STREAM_SPREAD_SHARE = 0.5
 # Requests right after a stream: at the ~20 % failure rate seen, 100 rounds meet it for sure.
 AFTER_STREAM_ROUNDS = 100
 
@@ -233,9 +235,11 @@ def test_toggle_loads_then_serves_real_completions_through_the_gate(stack: Gated
     assert completion.usage is not None and completion.usage.completion_tokens == 8
     assert completion.choices[0].message.content
 
-    # A streamed one arrives chunk by chunk: its first chunk reaches us before the engine can
-    # have finished generating (llama.cpp reports its own prompt and generation times in the
-    # last chunk), which a relay that buffers the response could never do.
+    # A streamed one arrives chunk by chunk: its chunks reach us spread over the engine's own
+    # generation time (llama.cpp reports it in the last chunk), where a relay that buffers the
+    # response would deliver them all at once at the end. The spread, not the first chunk's
+    # arrival, is compared: on a loaded machine the trip to the first chunk can outlast this
+    # tiny model's whole generation.
     sent = time.monotonic()
     stream = client.chat.completions.create(
         model="tiny-a", messages=[{"role": "user", "content": "Tell me a story."}],
@@ -251,10 +255,11 @@ def test_toggle_loads_then_serves_real_completions_through_the_gate(stack: Gated
     # Random bytes: llama.cpp holds back an incomplete UTF-8 sequence and sends it with the next.
     assert len(arrivals) >= STREAM_TOKENS // 4, len(arrivals)
     assert timings.get("predicted_n") == STREAM_TOKENS, timings
-    engine_busy_s = (timings["prompt_ms"] + timings["predicted_ms"]) / 1000
-    assert arrivals[0] < engine_busy_s, (
-        f"first chunk after {arrivals[0]:.3f} s, but the engine needed {engine_busy_s:.3f} s for"
-        " the whole answer: the response was buffered, not streamed")
+    generating_s = timings["predicted_ms"] / 1000
+    spread = arrivals[-1] - arrivals[0]
+    assert spread > STREAM_SPREAD_SHARE * generating_s, (
+        f"chunks arrived within {spread:.3f} s while the engine generated for {generating_s:.3f} s:"
+        " the response was buffered, not streamed")
     assert len({round(t, 3) for t in arrivals}) >= 10, "chunks arrived in a few bursts"
     assert "".join(pieces)
 
