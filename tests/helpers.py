@@ -39,6 +39,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_bound(port: int) -> bool:
+    """Whether anyone holds ``port`` bound, listening or not (a bind without SO_REUSEADDR fails)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def port_listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_until(what: str, check: Callable[[], T | None], timeout: float = DEADLINE_S,
                interval: float = 0.02) -> T:
     """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""

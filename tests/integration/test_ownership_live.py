@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import pytest
 
 from reconciler import cgroups
 from reconciler.loop import namespace_of
-from tests.helpers import PY, Stack, demo_engine, free_port, kill_all, wait_until
+from tests.helpers import PY, Stack, demo_engine, free_port, kill_all, port_bound, port_listening, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -289,10 +288,10 @@ def test_a_port_squatter_is_never_proxied_to(tmp_path: Path, shared_dir: Path, m
     squatter: subprocess.Popen[str] | None = None
     accepted = 0
     try:
-        wait_until("the gate listening", lambda: _listens(gate_port))
+        wait_until("the gate listening", lambda: port_listening(gate_port))
         stack.start()
         stack.toggle("gpt-oss")
-        wait_until("the engine's port bound while it loads", lambda: _bound(port))
+        wait_until("the engine's port bound while it loads", lambda: port_bound(port))
         squatter = copy_of(str(shared_dir / "bin" / "squat"), shared_dir, str(port), user=NOBODY)
         assert squatter.stdout is not None and squatter.stdout.readline().strip() == "listening"
         doc = wait_until("the squatter named", lambda: _squatted(stack, squatter))
@@ -315,20 +314,6 @@ def test_a_port_squatter_is_never_proxied_to(tmp_path: Path, shared_dir: Path, m
         gate.terminate()
         gate.wait()
         stack.stop()
-
-
-def _listens(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _bound(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))  # no SO_REUSEADDR: fails while anyone holds it bound
-        except OSError:
-            return True
-    return False
 
 
 def _squatted(stack: Stack, squatter: subprocess.Popen[str]) -> dict[str, Any] | None:

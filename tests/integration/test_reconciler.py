@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -17,7 +16,18 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.helpers import PY, Stack, demo_engine, engine_procs, free_port, kill_all, sampler, wait_until
+from tests.helpers import (
+    PY,
+    Stack,
+    demo_engine,
+    engine_procs,
+    free_port,
+    kill_all,
+    port_bound,
+    port_listening,
+    sampler,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -134,7 +144,7 @@ def test_a_stray_copy_holding_the_wanted_port_is_cleared(stack: Stack) -> None:
     stray = subprocess.Popen([*argv, "--boot-seconds", "600"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_until("stray's port bound", lambda: _bound(port))
+        wait_until("stray's port bound", lambda: port_bound(port))
         stray_tree = [stray.pid] + [c.pid for c in psutil.Process(stray.pid).children(recursive=True)]
         stack.toggle("gpt-oss")
         stack.start()
@@ -156,7 +166,7 @@ def test_a_stray_copy_on_another_port_is_reported_not_killed(stack: Stack) -> No
                               "127.0.0.1", "--port", str(port), "--boot-seconds", "0.1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_until("stray listening", lambda: _listening(port))
+        wait_until("stray listening", lambda: port_listening(port))
         stack.toggle("gemma2")
         stack.start()
         stack.wait_phase("READY", "gemma2")
@@ -167,20 +177,6 @@ def test_a_stray_copy_on_another_port_is_reported_not_killed(stack: Stack) -> No
     finally:
         kill_all([psutil.Process(stray.pid), *psutil.Process(stray.pid).children(recursive=True)])
         stray.wait()
-
-
-def _bound(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))  # no SO_REUSEADDR: fails while anyone holds it bound
-        except OSError:
-            return True
-    return False
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_crash_while_loading_backs_off_and_retries(stack: Stack) -> None:
