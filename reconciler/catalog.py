@@ -365,6 +365,44 @@ def load_file(path: Path, how: str) -> Catalog:
     return replace(catalog, path=path)
 
 
+class CatalogSource:
+    """The catalog file, re-read when it changes (the loop, the gate); a broken edit keeps the
+    last good catalog."""
+
+    def __init__(self, catalog: Catalog, path: Path | None) -> None:
+        self.catalog = catalog
+        self.path = path
+        self._stamp = self._stat()
+        self.error: str | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return (-1, -1, -1)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed; True when a new good catalog is in place."""
+        stamp = self._stat()
+        if self.path is None or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            new = load_file(self.path, self.catalog.source.split(" ")[0])
+        except InvalidFile as exc:
+            self.error = f"{exc} (keeping the last good catalog)"
+            return False
+        # Where files live is fixed for the life of the loop; only engines may change.
+        self.catalog = replace(self.catalog, engines=new.engines, gate=new.gate,
+                               resync_interval_s=new.resync_interval_s)
+        self.error = None
+        return True
+
+
+
 def demo_document() -> dict[str, Any]:
     """The embedded default: the demo engines, on ports that don't clash with real ones."""
     return {

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reconciler import cgroups, clock, desired, gather, gpu, ports, probe, status
-from reconciler.catalog import Catalog, load_file
+from reconciler.catalog import Catalog, CatalogSource
 from reconciler.executor import Executor, Outcome
 from reconciler.facts import Gpu, Observation, Probe, Proc
 from reconciler.follow import Follower
@@ -49,40 +49,6 @@ class PassResult:
     plan: Plan
     status: Status | None
     outcome: Outcome | None
-
-
-class CatalogSource:
-    """The catalog file, re-read when it changes; a broken edit keeps the last good catalog."""
-
-    def __init__(self, catalog: Catalog, path: Path | None) -> None:
-        self.catalog = catalog
-        self.path = path
-        self._stamp = self._stat()
-        self.error: str | None = None
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        if self.path is None:
-            return None
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return (-1, -1, -1)
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def refresh(self) -> None:
-        stamp = self._stat()
-        if self.path is None or stamp == self._stamp:
-            return
-        self._stamp = stamp
-        try:
-            new = load_file(self.path, self.catalog.source.split(" ")[0])
-        except InvalidFile as exc:
-            self.error = f"{exc} (keeping the last good catalog)"
-            return
-        # Where files live is fixed for the life of the loop; only engines may change.
-        self.catalog = replace(self.catalog, engines=new.engines, gate=new.gate,
-                               resync_interval_s=new.resync_interval_s)
-        self.error = None
 
 
 class Reconciler:

@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from reconciler import clock
-from reconciler.catalog import Catalog, GateConfig
+from reconciler.catalog import Catalog, CatalogSource, GateConfig
 from reconciler.gate import errors
 from reconciler.gate.errors import OLLAMA, OPENAI, Refusal
 from reconciler.gate.metrics import GateMetrics
@@ -43,6 +43,8 @@ BACKLOG = 4096
 SHUTDOWN_GRACE_S = 2.0
 # Request bodies are read whole to check the model; multimodal prompts carry base64 images.
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
+# How often the gate looks whether the catalog file changed (one stat() when it did not).
+CATALOG_RECHECK_S = 1.0
 
 # (method, path, family, JSON field naming the model or None)
 INFERENCE_ROUTES: tuple[tuple[str, str, str, str | None], ...] = (
@@ -91,6 +93,21 @@ def _host_check(gate: GateConfig) -> Callable[..., Any]:
     return check
 
 
+async def _follow_catalog(source: CatalogSource, proxy: Proxy, toggle: Toggle) -> None:
+    """Pick up engines added to (or removed from) the catalog without a restart, as the loop
+    does: a model added to engines.yaml got 422 from /toggle until the gate restarted."""
+    error = None
+    while source.path is not None:
+        await asyncio.sleep(clock.real_seconds(CATALOG_RECHECK_S))
+        if source.refresh():
+            proxy.use(source.catalog)
+            toggle.use(source.catalog)
+            log.info("catalog %s reloaded: models %s", source.path, ", ".join(source.catalog.names()))
+        if source.error != error and source.error:
+            log.warning("catalog not reloaded: %s", source.error)
+        error = source.error
+
+
 def build_app(catalog: Catalog) -> web.Application:
     """All routes, with the state follower and upstream session tied to the app's life."""
     gate = catalog.gate
@@ -114,7 +131,9 @@ def build_app(catalog: Catalog) -> web.Application:
         await follower.start()
         metrics.watch(follower)
         await proxy.start()
+        watcher = asyncio.create_task(_follow_catalog(CatalogSource(catalog, catalog.path), proxy, toggle))
         yield
+        watcher.cancel()
         await proxy.close()
 
     async def on_shutdown(_: web.Application) -> None:

@@ -160,16 +160,21 @@ class Proxy:
     """Owns the upstream session and the set of requests in flight."""
 
     def __init__(self, catalog: Catalog, follower: StateFollower, metrics: GateMetrics) -> None:
-        self._catalog = catalog
         self._gate = catalog.gate
         self._follower = follower
         self._metrics = metrics
-        self._known = catalog.names()
-        self._by_served = {e.served_name: name for name, e in catalog.engines.items()}
-        self._ollama = frozenset(name for name, e in catalog.engines.items() if e.kind == "ollama")
+        self.use(catalog)
         self._session: aiohttp.ClientSession | None = None
         self._inflight: set[InFlight] = set()
         follower.add_listener(self._on_state)
+
+    def use(self, catalog: Catalog) -> None:
+        """Serve this catalog's engines from now on (the file changed). Timeouts stay those the
+        upstream session was made with."""
+        self._catalog = catalog
+        self._known = catalog.names()
+        self._by_served = {e.served_name: name for name, e in catalog.engines.items()}
+        self._ollama = frozenset(name for name, e in catalog.engines.items() if e.kind == "ollama")
 
     async def start(self) -> None:
         gate = self._gate

@@ -32,10 +32,14 @@ class Toggle:
         self, catalog: Catalog, metrics: GateMetrics, stale: Callable[[], bool],
         revision: Callable[[], int],
     ) -> None:
-        self._catalog = catalog
         self._stale = stale
         self._revision = revision  # the observed state's: what GET /status?since= compares
         self._metrics = metrics
+        self.use(catalog)
+
+    def use(self, catalog: Catalog) -> None:
+        """Validate toggles against this catalog from now on (the file changed)."""
+        self._catalog = catalog
         token = catalog.gate.token
         self._token = token.encode() if token else None
 

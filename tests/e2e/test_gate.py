@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from reconciler import clock, status
+from reconciler.atomicfile import write_atomic
 from reconciler.demo.common import free_port
 from reconciler.gate.proxy import pin_keep_alive
 from reconciler.status import Phase
@@ -834,6 +835,19 @@ def test_events_stream_delivers_changes(gate: Gate) -> None:
             ident, data = next_event()
             assert ident == str(new) and data["phase"] == "LOADING"
             assert data["desired_model"] == "gpt-oss"
+
+
+def test_a_model_added_to_the_catalog_is_accepted_without_a_restart(gate: Gate) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with gate.client() as client:
+        before = client.post("/toggle", json={"model": "llama3"}, headers=auth)
+        assert before.status_code == 422
+        doc = yaml.safe_load(gate.catalog.read_text())
+        doc["engines"]["llama3"] = {"kind": "llamacpp", "command": ["{python}", "-c", "pass"], "port": 18099}
+        write_atomic(gate.catalog, yaml.safe_dump(doc))
+        after = poll_until(lambda: (r := client.post("/toggle", json={"model": "llama3"}, headers=auth))
+                           .status_code == 202 and r, "the gate to take the new model")
+        assert after.json()["model"] == "llama3"
 
 
 def test_toggle_needs_the_token_and_a_known_model(gate: Gate) -> None:
