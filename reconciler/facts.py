@@ -77,14 +77,6 @@ class Record:
     uid: int = 0
     cgroup: str | None = None  # absolute directory of its cgroup, in cgroup mode
 
-    @property
-    def sid(self) -> int | None:
-        return self.leader_pid  # spawned with start_new_session: the leader leads both
-
-    @property
-    def pgid(self) -> int | None:
-        return self.leader_pid
-
 
 @dataclass(frozen=True)
 class Probe:

@@ -67,9 +67,6 @@ class View:
     def of_model(self, model: str) -> list[Unit]:
         return [u for u in self.units if u.model == model]
 
-    def ours(self) -> list[Unit]:
-        return [u for u in self.units if u.instance is not None]
-
     def strays(self) -> list[Unit]:
         return [u for u in self.units if u.instance is None]
 
@@ -160,7 +157,7 @@ def members(record: Record, procs: list[Proc], cgroup_procs: frozenset[int] | No
             seeds.add(proc)
         elif proc.uid != record.uid or not _born_after(proc, record):
             continue  # another user's process is never ours by session, group or cookie
-        elif not reused and record.leader_pid in (proc.sid, proc.pgid):
+        elif not reused and record.leader_pid in (proc.sid, proc.pgid):  # spawned with setsid
             seeds.add(proc)
         elif (proc.cookie is not None and proc.cookie.namespace == namespace
               and proc.cookie.instance == record.instance):
