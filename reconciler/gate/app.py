@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import resource
 import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -184,6 +185,16 @@ def _log_listening(urls: list[str]) -> None:
     log.info("gate listening on %s", ", ".join(urls))
 
 
+def raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard one: systemd's default soft limit (1,024) let 10,000
+    slow connections starve health checks. Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def run(
     catalog: Catalog,
     *,
@@ -195,6 +206,8 @@ def run(
     From another thread (``ailayer up`` running the reconciler beside it), pass ``stop``;
     signals are only handled when called from the main thread.
     """
+
+    raise_fd_limit()
 
     async def main() -> None:
         done = asyncio.Event()

@@ -899,3 +899,13 @@ def test_healthz_and_metrics(gate: Gate, vllm: DemoEngine) -> None:
     assert "ailayer_switches_total 1.0" in text
     assert "ailayer_engine_restarts 0.0" in text
     assert "ailayer_boot_duration_seconds_count 1.0" in text
+
+
+def test_the_gate_raises_its_soft_fd_limit_to_the_hard_one() -> None:
+    """systemd's default soft limit (1,024) let 10,000 slow connections starve health checks."""
+    code = ("import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+            "from reconciler.gate.app import raise_fd_limit; print(raise_fd_limit(), hard)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    now, hard = map(int, out.stdout.split())
+    assert now == hard > 256, out.stderr
