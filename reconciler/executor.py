@@ -169,9 +169,10 @@ class Executor:
                 cgroups.remove(Path(record.cgroup))
         self.records.remove(record.instance)
 
-    def prune(self, live: set[str]) -> None:
-        """Forget recorded instances with no process left (crashed, or killed by someone else)."""
-        for record in self.records.load():
+    def prune(self, records: Iterable[Record], live: set[str]) -> None:
+        """Forget recorded instances with no process left (crashed, or killed by someone else);
+        ``records`` are the ones this pass observed, so the folder is not read twice."""
+        for record in records:
             if record.instance not in live and record.instance not in self.children and (
                     record.cgroup is None or not cgroups.populated(Path(record.cgroup))):
                 self._forget(record)

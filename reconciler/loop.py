@@ -214,7 +214,7 @@ class Reconciler:
 
         self.memory = the_plan.memory
         units_before = classify(obs, self.catalog.engines, self.namespace).units
-        self.executor.prune({u.instance for u in units_before if u.instance is not None})
+        self.executor.prune(obs.records, {u.instance for u in units_before if u.instance is not None})
         if not the_plan.actions:
             return PassResult(the_plan, report(the_plan, units_before), None)
         # Say what is about to happen before doing it: the gate stops proxying at once.

@@ -39,7 +39,7 @@ pytest.importorskip("tokenizers")
 from reconciler import ports
 from reconciler.demomodel_hf import write_tiny_hf
 from reconciler.simulate import real_vllm
-from tests.helpers import DEADLINE_S, GatedStack, free_port, http_status, wait_until
+from tests.helpers import DEADLINE_S, GatedStack, free_port, http_status, port_bound, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -285,17 +285,6 @@ def bound_not_listening(port: int, pid: int) -> bool:
     return False
 
 
-def plain_bind_refused(port: int) -> bool:
-    """A bind without SO_REUSEADDR fails: the port is taken (only probed once vLLM has bound it,
-    so this probe can never take the port from under vLLM's own bind)."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 @dataclass(frozen=True)
 class LoadSample:
     phase: str | None
@@ -331,9 +320,10 @@ def watch_boot(stack: VllmStack, port: int) -> tuple[list[LoadSample], dict[str,
         gate = http_status(stack.gate_url + "/v1/chat/completions", body)
         if stack.status().get("phase") != phase:
             continue  # the state moved during the request: the answer belongs to neither phase
+        # The plain-bind probe runs only once vLLM holds the port, so it can never take it first.
         bound = pid is not None and bound_not_listening(port, pid)
         seen.append(LoadSample(phase, pid, gate[0] if gate else None, gate[1].get("Retry-After") if gate else None,
-                               accepts(port), bound, plain_bind_refused(port) if bound else None))
+                               accepts(port), bound, port_bound(port) if bound else None))
         if bound and phase == "LOADING" and status_doc is None:
             result = stack.cli("status", "--json")
             status_doc = json.loads(result.stdout) if result.returncode == 0 else {"error": result.stderr}
