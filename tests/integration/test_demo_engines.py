@@ -151,9 +151,17 @@ class Engine:
         return [k for k in self.tree() if which(k)]
 
     def worker(self, which: Callable[[psutil.Process], bool], what: str) -> psutil.Process:
-        found = wait_until(what, lambda: self.children(which))
-        assert len(found) == 1, found
-        return found[0]
+        """The one child ``which`` picks out, once it is the only one.
+
+        A child forked from a titled process carries its title until it execs (the
+        EngineCore starting its Worker shows two EngineCores for a moment, in real vLLM
+        too), so a second match is waited out; a lasting second one fails at the deadline.
+        """
+        def single() -> psutil.Process | None:
+            found = self.children(which)
+            return found[0] if len(found) == 1 else None
+
+        return wait_until(f"exactly one {what}", single)
 
     def wait_healthy(self, path: str) -> None:
         def ok() -> bool:
