@@ -58,7 +58,7 @@ import yaml  # noqa: E402
 from reconciler import desired as desired_mod  # noqa: E402
 from reconciler import yamlfile  # noqa: E402
 from reconciler.atomicfile import write_atomic  # noqa: E402
-from reconciler.catalog import from_document, load_file  # noqa: E402
+from reconciler.catalog import DEFAULT_RESYNC_INTERVAL_S, from_document, load_file  # noqa: E402
 from reconciler.facts import COOKIE_ENV  # noqa: E402
 from reconciler.loop import namespace_of  # noqa: E402
 from reconciler.schemas import InvalidFile  # noqa: E402
@@ -856,7 +856,7 @@ def engine_fault(mode: str, restarts: int) -> Result:
     res = Result(f"fault:{mode}")
     entry = vllm_entry(free_port(), 0.6, "--fail", mode)
     entry["ready"] = {"period_s": 0.1, "timeout_s": 0.3}
-    entry["liveness"] = {"period_s": 0.3, "failure_threshold": 3}
+    entry["liveness"] = {"period_s": 0.3, "timeout_s": 0.3, "failure_threshold": 3}
     with rig(res, {VLLM: entry}, resync_s=1.0) as stack:
         stack.start()
         with Timeline(stack) as timeline:
@@ -899,8 +899,48 @@ def engine_fault(mode: str, restarts: int) -> Result:
     return res
 
 
+# With the default health-check settings (docs/TIMEOUTS.md): the phase leaves READY by the
+# first failed check (period 2 s + timeout 2 s), the hang is declared by the third (10 s).
+HANG_LEAVES_READY_LIMIT_S = 4.0 + 0.5
+HANG_DECLARED_LIMIT_S = 10.0 + 0.5  # plus the passes' own time on a busy 2-core machine
+
+
+def hang_with_defaults() -> Result:
+    """An engine that hangs after READY, with the catalog's default liveness settings."""
+    res = Result("fault:hang-ready (default liveness)")
+    entry = vllm_entry(free_port(), 0.6, "--fail", "hang-ready")
+    del entry["ready"], entry["liveness"]
+    with rig(res, {VLLM: entry}, resync_s=DEFAULT_RESYNC_INTERVAL_S) as stack:
+        stack.start()
+        with Timeline(stack) as timeline:
+            toggle(stack, VLLM)
+            try:
+                wait_for("FAILED after READY", lambda: (r := timeline.first("READY", 0)) is not None
+                         and timeline.first("FAILED", r) is not None, CONVERGE_LIMIT_S)
+            except TimeoutError as exc:
+                res.problems.append(str(exc))
+        ready = timeline.first("READY", 0)
+        if ready is None:
+            return res
+        hang = ready + DEMO_READY_AFTER_S
+        left, failed = timeline.first("DEGRADED", ready), timeline.first("FAILED", ready)
+        phases = [p for t, p in timeline.phases if t >= ready]
+        res.figures.update({
+            "phases_after_ready": phases,
+            "left_ready_s": None if left is None else round(left - hang, 2),
+            "declared_s": None if failed is None else round(failed - hang, 2),
+        })
+        res.check(left is not None and left - hang <= HANG_LEAVES_READY_LIMIT_S,
+                  f"phase left READY late or never: {res.figures}")
+        res.check(failed is not None and failed - hang <= HANG_DECLARED_LIMIT_S,
+                  f"hang declared late or never: {res.figures}")
+        res.check(phases[:3] == ["READY", "DEGRADED", "FAILED"], f"phases {phases}")
+    return res
+
+
 def faults(restarts: int) -> list[Result]:
-    return [engine_fault(m, restarts) for m in ("crash-loading", "crash-ready", "hang-ready", "exit-at-once")]
+    return [*(engine_fault(m, restarts) for m in ("crash-loading", "crash-ready", "hang-ready", "exit-at-once")),
+            hang_with_defaults()]
 
 
 def _get(url: str) -> tuple[int, bytes, float]:

@@ -29,9 +29,12 @@ DEFAULT_BOOT_TIMEOUT_S = 2700.0
 # engine, not how long a boot may take (that is boot_timeout_s).
 DEFAULT_PROBE_TIMEOUT_S = 5.0
 DEFAULT_PROBE_PERIOD_S = 1.0
-# After READY: how often to check the engine is alive, and how many failures in a row
-# count as "stopped answering" (a busy engine may miss one probe).
-DEFAULT_LIVENESS_PERIOD_S = 5.0
+# After READY: how often to check the engine is alive, how long one check may take, and
+# how many failures in a row count as "stopped answering" (a busy engine may miss one).
+# The phase leaves READY at the first failure; a hang is declared within
+# period + threshold * timeout + (threshold - 1) * ready.period_s = 10 s by default.
+DEFAULT_LIVENESS_PERIOD_S = 2.0
+DEFAULT_LIVENESS_TIMEOUT_S = 2.0
 DEFAULT_LIVENESS_FAILURES = 3
 # CrashLoopBackOff-style restart delays, as in Kubernetes (10 s doubling to 5 min).
 DEFAULT_BACKOFF_INITIAL_S = 10.0
@@ -110,6 +113,7 @@ class Engine:
     strays: Strays = field(default_factory=Strays)
     cwd: str | None = None
     liveness_period_s: float = DEFAULT_LIVENESS_PERIOD_S
+    liveness_timeout_s: float = DEFAULT_LIVENESS_TIMEOUT_S
     liveness_failures: int = DEFAULT_LIVENESS_FAILURES
     backoff_initial_s: float = DEFAULT_BACKOFF_INITIAL_S
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
@@ -288,6 +292,7 @@ def _engine(name: str, raw: Mapping[str, Any], source: str) -> Engine:
                        pattern_values, source),
         cwd=raw.get("cwd"),
         liveness_period_s=float(live.get("period_s", DEFAULT_LIVENESS_PERIOD_S)),
+        liveness_timeout_s=float(live.get("timeout_s", DEFAULT_LIVENESS_TIMEOUT_S)),
         liveness_failures=int(live.get("failure_threshold", DEFAULT_LIVENESS_FAILURES)),
         backoff_initial_s=float(backoff.get("initial_s", DEFAULT_BACKOFF_INITIAL_S)),
         backoff_max_s=float(backoff.get("max_s", DEFAULT_BACKOFF_MAX_S)),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reconciler import cgroups, clock, desired, gather, gpu, ports, probe, status
-from reconciler.catalog import Catalog, CatalogSource
+from reconciler.catalog import Catalog, CatalogSource, Engine
 from reconciler.executor import Executor, Outcome
 from reconciler.facts import Gpu, Observation, Probe, Proc
 from reconciler.follow import Follower
@@ -70,6 +70,9 @@ class Reconciler:
         self.wake = threading.Event()
         self._absent_since: float | None = None
         self.recheck_in: float | None = None  # an early next pass asked for by this one
+        # The READY engine health-checked between passes, and a failed check for the next pass.
+        self._watch: tuple[Engine, str] | None = None
+        self._failed_check: tuple[str, Probe] | None = None
         # The state dir's lock, held by the CLI; re-taken each pass if the dir was removed.
         self.lock: StateLock | None = None
 
@@ -148,8 +151,15 @@ class Reconciler:
         # (nor, so, READY), and a foreign holder that accepts and never answers would hold
         # every pass for a whole probe timeout.
         ours_listen = any(listening & set(u.pids) for u in mine)
-        result = probe.check(engine) if ours_listen else Probe(False, _not_listening(mine, engine.port))
         instance = next((u.instance for u in mine if u.instance), None)
+        failed, self._failed_check = self._failed_check, None
+        if failed is not None and failed[0] == instance:
+            result = failed[1]  # the check between passes that woke this pass: seconds old at most
+        elif ours_listen:
+            ready = self.memory.ready_since is not None
+            result = probe.check(engine, engine.liveness_timeout_s if ready else None)
+        else:
+            result = Probe(False, _not_listening(mine, engine.port))
         return replace(obs, port_free={engine.port: port_free}, probe=result,
                        warmup=self.executor.warmup_state(instance))
 
@@ -292,20 +302,49 @@ class Reconciler:
                         break
                 try:
                     self.recheck_in = None
+                    self._watch = None
                     result = self.step()
                     delay = min(result.plan.requeue_after, self.catalog.resync_interval_s,
                                 self.recheck_in if self.recheck_in is not None else float("inf"))
+                    self._watch = self._watched(result.plan)
                     failed_passes = 0
                 except Exception as exc:  # the loop must outlive any single bad pass
                     failed_passes += 1
                     delay = self._pass_failed(exc, failed_passes)
                 if delay > 0:
-                    clock.sleep(delay, self.wake)
+                    self._idle(delay)
                 if stop.is_set():
                     break
         finally:
             observer.stop()
             follower.join(timeout=clock.real_seconds(2.0))
+
+    def _watched(self, the_plan: Plan) -> tuple[Engine, str] | None:
+        active = the_plan.active
+        engine = self.catalog.engines.get(active.model) if active is not None else None
+        return (engine, the_plan.watch) if engine is not None and the_plan.watch else None
+
+    def _idle(self, delay: float) -> None:
+        """Wait for the next pass; meanwhile health-check a READY engine every liveness period.
+
+        A check costs one HTTP request, a full pass a scan of the process table: between
+        passes only the check runs, and its first failure starts the next pass at once (the
+        phase leaves READY there). Any wake (a file event, a stop) also ends the wait.
+        """
+        if self._watch is None:
+            clock.sleep(delay, self.wake)
+            return
+        engine, instance = self._watch
+        end = clock.monotonic() + delay
+        while (left := end - clock.monotonic()) > 0:
+            if clock.sleep(min(engine.liveness_period_s, left), self.wake):
+                return
+            if clock.monotonic() >= end:
+                return  # the pass itself checks the engine
+            check = probe.check(engine, engine.liveness_timeout_s)
+            if not check.ok or check.json_ok is False:
+                self._failed_check = (instance, check)
+                return
 
     def _pass_failed(self, exc: Exception, count: int) -> float:
         """Say it (state, log) and back off: a pass that fails the same way every time must

@@ -27,6 +27,9 @@ BACKOFF_RESET_AFTER_S = 600.0
 MIN_PROBE_INTERVAL_S = 0.05
 # Nothing is wanted: only the catalog's resync interval matters; this caps it.
 IDLE_RESYNC_S = 5.0
+# READY: the loop health-checks the engine between passes (Plan.watch), so a full pass is
+# needed only at the catalog's resync interval; this caps it the same way.
+READY_RESYNC_S = IDLE_RESYNC_S
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,9 @@ class Plan:
     requeue_after: float = 1.0
     notes: tuple[str, ...] = field(default=())
     then: Verdict | None = None  # the verdict once every action has succeeded
+    # A READY instance the loop health-checks between passes (every liveness period), so a
+    # hang is seen without a full pass each time.
+    watch: str | None = None
 
 
 def backoff_delay(engine: Engine, restarts: int) -> float:
@@ -306,7 +312,8 @@ def _plan_keeper(
         memory = replace(memory, ready_since=since, liveness_failures=0,
                          restarts=restarts, backoff_until=None, warmup_failed_at=None)
         how = "adopted a running engine" if adopted else "engine answers its readiness probe"
-        return done(Verdict(Phase.READY, "Ready", how), memory, engine.liveness_period_s)
+        return replace(done(Verdict(Phase.READY, "Ready", how), memory, READY_RESYNC_S),
+                       watch=keeper.instance)
 
     detail = probe.detail if probe else "not probed"
     if gone is not None:
@@ -316,9 +323,11 @@ def _plan_keeper(
     if memory.ready_since is not None:
         failures = memory.liveness_failures + 1
         if failures < engine.liveness_failures:
+            # Out of READY at the first failure: new requests get 503 instead of stalling.
             memory = replace(memory, liveness_failures=failures)
-            msg = f"readiness probe failed ({detail}), {failures}/{engine.liveness_failures}"
-            return done(Verdict(Phase.READY, "ProbeFailing", msg), memory, engine.liveness_period_s)
+            msg = (f"health check failed ({detail}), {failures}/{engine.liveness_failures}; "
+                   "re-checking before restarting it")
+            return done(Verdict(Phase.DEGRADED, "ProbeFailing", msg), memory, engine.ready.period_s)
         return _fail(engine, keeper, obs, memory, actions, notes, "EngineUnresponsive",
                      f"engine stopped answering after READY: {detail}")
 

@@ -60,8 +60,11 @@ def walk(document: Any, path: str) -> list[Any]:
     return values
 
 
-def check(engine: Engine) -> Probe:
+def check(engine: Engine, timeout_s: float | None = None) -> Probe:
     """Readiness: the probe URL's status, then the JSON check if configured.
+
+    ``timeout_s`` (default: the readiness probe's) is per request; after READY the
+    liveness timeout applies.
 
     The JSON check only ever reports ``json_ok``; it never fails the probe. Ollama from
     0.32.4 holds ``/api/ps`` until a load in progress ends, so a JSON check that times out
@@ -70,8 +73,9 @@ def check(engine: Engine) -> Probe:
     ``/api/ps`` lists the model; combining the two is the planner's.
     """
     ready = engine.ready
+    limit = ready.timeout_s if timeout_s is None else timeout_s
     try:
-        status, body = _request(engine.url(ready.url), ready.timeout_s)
+        status, body = _request(engine.url(ready.url), limit)
     except PROBE_ERRORS as exc:
         return Probe(False, _describe(exc))
     if status != ready.status:
@@ -81,11 +85,11 @@ def check(engine: Engine) -> Probe:
         return Probe(True, f"HTTP {status}")
     jc = ready.json_check
     try:
-        _, jbody = _request(engine.url(jc.url), ready.timeout_s)
+        _, jbody = _request(engine.url(jc.url), limit)
         found = jc.equals in walk(json.loads(jbody), jc.path)
     except PROBE_ERRORS as exc:
         if _timed_out(exc):
-            why = f"still loading: {jc.url} did not answer within {ready.timeout_s:g} s (it waits for the load)"
+            why = f"still loading: {jc.url} did not answer within {limit:g} s (it waits for the load)"
             return Probe(True, f"HTTP {status}; {why}", json_ok=False)
         return Probe(True, f"HTTP {status}; JSON check: {_describe(exc)}", json_ok=False)
     why = "" if found else f"; {jc.equals!r} not yet at {jc.path} of {jc.url}"

@@ -23,6 +23,7 @@ class Phase(StrEnum):
     WAITING_PORT = "WAITING_PORT"  # the wanted port is held by a process we may not kill
     LOADING = "LOADING"  # engine started, not ready yet (up to its boot budget)
     READY = "READY"  # engine answers its readiness probe; the gate proxies
+    DEGRADED = "DEGRADED"  # was READY, now failing health checks; 503 until it answers or is restarted
     FAILED = "FAILED"  # bad input, crash loop, boot timeout; retried with backoff
 
     @property

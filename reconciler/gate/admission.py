@@ -108,6 +108,8 @@ def _converging(follower: StateFollower, data: dict[str, Any], phase: str) -> Re
         what = f"switching models: stopping the previous engine before starting {model!r}"
     elif phase == Phase.WAITING_PORT:
         what = f"model {model!r} is waiting for its port to be released"
+    elif phase == Phase.DEGRADED:
+        what = f"model {model!r} stopped answering its health check; the reconciler is re-checking it"
     else:
         what = f"model {model!r} is not ready (phase {phase})"
     note = data.get("message")

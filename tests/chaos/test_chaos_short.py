@@ -49,6 +49,12 @@ def test_engine_faults_are_detected_and_backed_off(mode: str) -> None:
     _ok(chaos.engine_fault(mode, SHORT["restarts"]))
 
 
+def test_hang_after_ready_leaves_ready_at_once_and_is_declared_within_10_s_by_default() -> None:
+    result = chaos.hang_with_defaults()
+    _ok(result)
+    assert result.figures["phases_after_ready"][:3] == ["READY", "DEGRADED", "FAILED"]
+
+
 @pytest.mark.parametrize("mode", ["ansi", "bigline", "close-stdout", "flood"])
 def test_hostile_output_neither_blocks_nor_forges(mode: str) -> None:
     _ok(chaos.output_fault(mode, SHORT["flood_s"]))

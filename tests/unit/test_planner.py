@@ -171,9 +171,9 @@ CASES: list[tuple[str, str | None, Observation, Memory, Phase, str, list[tuple[A
     ("adopted ollama already listing the model: one warm-up to be sure", "gemma2",
      obs(ollama(30, listens=ON_O), records=(B1,), probe=Probe(True, "HTTP 200", json_ok=True)), TRACK_B1,
      Phase.LOADING, "Loading", [("Warmup", "gemma2", "bbbbbbb1")]),
-    ("ready engine missing one probe stays ready", "gpt-oss",
+    ("ready engine missing one probe leaves READY at once, not killed yet", "gpt-oss",
      obs(vllm(10, listens=ON_V), records=(A1,), probe=DOWN), replace(TRACK_A1, ready_since=NOW - 60),
-     Phase.READY, "ProbeFailing", []),
+     Phase.DEGRADED, "ProbeFailing", []),
     ("a stray holding GPU memory is killed when a model is wanted", "gemma2",
      obs(vllm(10), gpu=Gpu(True, "ok", (GpuProc(10, 900.0),))), Memory(), Phase.STOPPING, "Switching",
      [("Kill", [10], [STRAY_V]), ("AwaitPort", 18434), ("Start", "gemma2", 1)]),
@@ -246,12 +246,20 @@ def test_crash_records_failure_and_waits_for_backoff() -> None:
     assert [shape(a) for a in later.actions] == [("Start", "gpt-oss", 2)]
 
 
+def test_ready_engine_is_watched_between_passes() -> None:
+    result = plan("gpt-oss", ENGINES, obs(vllm(10, listens=ON_V), records=(A1,), probe=READY), TRACK_A1, NS)
+    assert (result.verdict.phase, result.watch) == (Phase.READY, "aaaaaaa1")
+    loading = plan("gpt-oss", ENGINES, obs(vllm(10, listens=ON_V), records=(A1,), probe=DOWN), TRACK_A1, NS)
+    assert loading.verdict.phase is Phase.LOADING and loading.watch is None
+
+
 def test_liveness_failures_restart_after_threshold() -> None:
     memory = replace(TRACK_A1, ready_since=NOW - 60)
     failing = obs(vllm(10, listens=ON_V), records=(A1,), probe=DOWN)
     for _ in range(VLLM.liveness_failures - 1):
         result = plan("gpt-oss", ENGINES, failing, memory, NS)
-        assert result.verdict.phase is Phase.READY
+        assert result.verdict.phase is Phase.DEGRADED and result.watch is None
+        assert result.requeue_after == VLLM.ready.period_s  # re-checked at the boot probe's pace
         memory = result.memory
     result = plan("gpt-oss", ENGINES, failing, memory, NS)
     assert (result.verdict.phase, result.verdict.reason) == (Phase.FAILED, "EngineUnresponsive")
