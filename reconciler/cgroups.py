@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import signal
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,12 +165,17 @@ def kill(path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def wait_empty(path: Path, deadline: float) -> bool:
-    """Wait on the clock seam until ``populated 0``; False if members are left at ``deadline``."""
+def wait_empty(path: Path, deadline: float, tick: Callable[[Iterable[int]], None] | None = None) -> bool:
+    """Wait on the clock seam until ``populated 0``; False if members are left at ``deadline``.
+
+    ``tick`` hears the members still there on each look.
+    """
     while populated(path):
         if clock.monotonic() >= deadline:
             return False
         kill(path)  # members forked since the last look are killed too
+        if tick is not None:
+            tick(procs(path))
         clock.sleep(POLL_S)
     return True
 

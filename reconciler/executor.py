@@ -76,11 +76,13 @@ class Executor:
         actions: Iterable[Action],
         engines: Mapping[str, Engine],
         rescan: Callable[[tuple[tuple[str, str | None], ...]], Iterable[Proc]],
+        progress: killer.Progress | None = None,
     ) -> Outcome:
+        """``progress`` hears what a kill is still waiting for (see killer.Progress)."""
         outcome = Outcome()
         for action in actions:
             self.log.event(f"changed: {action.describe()}")
-            ok = self._do(action, engines, rescan, outcome)
+            ok = self._do(action, engines, rescan, outcome, progress)
             if ok:
                 outcome.changed += 1
             else:
@@ -95,9 +97,10 @@ class Executor:
         engines: Mapping[str, Engine],
         rescan: Callable[[tuple[tuple[str, str | None], ...]], Iterable[Proc]],
         outcome: Outcome,
+        progress: killer.Progress | None,
     ) -> bool:
         if isinstance(action, Kill):
-            return self._kill(action, rescan, outcome)
+            return self._kill(action, rescan, outcome, killer.Ticker(progress))
         if isinstance(action, AwaitPort):
             deadline = clock.monotonic() + PORT_RELEASE_WAIT_S
             while not ports.is_free(action.host, action.port):
@@ -142,6 +145,7 @@ class Executor:
         action: Kill,
         rescan: Callable[[tuple[tuple[str, str | None], ...]], Iterable[Proc]],
         outcome: Outcome,
+        tick: killer.Ticker,
     ) -> bool:
         """cgroup.kill each doomed instance's cgroup, SIGKILL the other targets, prove all gone."""
         doomed = {i for _, i in action.units if i is not None}
@@ -151,8 +155,9 @@ class Executor:
             with contextlib.suppress(OSError):
                 cgroups.kill(group)
         deadline = clock.monotonic() + killer.KILL_VERIFY_S
-        result = killer.cleanup_active_processes(action.targets, lambda: rescan(action.units), self.reap)
-        full = [str(g) for g in groups if not cgroups.wait_empty(g, deadline)]
+        result = killer.cleanup_active_processes(action.targets, lambda: rescan(action.units), self.reap,
+                                                 tick)
+        full = [str(g) for g in groups if not cgroups.wait_empty(g, deadline, tick)]
         if not result.ok:
             outcome.errors.append(f"KillFailed: pids {list(result.survivors)} survived SIGKILL")
         if full:

@@ -17,6 +17,29 @@ KILL_VERIFY_S = 60.0
 # A dying tree can fork between our scan and our signal; re-scan this many times.
 MAX_ROUNDS = 5
 POLL_S = 0.05
+# While a kill waits, say what is still alive this often (the state keeps flowing, and the
+# gate does not take a long kill for a dead reconciler).
+PROGRESS_EVERY_S = 1.0
+
+Progress = Callable[[tuple[int, ...], float], None]
+"""Told (pids still alive, seconds since the first SIGKILL) while a kill waits."""
+
+
+class Ticker:
+    """Calls a Progress at most every PROGRESS_EVERY_S, timed from the kill's start."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+        self.started = clock.monotonic()
+        self._next = self.started + PROGRESS_EVERY_S
+
+    def __call__(self, alive: Iterable[int]) -> None:
+        now = clock.monotonic()
+        if self.progress is not None and now >= self._next:
+            self._next += PROGRESS_EVERY_S  # on the second's grid, unless far behind it
+            if self._next <= now:
+                self._next = now + PROGRESS_EVERY_S
+            self.progress(tuple(sorted(alive)), now - self.started)
 
 
 @dataclass(frozen=True)
@@ -67,13 +90,15 @@ def cleanup_active_processes(
     targets: Iterable[Proc],
     rescan: Callable[[], Iterable[Proc]],
     reap: Callable[[], None],
+    tick: Ticker | None = None,
 ) -> KillResult:
     """SIGKILL every target, re-scan for late forks, and wait until all are dead.
 
     ``rescan`` returns processes that still belong to the doomed units (new children,
     cookie holders, port holders); ``reap`` collects exit statuses of our own children
-    so they do not linger as zombies.
+    so they do not linger as zombies; ``tick`` hears what is still alive while it waits.
     """
+    tick = tick or Ticker(None)
     killed: set[int] = set()
     pending = list(targets)
     survivors: list[psutil.Process] = []
@@ -85,6 +110,7 @@ def cleanup_active_processes(
             reap()
             alive = [p for p in alive if not _gone(p)]
             if alive:
+                tick(p.pid for p in alive)
                 clock.sleep(POLL_S)
         survivors = alive
         if survivors:

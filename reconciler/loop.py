@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from reconciler import cgroups, clock, desired, gather, gpu, ports, probe, status
+from reconciler import cgroups, clock, desired, gather, gpu, killer, ports, probe, status
 from reconciler.catalog import Catalog, CatalogSource, Engine
 from reconciler.executor import Executor, Outcome
 from reconciler.facts import Gpu, Observation, Probe, Proc
@@ -24,6 +24,7 @@ from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.logs import ActivityLog
 from reconciler.ownership import Unit, classify
 from reconciler.planner import Memory, Plan, backoff_delay, plan
+from reconciler.progress import BootProgress
 from reconciler.report import PassInput, compose
 from reconciler.schemas import InvalidFile
 from reconciler.spawn import raw_log_path
@@ -37,6 +38,7 @@ GPU_EVERY_S = 10.0
 # A pass that raises is retried after resync_interval_s, doubling up to this.
 PASS_FAILURE_BACKOFF_MAX_S = 60.0
 MAX_PASS_ERROR_CHARS = 300
+MAX_PIDS_SHOWN = 10
 
 
 def namespace_of(state_dir: Path) -> str:
@@ -176,23 +178,28 @@ class Reconciler:
             self._gpu, self._gpu_at = gpu.observe(), now
         return self._gpu
 
-    def _follow(self, units: Iterable[Unit], active: str | None) -> tuple[str | None, int | None]:
-        """Track raw output of our live instances; return the active one's last line and pid."""
-        last, leader = None, None
+    def _follow(self, units: Iterable[Unit],
+                active: str | None) -> tuple[str | None, int | None, BootProgress | None]:
+        """Track raw output of our live instances; return the active one's last line, pid and
+        boot progress."""
+        last, leader, booting = None, None, None
         live: dict[Path, tuple[str, int]] = {}
         for unit in units:
             if unit.instance is None or unit.record is None or not unit.procs:
                 continue
             pid = unit.root_pid or min(unit.pids)
             live[raw_log_path(self.state_dir, unit.model, unit.instance)] = (unit.model, pid)
+        engines = self.catalog.engines
         for path, (model, pid) in live.items():
-            self.follower.track(path, model, pid)
+            kind = engines[model].kind if model in engines else "generic"
+            self.follower.track(path, model, pid, kind)
         self.follower.retain(set(live))
         self.follower.poll(wait=False)
         for path, (model, pid) in live.items():
             if model == active:
                 last, leader = self.follower.last_line(path), pid
-        return last, leader
+                booting = self.follower.progress(path)
+        return last, leader, booting
 
     def step(self, check: bool = False) -> PassResult:
         """One pass. With ``check`` nothing is changed and nothing is written."""
@@ -212,12 +219,12 @@ class Reconciler:
 
         def report(current: Plan, units: Iterable[Unit]) -> Status:
             active = current.active.model if current.active else None
-            last_line, leader = self._follow(units, active)
+            last_line, leader, booting = self._follow(units, active)
             recap = {"ok": int(not current.actions), "changed": outcome.changed,
                      "failed": outcome.failed + int(current.verdict.phase is Phase.FAILED)}
             new = compose(PassInput(self.catalog, wish.model, generation, generation, current, obs,
                                     tuple(errors), last_line, recap, leader, self._identity(),
-                                    _memory(current.active)),
+                                    _memory(current.active), booting),
                           self.previous, self._gpu_sample())
             self._publish(new)
             return new
@@ -229,7 +236,8 @@ class Reconciler:
             return PassResult(the_plan, report(the_plan, units_before), None)
         # Say what is about to happen before doing it: the gate stops proxying at once.
         report(the_plan, units_before)
-        outcome = self.executor.run(the_plan.actions, self.catalog.engines, self._rescan)
+        outcome = self.executor.run(the_plan.actions, self.catalog.engines, self._rescan,
+                                    self._kill_progress)
         self.memory = self._remember(the_plan, outcome, wish.model, obs.now)
         errors.extend((e.split(":", 1)[0], e) for e in outcome.errors)
         after = the_plan
@@ -261,6 +269,23 @@ class Reconciler:
             spent = clock.now().timestamp() - now
             return replace(memory, backoff_until=memory.backoff_until + max(0.0, spent))
         return memory
+
+    def _kill_progress(self, alive: tuple[int, ...], waited_s: float) -> None:
+        """A kill that waits long (a driver freeing tens of GB of VRAM) keeps the state
+        flowing: what is still alive and for how long, with a fresh heartbeat."""
+        old = self.previous
+        if old is None:
+            return
+        shown = ", ".join(map(str, alive[:MAX_PIDS_SHOWN])) + (" …" if len(alive) > MAX_PIDS_SHOWN else "")
+        message = (f"stopping: {len(alive)} process(es) still alive {waited_s:.0f} s after SIGKILL "
+                   f"(pids {shown}); waiting up to {killer.KILL_VERIFY_S:g} s for the kernel to free them")
+        if waited_s < 2 * killer.PROGRESS_EVERY_S:
+            self.log.event(message)
+        beat = {**old.reconciler, "heartbeat": clock.iso()}
+        new = status.with_revision(replace(old, message=message, reconciler=beat), old)
+        with contextlib.suppress(OSError):
+            status.write(self.catalog.observed_path, new)
+        self.previous = new
 
     def _publish(self, new: Status) -> None:
         old = self.previous
