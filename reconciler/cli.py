@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from reconciler import __version__, clock, desired, status
+from reconciler import __version__, clock, desired, sdnotify, status, stopper
 from reconciler.catalog import Catalog, resolve
 from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.logs import ActivityLog
@@ -112,6 +116,7 @@ def reconcile(
 ) -> None:
     """Converge engine processes to desired_state.yaml (foreground loop unless --once/--check)."""
     catalog = _catalog(config, demo)
+    lock = None if check or diff else _lock(catalog)  # first: a refusal is one line, nothing else
     log = ActivityLog(catalog.log_file, catalog.state_dir, terminal=sys.stdout)
     rec = _reconciler(catalog, log)
     if check or diff:
@@ -124,7 +129,7 @@ def reconcile(
             typer.echo("ok: nothing to change")
         typer.echo(f"phase would be {result.plan.verdict.phase.value}: {result.plan.verdict.message}")
         raise typer.Exit(EXIT_CONVERGED if not result.plan.actions else EXIT_WAITING)
-    rec.lock = _lock(catalog)
+    rec.lock = lock
     if once:
         result = rec.step()
         rec.follower.poll()
@@ -135,12 +140,13 @@ def reconcile(
         unfinished = result.outcome is not None and result.outcome.stopped_early
         raise typer.Exit(_exit_code(result.plan.verdict.phase, unfinished))
     stop = threading.Event()
-    _on_signals(stop, rec.wake)
+    down_asked = _on_signals(stop, rec.wake)
     try:
         rec.run(stop)
     finally:
-        if stop_on_exit:
-            log.event("stopping managed engines (--stop-on-exit)")
+        if stop_on_exit or down_asked.is_set():
+            log.event("stopping managed engines (" + ("ailayer down" if down_asked.is_set()
+                                                      else "--stop-on-exit") + ")")
             rec.stop_engines()
         log.event("reconciler stopped")
         log.close()
@@ -159,6 +165,7 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
        stop_on_exit: Annotated[bool, typer.Option(help="Kill managed engines on exit.")] = True,
        ) -> None:
     """The main job: the reconciler and the gate together (demo catalog when no config is found)."""
+    sdnotify.claim()  # neither the gate nor an engine may see $NOTIFY_SOCKET
     catalog = _catalog(config, demo)
     lock = _lock(catalog)
     where = ["--config", str(catalog.path)] if catalog.path else ["--demo"]
@@ -177,25 +184,57 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
              "its reason is above); ailayer is not up")
         log.close()
         raise typer.Exit(EXIT_FAILED)
-    toggle_cmd = "ailayer toggle" + (f" --config {catalog.path}" if catalog.path else "")
-    typer.echo(f"ailayer is up: gate {url}  (models: {', '.join(catalog.names())})\n"
-               f"  select a model:  {toggle_cmd} {catalog.names()[0]}   (or: {toggle_cmd} none)\n"
-               f"  follow it:       curl '{url}/status?wait=60'   |   ailayer status --watch\n"
-               f"  then prompt it:  curl {url}/v1/chat/completions -d '{{\"model\": "
-               f"\"{catalog.names()[0]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}]}}'\n"
-               "  Ctrl-C stops it.", err=True)
+    typer.echo(_banner(catalog, url, _again(config, demo)), err=True)
+    sdnotify.notify("READY=1", f"STATUS=gate listening on {url}")
     stop = threading.Event()
-    _on_signals(stop, rec.wake)
+    down_asked = _on_signals(stop, rec.wake)
     try:
         rec.run(stop)
     finally:
+        sdnotify.notify("STOPPING=1")
         gate_proc.terminate()
-        if stop_on_exit:
-            log.event("stopping managed engines")
+        if stop_on_exit or down_asked.is_set():
+            log.event("stopping managed engines" + (" (ailayer down)" if down_asked.is_set() else ""))
             rec.stop_engines()
         _stop(gate_proc)
         log.event("ailayer stopped")
         log.close()
+
+
+def _program() -> list[str]:
+    """How this ailayer is typed in the user's shell: ``ailayer`` only when that is on PATH."""
+    script = Path(sys.executable).parent / "ailayer"
+    if not script.is_file():  # run as `python -m reconciler` without an install
+        return [sys.executable, "-m", "reconciler"]
+    found = shutil.which("ailayer")
+    if found is not None and os.path.samefile(found, script):
+        return ["ailayer"]
+    if script.is_relative_to(Path.cwd()):
+        return [str(script.relative_to(Path.cwd()))]  # e.g. .venv/bin/ailayer: it has a slash
+    return [str(script)]
+
+
+def _again(config: Path | None, demo: bool) -> list[str]:
+    """The options that make another command use this catalog: the ones given, as given."""
+    if config is not None:
+        return ["--config", str(config)]
+    return ["--demo"] if demo else []
+
+
+def _banner(catalog: Catalog, url: str, again: list[str]) -> str:
+    """What to type next; each command works as printed (tests/e2e/test_ops.py runs them)."""
+    def cmd(*args: str) -> str:
+        return shlex.join([*_program(), *args, *again])
+
+    first = catalog.names()[0]
+    prompt = json.dumps({"model": first, "messages": [{"role": "user", "content": "hi"}]})
+    curl = shlex.join(["curl", "-s", f"{url}/v1/chat/completions", "-H",
+                       "Content-Type: application/json", "-d", prompt])
+    return (f"ailayer is up: gate {url}  (models: {', '.join(catalog.names())})\n"
+            f"  select a model:  {cmd('toggle', first)}   (or: {cmd('toggle', 'none')})\n"
+            f"  follow it:       {cmd('status', '--watch')}   |   curl -s {url}/status\n"
+            f"  then prompt it:  {curl}\n"
+            f"  stop it:         Ctrl-C, or {cmd('down')}")
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -232,13 +271,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def _on_signals(stop: threading.Event, wake: threading.Event) -> None:
+def _on_signals(stop: threading.Event, wake: threading.Event) -> threading.Event:
+    """SIGINT/SIGTERM stop the loop; ``ailayer down``'s signal also stops the engines.
+
+    Returns the event that says ``down`` asked.
+    """
+    down_asked = threading.Event()
+
     def handler(signum: int, _frame: object) -> None:
+        if signum == stopper.DOWN_SIGNAL:
+            down_asked.set()
         stop.set()
         wake.set()
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGINT, signal.SIGTERM, stopper.DOWN_SIGNAL):
+        signal.signal(sig, handler)
+    return down_asked
 
 
 def _print_diff(catalog: Catalog, rec: object, plan: object) -> None:
@@ -271,6 +319,75 @@ def toggle(
         raise typer.Exit(EXIT_FAILED) from None
     typer.echo(f"desired model: {result.model or 'none'} (generation {result.generation}) "
                f"written to {catalog.desired_path}")
+
+
+@app.command()
+def down(config: ConfigOpt = None, demo: DemoOpt = False) -> None:
+    """Stop the running `up` or `reconcile` of this catalog, and every engine it started."""
+    from reconciler import preflight
+    from reconciler.loop import namespace_of
+
+    catalog = _catalog(config, demo)
+    lock = StateLock(catalog.state_dir)
+    pid = stopper.holder(lock.path)
+    if pid is None:
+        try:
+            lock.acquire()
+        except AlreadyRunning as exc:  # one started just now
+            _err(f"ailayer: {exc}")
+            raise typer.Exit(EXIT_FAILED) from None
+        stopped = "no reconciler was running"
+    else:
+        _signal_reconciler(pid)
+        _err(f"ailayer: asked the reconciler (pid {pid}) to stop its engines and exit; "
+             f"waiting up to {stopper.STOP_DEADLINE_S:g} s")
+        waited, other = stopper.wait_released(lock, pid, stopper.STOP_DEADLINE_S)
+        if waited is stopper.Waited.TIMEOUT:
+            _err(f"ailayer: the reconciler (pid {pid}) did not stop within "
+                 f"{stopper.STOP_DEADLINE_S:g} s; killing it and stopping the engines here")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            waited, other = stopper.wait_released(lock, pid, stopper.KILLED_RELEASE_S)
+        if waited is not stopper.Waited.RELEASED:
+            why = (f"another reconciler (pid {other}) took the state dir as soon as it stopped: "
+                   "a supervisor restarts it (`systemctl stop ailayer`, then `ailayer down`)"
+                   if waited is stopper.Waited.TAKEN else "it still holds the state dir lock")
+            _err(f"ailayer: not down: {why}")
+            raise typer.Exit(EXIT_FAILED)
+        stopped = f"reconciler pid {pid} stopped"
+    # Whatever it left (a `reconcile` without --stop-on-exit, or one killed) goes too; the lock
+    # is ours, so nothing starts an engine meanwhile.
+    log = ActivityLog(catalog.log_file, catalog.state_dir, terminal=sys.stdout)
+    try:
+        rec = _reconciler(catalog, log)
+        rec.lock = lock
+        if preflight.running_instances(catalog, rec.namespace):
+            log.event("stopping managed engines (ailayer down)")
+            rec.stop_engines()
+        left = preflight.running_instances(catalog, namespace_of(catalog.state_dir))
+    finally:
+        log.close()
+    if left:
+        _err("ailayer: not down: engine processes survived the stop: " +
+             "; ".join(f"{u.model} pids {u.pids}" for u in left))
+        raise typer.Exit(EXIT_FAILED)
+    try:
+        wish = desired.read(catalog).model
+    except InvalidFile:
+        wish = None
+    again = f" (desired_state.yaml still selects {wish}: the next `up` loads it; " \
+            f"`toggle none` clears it)" if wish else ""
+    typer.echo(f"ailayer is down: {stopped}; no engine is running{again}")
+
+
+def _signal_reconciler(pid: int) -> None:
+    try:
+        os.kill(pid, stopper.DOWN_SIGNAL)
+    except ProcessLookupError:
+        pass  # it exited meanwhile: the lock is free
+    except PermissionError:
+        _err(f"ailayer: the reconciler (pid {pid}) runs as another user: run `sudo ailayer down`")
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 def _render(doc: dict[str, object]) -> str:
@@ -336,7 +453,11 @@ def validate(
     config: ConfigOpt = None,
     demo: DemoOpt = False,
 ) -> None:
-    """Check the catalog and desired_state.yaml against their schemas."""
+    """Check the catalog and desired state, and whether `up` would work here: the engines'
+    executables, writable dirs, who holds the ports, the toggle token."""
+    from reconciler import preflight
+    from reconciler.loop import namespace_of
+
     catalog = _catalog(config, demo)
     typer.echo(f"catalog ok: {len(catalog.engines)} engines ({', '.join(catalog.names())})")
     try:
@@ -344,7 +465,17 @@ def validate(
     except InvalidFile as exc:
         _err(f"ailayer: invalid desired state: {exc}")
         raise typer.Exit(EXIT_FAILED) from None
+    except PermissionError as exc:
+        _err(f"ailayer: cannot read the desired state {catalog.desired_path}: {exc.strerror}")
+        raise typer.Exit(EXIT_FAILED) from None
     typer.echo(f"desired state ok: model {wish.model or 'none'} ({catalog.desired_path})")
+    findings = preflight.check(catalog, namespace_of(catalog.state_dir))
+    for finding in findings:
+        _err(f"{'error' if finding.error else 'warning'}: {finding.message}")
+    if any(f.error for f in findings):
+        raise typer.Exit(EXIT_FAILED)
+    typer.echo("ready to run: engines installed, dirs writable" +
+               (f" ({sum(1 for _ in findings)} warnings above)" if findings else ", ports free, token set"))
 
 
 @app.command()
@@ -356,10 +487,7 @@ def logs(
 ) -> None:
     """Print the activity log (engine output and reconciler events)."""
     catalog = _catalog(config, demo)
-    path = catalog.log_file
-    fallback = catalog.state_dir / "ai_layer_activity.log"
-    if not path.exists() and fallback.exists():
-        path = fallback
+    path = _readable_log(catalog.log_file, catalog.state_dir / "ai_layer_activity.log")
     try:
         with path.open("rb") as handle:
             tail = handle.read().splitlines()[-lines:]
@@ -374,8 +502,24 @@ def logs(
     except FileNotFoundError:
         _err(f"ailayer: no log file yet at {path}")
         raise typer.Exit(EXIT_FAILED) from None
+    except PermissionError:
+        _err(f"ailayer: cannot read {path} (nor a fallback log): run as root, or `sudo ailayer logs`")
+        raise typer.Exit(EXIT_FAILED) from None
     except KeyboardInterrupt:
         pass
+
+
+def _readable_log(path: Path, fallback: Path) -> Path:
+    """The log the reconciler writes: the wanted one, or the state dir's fallback when the
+    wanted one cannot be read, is missing, or is older (the reconciler fell back to it)."""
+    def readable(p: Path) -> bool:
+        return p.is_file() and os.access(p, os.R_OK)
+
+    if not readable(fallback):
+        return path
+    if not readable(path) or fallback.stat().st_mtime > path.stat().st_mtime:
+        return fallback
+    return path
 
 
 SCENARIOS = ("zombies", "patience", "empty-request", "all")
@@ -469,10 +613,19 @@ def demo_model(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # Typically the real catalog run as non-root: /var/lib/ailayer, /var/log are root's.
+        where = f": {exc.filename}" if exc.filename else ""
+        _err(f"ailayer: {exc.strerror.lower() if exc.strerror else 'not permitted'}{where}; run it "
+             "as root (sudo), or point state_dir, log_file and desired_state at paths you can write")
+        sys.exit(EXIT_FAILED)
 
 
 def reconcile_main() -> None:
     """The ``reconcile`` script: the same as ``ailayer reconcile``."""
     sys.argv.insert(1, "reconcile")
-    app()
+    main()
