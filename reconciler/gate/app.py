@@ -24,6 +24,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from reconciler import clock
 from reconciler.catalog import Catalog, CatalogSource, GateConfig
 from reconciler.gate import errors
+from reconciler.gate.dashboard import Dashboard
 from reconciler.gate.errors import OLLAMA, OPENAI, Refusal
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.proxy import Proxy
@@ -94,7 +95,8 @@ def _host_check(gate: GateConfig) -> Callable[..., Any]:
     return check
 
 
-async def _follow_catalog(source: CatalogSource, proxy: Proxy, toggle: Toggle) -> None:
+async def _follow_catalog(source: CatalogSource, proxy: Proxy, toggle: Toggle,
+                          dashboard: Dashboard) -> None:
     """Pick up engines added to (or removed from) the catalog without a restart, as the loop
     does: a model added to engines.yaml got 422 from /toggle until the gate restarted."""
     error = None
@@ -103,6 +105,7 @@ async def _follow_catalog(source: CatalogSource, proxy: Proxy, toggle: Toggle) -
         if source.refresh():
             proxy.use(source.catalog)
             toggle.use(source.catalog)
+            dashboard.use(source.catalog)
             log.info("catalog %s reloaded: models %s", source.path, ", ".join(source.catalog.names()))
         if source.error != error and source.error:
             log.warning("catalog not reloaded: %s", source.error)
@@ -127,12 +130,15 @@ def build_app(catalog: Catalog) -> web.Application:
     app.router.add_get("/healthz", status_api.healthz)
     app.router.add_post("/toggle", toggle.handle)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    dashboard = Dashboard(catalog, follower, metrics)
+    dashboard.install(app)  # GET / (the page), /ui/*, /logs, /switches
 
     async def lifetime(_: web.Application) -> AsyncIterator[None]:
         await follower.start()
         metrics.watch(follower)
         await proxy.start()
-        watcher = asyncio.create_task(_follow_catalog(CatalogSource(catalog, catalog.path), proxy, toggle))
+        watcher = asyncio.create_task(_follow_catalog(CatalogSource(catalog, catalog.path), proxy, toggle,
+                                                      dashboard))
         yield
         watcher.cancel()
         await proxy.close()
