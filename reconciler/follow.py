@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler import clock
+from reconciler import clock, progress
 from reconciler.atomicfile import write_atomic
 from reconciler.logs import ActivityLog, sanitize
+from reconciler.progress import BootProgress
 
 # How often the follower looks for new output; the terminal lags the engine by at most this.
 POLL_S = 0.2
@@ -35,6 +36,7 @@ class _Tail:
     partial: bytes = b""
     last_line: str | None = None
     done: bool = False  # the instance is gone; drain and forget
+    progress: progress.Tracker = field(default_factory=lambda: progress.Tracker("generic"))
 
 
 class Follower:
@@ -55,14 +57,17 @@ class Follower:
         except (OSError, ValueError, AttributeError):
             return {}
 
-    def track(self, path: Path, model: str, pid: int | None) -> None:
+    def track(self, path: Path, model: str, pid: int | None, kind: str = "generic") -> None:
         """Start (or keep) following ``path``; resumes from the saved offset if any."""
         with self._lock:
             tail = self._tails.get(path)
             if tail is None:
-                self._tails[path] = _Tail(model, pid, self._saved.get(str(path), 0))
+                self._tails[path] = _Tail(model, pid, self._saved.get(str(path), 0),
+                                          progress=progress.Tracker(kind))
             else:
                 tail.pid, tail.done = pid, False
+                if tail.progress.kind != kind:
+                    tail.progress = progress.Tracker(kind)
 
     def retain(self, live: set[Path]) -> None:
         """Instances not in ``live`` are gone: drain their files, then delete them.
@@ -85,6 +90,12 @@ class Follower:
         with self._lock:
             tail = self._tails.get(path)
             return tail.last_line if tail else None
+
+    def progress(self, path: Path) -> BootProgress | None:
+        """The boot progress the engine's output last reported (a bar being redrawn counts)."""
+        with self._lock:
+            tail = self._tails.get(path)
+            return tail.progress.current if tail else None
 
     def poll(self, wait: bool = True) -> None:
         """Read new output. ``wait=False``: skip if another thread is already polling.
@@ -138,11 +149,19 @@ class Follower:
             rest = rest[MAX_LINE_BYTES:]
         tail.partial = rest
         self._emit(tail, *pieces)
+        if rest and tail.progress.active:
+            # A bar redrawn with \r, or llama.cpp's dots, shows its state before its line ends.
+            tail.progress.peek(sanitize(rest).strip())
 
     def _emit(self, tail: _Tail, *raws: bytes) -> None:
-        texts = [t for t in (sanitize(raw).rstrip() for raw in raws) if t]
+        dots = tail.progress.kind in progress.DOTS_KINDS
+        texts = [t for raw in raws for piece in progress.unglue(sanitize(raw), dots)
+                 if (t := piece.rstrip())]
         if texts:
             tail.last_line = texts[-1]
+            if tail.progress.active:
+                for text in texts:
+                    tail.progress.feed(text)
             self._log.write_lines(tail.model, tail.pid, texts)
 
     def _flush_partial(self, tail: _Tail) -> None:

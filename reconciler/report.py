@@ -10,6 +10,7 @@ from reconciler import __version__, clock
 from reconciler.catalog import Catalog
 from reconciler.facts import Gpu, Observation
 from reconciler.planner import Plan
+from reconciler.progress import BootProgress
 from reconciler.status import (
     BootInfo,
     Condition,
@@ -37,6 +38,7 @@ class PassInput:
     leader_pid: int | None
     identity: dict[str, str]
     memory: tuple[int | None, str | None] = (None, None)  # the active engine's bytes, and whence
+    progress: BootProgress | None = None  # what the active engine's output says of its load
 
 
 def _iso(epoch: float) -> str:
@@ -103,6 +105,7 @@ def compose(p: PassInput, previous: Status | None, gpu: Gpu) -> Status:
                     budget_s=engine.boot_timeout_s,
                     deadline=_iso(active.started_at + engine.boot_timeout_s),
                     attempt=plan.memory.restarts + 1,
+                    progress=p.progress.to_dict() if p.progress is not None else None,
                 )
     phase_since = (previous.phase_since if previous and previous.phase == verdict.phase
                    else clock.iso())

@@ -62,6 +62,9 @@ class BootInfo:
     budget_s: float
     deadline: str
     attempt: int
+    # {"percent": number | null, "stage": text} parsed from the engine's output
+    # (reconciler/progress.py); None until its output says anything about the load.
+    progress: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

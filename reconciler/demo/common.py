@@ -217,6 +217,11 @@ class WorkerSpec:
     steps: int
     crash_errors: Mapping[str, str]  # fail mode -> the exception line it dies with
     log: Callable[[str], None]
+    # "tqdm": a bar redrawn with \r (vLLM); "dots": ``progress_label`` as a line, then one "."
+    # per percent and a newline at 100 % (llama.cpp's default load callback).
+    progress_style: str = "tqdm"
+    # The line the real engine prints once its weights are in, given the seconds it took.
+    loaded_line: Callable[[float], str] | None = None
 
 
 def escape_session() -> None:
@@ -274,22 +279,33 @@ def _crash(spec: WorkerSpec, where: str) -> int:
     return 1
 
 
+def _write_err(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
 def _load(spec: WorkerSpec, memory: MemoryHold) -> bool:
     """Grab memory shard by shard with a progress bar; False if told to crash mid-way."""
     steps = max(1, spec.steps)
     per_step = spec.load_seconds / steps
     start = clock.monotonic()
-    emit_progress(progress_text(spec.progress_label, 0, steps, 0.0, per_step))
+    dots = spec.progress_style == "dots"
+    if dots:
+        emit(spec.progress_label, sys.stderr)
+    else:
+        emit_progress(progress_text(spec.progress_label, 0, steps, 0.0, per_step))
     for done, mb in enumerate(_split_mb(spec.vram_mb, steps), start=1):
         clock.sleep(per_step)
         memory.grab(mb)
         elapsed = clock.monotonic() - start
-        emit_progress(progress_text(spec.progress_label, done, steps, elapsed, per_step))
+        if dots:
+            _write_err("." * (100 * done // steps - 100 * (done - 1) // steps))
+        else:
+            emit_progress(progress_text(spec.progress_label, done, steps, elapsed, per_step))
         if spec.fail == "crash-loading" and done >= (steps + 1) // 2:
             return False
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+    _write_err("\n")
     return True
 
 
@@ -319,7 +335,9 @@ def run_worker(spec: WorkerSpec, where: str) -> int:
     started = clock.monotonic()
     if not _load(spec, memory):
         return _crash(spec, where)
-    spec.log(f"weights loaded: {spec.vram_mb} MiB in {clock.monotonic() - started:.2f} seconds")
+    took = clock.monotonic() - started
+    spec.log(spec.loaded_line(took) if spec.loaded_line is not None
+             else f"weights loaded: {spec.vram_mb} MiB in {took:.2f} seconds")
     _report_ready(spec.ready_fd)
     if spec.fail == "crash-ready":
         clock.sleep(READY_AFTER_S)

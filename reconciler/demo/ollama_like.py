@@ -383,6 +383,7 @@ class OllamaServer:
         port = free_port()
         shown = llama_server.shown_argv(self.settings.prefix, model.blob(self.settings.models), port, RUNNER_HOST)
         log(f"starting llama server: cmd={' '.join(shown)}", source="server.go:1")
+        began = clock.monotonic()
         argv = llama_server.boot_argv(shown)
         link = WorkerLink.spawn(
             lambda _: argv,
@@ -408,7 +409,7 @@ class OllamaServer:
             message = f"llama runner process has terminated: exit status {code}"
             log(message, level="ERROR", source="sched.go:1")
             raise LoadError(message)
-        log(f"llama runner started, model {model.name} (pid {link.pid})", source="server.go:1")
+        log(f"llama runner started in {clock.monotonic() - began:.2f} seconds", source="server.go:1")
         self.loaded[model.name] = loaded
         self._background(self._watch(loaded))
         if self.opts.fail == "hang-ready":
@@ -716,7 +717,8 @@ def llama_server_main(spec: Mapping[str, Any]) -> int:
         fail=str(spec["fail"]),
         ready_fd=int(spec["ready_fd"]),
         escape=bool(spec["escape"]),
-        progress_label="llama_model_load: loading model tensors",
+        progress_label="load_tensors: loading model tensors, this can take a while... (mmap = true)",
+        progress_style="dots",
         steps=10,
         crash_errors=CRASH_ERRORS,
         log=runner_log,

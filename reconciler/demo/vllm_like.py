@@ -359,6 +359,7 @@ def engine_core(ns: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API server's to handle
         signal.signal(signal.SIGTERM, _raise_exit)  # so the finally below stops the Worker
     core_log(f"Initializing a V1 LLM engine (v{DEMO_VERSION}) with config: model={ns.model!r}")
+    started = clock.monotonic()
     ready_r, ready_w = os.pipe()
     death_r, death_w = os.pipe()  # death_w stays open while we live: its EOF tells the Worker
     flags = worker_flags(ns.model, ns.vram_mb, ns.load_seconds, ns.fail)
@@ -373,6 +374,8 @@ def engine_core(ns: argparse.Namespace) -> int:
             for line in traceback_lines(__file__, WORKER_START_FAILED):
                 emit(line, sys.stderr)
             return 1
+        core_log(f"init engine (profile, create kv cache, warmup model) took "
+                 f"{clock.monotonic() - started:.2f} s")
         with contextlib.suppress(OSError):  # the API server may already be gone
             os.write(ns.ready_fd, b"R")
         while _read_until_eof(ready_r):
@@ -418,6 +421,7 @@ def worker(ns: argparse.Namespace) -> int:
         steps=5,
         crash_errors=CRASH_ERRORS,
         log=worker_log,
+        loaded_line=lambda took: f"Loading weights took {took:.2f} seconds",
     )
     return run_worker(spec, __file__)
 

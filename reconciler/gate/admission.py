@@ -67,9 +67,20 @@ def _progress(follower: StateFollower, data: dict[str, Any]) -> dict[str, Any]:
             deadline=boot.get("deadline"),
             attempt=boot.get("attempt"),
         )
+        if isinstance(boot.get("progress"), dict):
+            detail["progress"] = boot["progress"]  # {"percent", "stage"} from the engine's output
     if data.get("last_log_line"):
         detail["last_log_line"] = data["last_log_line"]
     return detail
+
+
+def _stage_text(progress: object) -> str:
+    """``; stage: loading checkpoint shards (2/5), 40%`` from boot.progress, or nothing."""
+    if not isinstance(progress, dict) or not progress.get("stage"):
+        return ""
+    percent = progress.get("percent")
+    shown = f", {percent:g}%" if isinstance(percent, int | float) else ""
+    return f"; stage: {progress['stage']}{shown}"
 
 
 def _not_running(follower: StateFollower) -> Refusal:
@@ -103,7 +114,7 @@ def _converging(follower: StateFollower, data: dict[str, Any], phase: str) -> Re
         what = (
             f"model {model!r} is loading: {_fmt(detail['elapsed_s'])} of "
             f"{_fmt(detail['budget_s'])} elapsed, deadline {detail['deadline']}"
-        )
+        ) + _stage_text(detail.get("progress"))
     elif phase == Phase.STOPPING:
         what = f"switching models: stopping the previous engine before starting {model!r}"
     elif phase == Phase.WAITING_PORT:

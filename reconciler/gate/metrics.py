@@ -60,6 +60,11 @@ class GateMetrics:
                                     "Streamed responses being relayed now", registry=r)
         self.streams = Counter("ailayer_gate_streams", "Streamed responses relayed, by how they ended",
                                ["outcome"], registry=r)
+        self.boot_percent = Gauge("ailayer_boot_progress_percent",
+                                  "Percent of the loading engine's current boot stage, from its "
+                                  "output (boot.progress); NaN when unknown or not loading",
+                                  registry=r)
+        self.boot_percent.set(float("nan"))
         self.waiters = Gauge("ailayer_gate_watchers",
                              "Long-poll and /events clients waiting for a change", registry=r)
         self._children: dict[tuple[str, str], Any] = {}
@@ -91,6 +96,9 @@ class GateMetrics:
         boot = data.get("boot")
         if isinstance(boot, dict) and boot.get("started_at"):
             self._boot_started = str(boot["started_at"])
+        progress = boot.get("progress") if isinstance(boot, dict) else None
+        percent = progress.get("percent") if isinstance(progress, dict) else None
+        self.boot_percent.set(float(percent) if isinstance(percent, int | float) else float("nan"))
         if new.phase == Phase.READY and old.phase != Phase.READY and old is not new:
             took = _seconds_between(self._boot_started, data.get("phase_since"))
             if took is not None and took >= 0:

@@ -220,9 +220,10 @@ class FakeReconciler:
         return self.write(status.Phase.READY, desired_model=model, active_model=model,
                           engine=info)
 
-    def loading(self, model: str, elapsed_s: float = 125.0, budget_s: float = 2700.0) -> int:
+    def loading(self, model: str, elapsed_s: float = 125.0, budget_s: float = 2700.0,
+                progress: dict[str, Any] | None = None) -> int:
         boot = status.BootInfo(started_at=clock.iso(), elapsed_s=elapsed_s, budget_s=budget_s,
-                               deadline="2030-01-01T00:45:00.000+00:00", attempt=1)
+                               deadline="2030-01-01T00:45:00.000+00:00", attempt=1, progress=progress)
         return self.write(status.Phase.LOADING, desired_model=model, boot=boot,
                           last_log_line="Loading safetensors checkpoint shards: 40% Completed")
 
@@ -410,6 +411,26 @@ def test_loading_is_503_with_retry_after_and_progress(gate: Gate) -> None:
         ollama_resp = client.post("/api/chat", json={"model": "gpt-oss", "messages": []})
         assert ollama_resp.status_code == 503 and "Retry-After" in ollama_resp.headers
         assert isinstance(ollama_resp.json()["error"], str)
+        assert "progress" not in info  # nothing parsed yet: absent, not invented
+
+
+def test_boot_progress_is_in_the_503_status_and_metrics(gate: Gate) -> None:
+    shards = {"percent": 40.0, "stage": "loading checkpoint shards (2/5)"}
+    gate.state.loading("gpt-oss", progress=shards)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/status").json()["phase"] == "LOADING", "LOADING")
+        assert client.get("/status").json()["boot"]["progress"] == shards
+        resp = client.post("/v1/chat/completions", json=chat_body())
+        assert resp.status_code == 503
+        body = openai_error(resp)
+        assert body["ailayer"]["progress"] == shards
+        assert "stage: loading checkpoint shards (2/5), 40%" in body["error"]["message"]
+        assert client.post("/api/chat", json={"model": "gpt-oss", "messages": []}).json()[
+            "ailayer"]["progress"] == shards
+        assert "ailayer_boot_progress_percent 40.0" in client.get("/metrics").text
+        gate.state.idle()
+        poll_until(lambda: client.get("/status").json()["phase"] == "IDLE", "IDLE")
+        assert "ailayer_boot_progress_percent NaN" in client.get("/metrics").text
 
 
 def test_failed_is_503_with_the_reason(gate: Gate) -> None:

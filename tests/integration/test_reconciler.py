@@ -388,3 +388,37 @@ def test_engines_never_inherit_the_gates_token(stack: Stack) -> None:
     doc = stack.wait_phase("READY", "gpt-oss")
     env = psutil.Process(doc["engine"]["pid"]).environ()
     assert "AILAYER_TOKEN" not in env and env.get("SOME_OTHER_VAR") == "kept"
+
+
+@pytest.mark.parametrize(("model", "first_stage"), [("gpt-oss", "loading checkpoint shards"),
+                                                    ("gemma2", "loading model tensors")])
+def test_boot_progress_reaches_the_observed_state_while_loading(tmp_path: Path, model: str,
+                                                                first_stage: str) -> None:
+    """The stand-ins print progress as the real engines do (tqdm bar, llama.cpp dots); the
+    observed state carries it as boot.progress while LOADING, and drops it once READY."""
+    # Ollama from 0.32.4 holds /api/ps (the readiness check) until the load ends, so a pass
+    # waits a probe timeout (5 s) there: longer than this load. 0.32.3 answers at once.
+    s = Stack(tmp_path, {"gpt-oss": demo_engine("vllm", free_port(), boot_s=3.0),
+                         "gemma2": demo_engine("ollama", free_port(), boot_s=3.0,
+                                               args=["--ollama-version", "0.32.3"])})
+    seen: list[dict[str, Any]] = []
+    try:
+        s.start()
+        s.toggle(model)
+
+        def ready() -> bool:
+            doc = s.status()
+            boot = doc.get("boot") or {}
+            if doc.get("phase") == "LOADING" and boot.get("progress") and boot["progress"] not in seen:
+                seen.append(boot["progress"])
+            return doc.get("phase") == "READY"
+
+        wait_until("READY", ready)
+        assert s.status()["boot"] is None
+    finally:
+        s.stop()
+        s.toggle(None)
+        assert s.cli("reconcile", "--once").returncode == 0
+    loads = [p["percent"] for p in seen if p["stage"].startswith(first_stage) and p["percent"] is not None]
+    assert len(loads) >= 2, seen  # a 3 s load in steps, followed pass by pass
+    assert loads == sorted(loads) and 0 <= loads[0] < loads[-1] <= 100, seen

@@ -14,6 +14,7 @@ import pytest
 from reconciler import follow
 from reconciler.follow import CONTINUES, MAX_LINE_BYTES, Follower
 from reconciler.logs import ActivityLog
+from reconciler.progress import BootProgress
 
 LINE = re.compile(r"^\[[^\]]+\] \[(?P<model>[^\]]+)\] \[(?P<pid>[^\]]+)\] (?P<message>.*)$")
 
@@ -283,3 +284,59 @@ def test_a_flood_is_read_in_bounded_chunks(rig: Rig, monkeypatch: pytest.MonkeyP
     for _ in range(20):
         follower.poll()
     assert rig.lines("m") == [f"line {i:03d}" for i in range(50)]
+
+
+def test_boot_progress_follows_a_bar_being_redrawn_before_its_line_ends(rig: Rig) -> None:
+    path = rig.engines / "gpt.a1.log"
+    follower = rig.follower()
+    follower.track(path, "gpt", 7, "vllm")
+    append(path, b"(Worker pid=7) INFO [cpu_model_runner.py:68] Starting to load model /m...\n")
+    follower.poll()
+    assert follower.progress(path) == BootProgress(None, "loading model")
+    append(path, b"\rLoading safetensors checkpoint shards:  40% Completed | 2/5 [00:02<00:03,  1.0it/s]")
+    follower.poll()  # no newline yet: the bar's state still counts
+    assert follower.progress(path) == BootProgress(40.0, "loading checkpoint shards (2/5)")
+    append(path, b"\rLoading safetensors checkpoint shards: 100% Completed | 5/5 [00:05<00:00,  1.0it/s]\n"
+                 b"unrelated line\n")
+    follower.poll()
+    assert follower.progress(path) == BootProgress(100.0, "loading checkpoint shards (5/5)")
+
+
+def test_llamacpp_dots_count_as_they_arrive(rig: Rig) -> None:
+    path = rig.engines / "tiny.a1.log"
+    follower = rig.follower()
+    follower.track(path, "tiny", 7, "llamacpp")
+    append(path, b"load_tensors: loading model tensors, this can take a while... (mmap = true)\n" + b"." * 30)
+    follower.poll()
+    assert follower.progress(path) == BootProgress(30.0, "loading model tensors")
+    append(path, b"." * 70 + b"\n")
+    follower.poll()
+    assert follower.progress(path) == BootProgress(100.0, "loading model tensors")
+
+
+def test_a_generic_engine_has_no_boot_progress(rig: Rig) -> None:
+    path = rig.engines / "g.a1.log"
+    follower = rig.follower()
+    follower.track(path, "g", 7)
+    append(path, b"Loading safetensors checkpoint shards:  40% Completed | 2/5\n")
+    follower.poll()
+    assert follower.progress(path) is None
+    assert follower.progress(rig.engines / "untracked.log") is None
+
+
+def test_lines_glued_to_an_unfinished_bar_or_dots_become_lines_of_their_own(rig: Rig) -> None:
+    vllm, ollama = rig.engines / "gpt.a1.log", rig.engines / "gem.a1.log"
+    follower = rig.follower()
+    follower.track(vllm, "gpt", 7, "vllm")
+    follower.track(ollama, "gem", 8, "ollama")
+    append(vllm, b"\rLoading safetensors checkpoint shards:  40% Completed | 2/5 [00:02<00:03,  1.6it/s]"
+                 b"(APIServer pid=7) INFO [x.py:1] waiting\n")
+    append(ollama, b"load_tensors: loading model tensors, this can take a while... (mmap = true)\n"
+                   b".........." b'[GIN] 200 | GET "/api/ps"\n' b"..........")
+    follower.poll()
+    assert rig.lines("gpt") == ["Loading safetensors checkpoint shards:  40% Completed | 2/5 [00:02<00:03,  1.6it/s]",
+                                "(APIServer pid=7) INFO [x.py:1] waiting"]
+    assert rig.lines("gem") == ["load_tensors: loading model tensors, this can take a while... (mmap = true)",
+                                "..........", '[GIN] 200 | GET "/api/ps"']
+    assert follower.progress(vllm) == BootProgress(40.0, "loading checkpoint shards (2/5)")
+    assert follower.progress(ollama) == BootProgress(20.0, "loading model tensors")

@@ -14,6 +14,7 @@ import pytest
 from reconciler import catalog, planner, report, schemas, status
 from reconciler.facts import Cookie, Gpu, Observation, Probe, Proc, Record
 from reconciler.planner import Memory
+from reconciler.progress import BootProgress
 from reconciler.status import (
     BootInfo,
     Condition,
@@ -242,13 +243,14 @@ def record_of(pid: int, started: float) -> Record:
 
 
 def compose(desired: str | None, obs: Observation, memory: Memory, previous: Status | None = None,
-            errors: tuple[tuple[str, str], ...] = ()) -> Status:
+            errors: tuple[tuple[str, str], ...] = (), booting: BootProgress | None = None) -> Status:
     cat = catalog.demo(Path("/srv"))
     result = planner.plan(desired, cat.engines, obs, memory, NS)
     p = report.PassInput(catalog=cat, desired_model=desired, desired_generation=2, observed_generation=2,
                          plan=result, obs=obs, errors=errors, last_log_line="INFO hello",
                          recap={"spawned": 0}, leader_pid=None,
-                         identity={"mode": "record", "reason": "test", "port_holders": "sock_diag"})
+                         identity={"mode": "record", "reason": "test", "port_holders": "sock_diag"},
+                         progress=booting)
     return report.compose(p, previous, Gpu(False, "no GPU in tests"))
 
 
@@ -276,7 +278,31 @@ def test_composed_loading_status_has_engine_and_boot_and_validates() -> None:
     assert composed.boot is not None
     assert composed.boot.elapsed_s == 60.0
     assert composed.boot.budget_s == 2700.0
+    assert composed.boot.progress is None  # the engine has said nothing about its load yet
     validate(json.loads(composed.to_json()))
+
+
+def test_boot_progress_is_in_the_loading_state_and_a_new_percent_bumps_the_revision() -> None:
+    started = NOW - 60
+    obs = observation(vllm_proc(10, started), probe=Probe(False, "refused"))
+    memory = Memory(model="gpt-oss", tracked="a1")
+    first = compose("gpt-oss", obs, memory, booting=BootProgress(40.0, "loading checkpoint shards (2/5)"))
+    assert first.boot is not None
+    assert first.boot.progress == {"percent": 40.0, "stage": "loading checkpoint shards (2/5)"}
+    validate(json.loads(first.to_json()))
+    same = compose("gpt-oss", obs, memory, first, booting=BootProgress(40.0, "loading checkpoint shards (2/5)"))
+    assert same.revision == first.revision
+    moved = compose("gpt-oss", obs, memory, same, booting=BootProgress(60.0, "loading checkpoint shards (3/5)"))
+    assert moved.revision == first.revision + 1
+    assert status.from_dict(json.loads(moved.to_json())).boot == moved.boot
+
+
+def test_boot_progress_is_gone_once_ready() -> None:
+    started = NOW - 60
+    ready = compose("gpt-oss", observation(vllm_proc(10, started), probe=Probe(True, "200")),
+                    Memory(model="gpt-oss", tracked="a1", ready_since=NOW - 1),
+                    booting=BootProgress(None, "starting the API server"))
+    assert ready.phase is Phase.READY and ready.boot is None
 
 
 def test_composed_status_with_an_error_validates_and_keeps_times_across_passes() -> None:
