@@ -39,6 +39,16 @@ GPU_EVERY_S = 10.0
 PASS_FAILURE_BACKOFF_MAX_S = 60.0
 MAX_PASS_ERROR_CHARS = 300
 MAX_PIDS_SHOWN = 10
+# A flapping desired file: a change of model within this window of the last one waits for
+# the window's end; a change taken less than FLAP_QUIET_S after the last doubles it (to the
+# max), a later one resets it. So 5 s of writes cost a handful of engine starts, not one per
+# write, and the first change after a quiet spell is taken at once: a toggle costs no delay.
+FLAP_WINDOW_MIN_S = 0.1
+FLAP_WINDOW_MAX_S = 2.0
+FLAP_QUIET_S = 2 * FLAP_WINDOW_MAX_S
+# Passes started by file events come at most this often: a busy writer costs four passes a
+# second, not one per write. Passes the loop schedules itself never wait for it.
+WAKE_SPACING_S = 0.25
 
 
 def namespace_of(state_dir: Path) -> str:
@@ -75,6 +85,9 @@ class Reconciler:
         # The READY engine health-checked between passes, and a failed check for the next pass.
         self._watch: tuple[Engine, str] | None = None
         self._failed_check: tuple[str, Probe] | None = None
+        self._woken_at = -WAKE_SPACING_S  # when the last pass that a wake started began
+        self._changed_at = -FLAP_WINDOW_MAX_S  # when the last change of model was taken
+        self._flap_window = FLAP_WINDOW_MIN_S
         # The state dir's lock, held by the CLI; re-taken each pass if the dir was removed.
         self.lock: StateLock | None = None
 
@@ -99,12 +112,29 @@ class Reconciler:
             self._absent_since = None
             errors.append(("InvalidDesiredState", f"{exc}; keeping the last good desired state"))
         else:
-            if not self._settling(wish):
+            if not self._settling(wish) and not self._flapping(wish):
                 # The reported generation never goes back, even when a hand edit lowers the file's.
                 changed = self.last_good is None or wish.model != self.last_good.model
                 self._desired_counter = max(self._desired_counter + int(changed), wish.generation or 0)
                 self.last_good = wish
         return self.last_good or desired.Desired(None)
+
+    def _flapping(self, wish: desired.Desired) -> bool:
+        """A change of model within the flap window of the last one is held back (and looked at
+        again when the window ends); the window doubles while changes keep coming that fast.
+        The first change after a quiet spell is taken at once."""
+        if self.last_good is None or wish.model == self.last_good.model:
+            return False
+        now = clock.monotonic()
+        since = now - self._changed_at
+        if since < self._flap_window:
+            wait = self._flap_window - since
+            self.recheck_in = wait if self.recheck_in is None else min(self.recheck_in, wait)
+            return True
+        flapping = since < FLAP_QUIET_S
+        self._flap_window = min(self._flap_window * 2, FLAP_WINDOW_MAX_S) if flapping else FLAP_WINDOW_MIN_S
+        self._changed_at = now
+        return False
 
     def _settling(self, wish: desired.Desired) -> bool:
         """A file that vanished or went empty while a model runs may be a non-atomic write
@@ -336,8 +366,8 @@ class Reconciler:
                 except Exception as exc:  # the loop must outlive any single bad pass
                     failed_passes += 1
                     delay = self._pass_failed(exc, failed_passes)
-                if delay > 0:
-                    self._idle(delay)
+                if delay > 0 and self._idle(delay):
+                    self._coalesce(stop)
                 if stop.is_set():
                     break
         finally:
@@ -349,27 +379,35 @@ class Reconciler:
         engine = self.catalog.engines.get(active.model) if active is not None else None
         return (engine, the_plan.watch) if engine is not None and the_plan.watch else None
 
-    def _idle(self, delay: float) -> None:
-        """Wait for the next pass; meanwhile health-check a READY engine every liveness period.
+    def _idle(self, delay: float) -> bool:
+        """Wait for the next pass (True: a wake cut it short); meanwhile health-check a READY
+        engine every liveness period.
 
         A check costs one HTTP request, a full pass a scan of the process table: between
         passes only the check runs, and its first failure starts the next pass at once (the
         phase leaves READY there). Any wake (a file event, a stop) also ends the wait.
         """
         if self._watch is None:
-            clock.sleep(delay, self.wake)
-            return
+            return clock.sleep(delay, self.wake)
         engine, instance = self._watch
         end = clock.monotonic() + delay
         while (left := end - clock.monotonic()) > 0:
             if clock.sleep(min(engine.liveness_period_s, left), self.wake):
-                return
+                return True
             if clock.monotonic() >= end:
-                return  # the pass itself checks the engine
+                return False  # the pass itself checks the engine
             check = probe.check(engine, engine.liveness_timeout_s)
             if not check.ok or check.json_ok is False:
                 self._failed_check = (instance, check)
-                return
+                return False
+        return False
+
+    def _coalesce(self, stop: threading.Event) -> None:
+        """Space passes that file events start by WAKE_SPACING_S."""
+        wait = self._woken_at + WAKE_SPACING_S - clock.monotonic()
+        if wait > 0:
+            clock.sleep(wait, stop)
+        self._woken_at = clock.monotonic()
 
     def _pass_failed(self, exc: Exception, count: int) -> float:
         """Say it (state, log) and back off: a pass that fails the same way every time must

@@ -7,11 +7,25 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from reconciler.atomicfile import ensure_dir
+
+# The events that can change a watched file. The kernel is asked for these only (watchdog
+# turns the filter into the inotify mask): opens, reads and the folder's own "modified"
+# events are most of a busy writer's traffic and never change what a pass reads.
+RELEVANT_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileClosedEvent]
 
 
 class _Wake(FileSystemEventHandler):
@@ -25,8 +39,6 @@ class _Wake(FileSystemEventHandler):
         return name in self._names or name.startswith("..")
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return
         paths = [str(event.src_path), str(getattr(event, "dest_path", "") or "")]
         if any(p and self._relevant(p) for p in paths):
             self._wake.set()
@@ -44,7 +56,8 @@ def watch(files: Iterable[Path], wake: threading.Event) -> BaseObserver:
         by_dir.setdefault(file.parent, set()).add(file.name)
     for directory, names in by_dir.items():
         ensure_dir(directory)
-        observer.schedule(_Wake(wake, names), str(directory), recursive=False)
+        observer.schedule(_Wake(wake, names), str(directory), recursive=False,
+                          event_filter=RELEVANT_EVENTS)
     observer.daemon = True
     observer.start()
     return observer

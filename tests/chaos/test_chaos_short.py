@@ -55,6 +55,12 @@ def test_hang_after_ready_leaves_ready_at_once_and_is_declared_within_10_s_by_de
     assert result.figures["phases_after_ready"][:3] == ["READY", "DEGRADED", "FAILED"]
 
 
+def test_a_flapping_burst_costs_a_handful_of_starts_and_bounded_cpu() -> None:
+    result = chaos.burst(SHORT["burst_s"])
+    _ok(result)
+    assert result.figures["writes"] > 100 * SHORT["burst_s"]
+
+
 @pytest.mark.parametrize("mode", ["ansi", "bigline", "close-stdout", "flood"])
 def test_hostile_output_neither_blocks_nor_forges(mode: str) -> None:
     _ok(chaos.output_fault(mode, SHORT["flood_s"]))

@@ -1,0 +1,76 @@
+"""A flapping desired file is coalesced (issue 11, 6), on the fake clock, with no processes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from reconciler import clock, desired
+from reconciler.catalog import Identity, demo
+from reconciler.clock import FakeClock
+from reconciler.logs import ActivityLog
+from reconciler.loop import FLAP_QUIET_S, FLAP_WINDOW_MAX_S, FLAP_WINDOW_MIN_S, WAKE_SPACING_S, Reconciler
+
+A, B = "gpt-oss", "gemma2"
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
+    fake = FakeClock()
+    monkeypatch.setattr(clock, "clock", fake)
+    yield fake
+
+
+@pytest.fixture
+def rec(fake: FakeClock, tmp_path: Path) -> Reconciler:
+    catalog = replace(demo(tmp_path), identity=Identity(mode="record"), log_file=tmp_path / "a.log")
+    return Reconciler(catalog, ActivityLog(catalog.log_file, catalog.state_dir))
+
+
+def taken(rec: Reconciler, fake: FakeClock, writes: int, every: float) -> list[tuple[float, str | None]]:
+    """Write A, B, A, … every ``every`` s, one pass after each: (time, model) whenever the
+    model a pass acts on changes."""
+    start, out = fake.monotonic(), []
+    for i in range(writes):
+        desired.write(rec.catalog, (A, B)[i % 2])
+        fake.advance(every)
+        model = rec._read_desired([]).model
+        if not out or out[-1][1] != model:
+            out.append((round(fake.monotonic() - start, 3), model))
+    return out
+
+
+def test_a_toggle_after_a_quiet_spell_is_taken_at_once(rec: Reconciler, fake: FakeClock) -> None:
+    assert taken(rec, fake, 1, 0.001) == [(0.001, A)]
+    fake.advance(FLAP_QUIET_S)
+    desired.write(rec.catalog, B)
+    assert rec._read_desired([]).model == B and rec.recheck_in is None
+
+
+def test_five_seconds_of_flapping_cost_a_handful_of_changes(rec: Reconciler, fake: FakeClock) -> None:
+    changes = taken(rec, fake, 510, 0.01)  # 5.1 s of writes every 10 ms
+    assert [t for t, _ in changes] == [0.01, 0.02, 0.13, 0.34, 0.75, 1.56, 3.17]  # each window doubled
+    assert rec._flap_window == FLAP_WINDOW_MAX_S
+
+
+def test_a_held_back_change_asks_for_a_pass_when_the_window_ends(rec: Reconciler, fake: FakeClock) -> None:
+    taken(rec, fake, 2, 0.001)  # A, then B taken at once: the first change after quiet
+    desired.write(rec.catalog, A)
+    assert rec._read_desired([]).model == B, "A came within the window of B"
+    assert rec.recheck_in == pytest.approx(FLAP_WINDOW_MIN_S, abs=0.002)
+    fake.advance(rec.recheck_in)
+    assert rec._read_desired([]).model == A, "nothing is lost: the latest model is taken"
+
+
+def test_passes_woken_by_file_events_are_spaced(rec: Reconciler, fake: FakeClock) -> None:
+    stop, waited = threading.Event(), []
+    for gap in (10.0, 0.01, 0.01, WAKE_SPACING_S):
+        fake.advance(gap)
+        before = fake.monotonic()
+        rec._coalesce(stop)
+        waited.append(round(fake.monotonic() - before, 3))
+    assert waited == [0.0, round(WAKE_SPACING_S - 0.01, 3), round(WAKE_SPACING_S - 0.01, 3), 0.0]
