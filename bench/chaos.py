@@ -1385,7 +1385,7 @@ async def _follow(session: Any, url: str, seen: list[tuple[int, float]]) -> None
         query = "" if since is None else f"?wait={LONGPOLL_WAIT_S}s&since={since}"
         async with session.get(f"{url}/status{query}") as resp:
             doc = json.loads(await resp.read())
-        since = int(doc["gate"]["generation"])
+        since = int(doc["gate"]["revision"])
         seen.append((since, time.monotonic()))
 
 

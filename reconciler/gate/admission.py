@@ -53,7 +53,7 @@ def _progress(follower: StateFollower, data: dict[str, Any]) -> dict[str, Any]:
         "active_model": data.get("active_model"),
         "phase_since": data.get("phase_since"),
         "state_message": data.get("message"),
-        "generation": follower.generation,
+        "revision": follower.revision,  # what GET /status?since= compares
     }
     boot = data.get("boot")
     if isinstance(boot, dict) and isinstance(boot.get("elapsed_s"), int | float):
@@ -154,7 +154,7 @@ def admit(follower: StateFollower, known: list[str]) -> Target | Refusal:
         return snap.target
     if phase == Phase.IDLE:
         detail = {"phase": phase, "known_models": known, "how_to_select": SELECT_HINT,
-                  "generation": follower.generation}
+                  "revision": follower.revision}
         message = f"no model is selected (phase IDLE): {SELECT_HINT}; known models: " + (
             ", ".join(known))
         return Refusal(428, "no_model_selected", message, None, detail)

@@ -120,7 +120,7 @@ def build_app(catalog: Catalog) -> web.Application:
     metrics = GateMetrics()
     proxy = Proxy(catalog, follower, metrics)
     status_api = StatusApi(follower, metrics, lambda: proxy.inflight)
-    toggle = Toggle(catalog, metrics, follower.stale, lambda: follower.generation)
+    toggle = Toggle(catalog, metrics, follower.stale, lambda: follower.revision)
 
     for method, path, family, field in INFERENCE_ROUTES:
         route = path.split("{")[0].rstrip("/") + ("/*" if "{" in path else "")

@@ -22,7 +22,8 @@ OLLAMA = "ollama"
 
 STALE_HEADER = "X-AILayer-State-Stale"
 PHASE_HEADER = "X-AILayer-Phase"
-GENERATION_HEADER = "X-AILayer-Generation"
+# The observed state's revision: the one counter GET /status?since= compares.
+REVISION_HEADER = "X-AILayer-Revision"
 NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 _TYPES = {

@@ -152,7 +152,7 @@ def _switch_refusal(old: Target, new: Snapshot) -> Refusal:
         "the gate never finishes a request on an engine that is being switched away"
     )
     detail = {"phase": new.phase, "previous_model": old.model, "model": now,
-              "generation": new.revision}
+              "revision": new.revision}
     return Refusal(503, "model_switched", message, None, detail)
 
 

@@ -299,7 +299,8 @@ class StateFollower:
         return "stale" if self.stale() else "running"
 
     @property
-    def generation(self) -> int:
+    def revision(self) -> int:
+        """The observed state's revision: the one counter ``GET /status?since=`` compares."""
         return self.snapshot.revision
 
     def change_event(self) -> asyncio.Event:

@@ -52,7 +52,7 @@ def render(follower: StateFollower) -> str:
     snap = follower.snapshot
     age = follower.heartbeat_age()
     gate = {
-        "generation": snap.revision,
+        "revision": snap.revision,
         "reconciler": follower.reconciler_state(),
         "heartbeat_age_s": None if age == float("inf") else round(age, 3),
         "stale_after_s": follower.stale_after_s,
@@ -69,7 +69,7 @@ def render(follower: StateFollower) -> str:
 def state_headers(follower: StateFollower) -> dict[str, str]:
     return {
         errors.STALE_HEADER: "true" if follower.stale() else "false",
-        errors.GENERATION_HEADER: str(follower.generation),
+        errors.REVISION_HEADER: str(follower.revision),
         errors.PHASE_HEADER: follower.snapshot.phase or "none",
         **errors.NO_BUFFERING,
     }
@@ -97,7 +97,7 @@ class StatusApi:
         except ValueError as exc:
             return self._bad(f"bad long-poll query: {exc}")
         asked = DEFAULT_WAIT_S if wait is None else wait
-        if since is not None and since == follower.generation and not follower.closing:
+        if since is not None and since == follower.revision and not follower.closing:
             await self._wait(min(MAX_WAIT_S, asked))
         self._metrics.request("/status", "ok")
         headers = state_headers(follower)
@@ -146,7 +146,7 @@ class StatusApi:
 
     def _event(self) -> bytes:
         follower = self._follower
-        return f"event: status\nid: {follower.generation}\ndata: {render(follower)}\n\n".encode()
+        return f"event: status\nid: {follower.revision}\ndata: {render(follower)}\n\n".encode()
 
     async def healthz(self, _: web.Request) -> web.Response:
         """The gate itself is up; the reconciler's state is reported, not judged, here."""
@@ -156,7 +156,7 @@ class StatusApi:
             "reconciler": follower.reconciler_state(),
             "stale": follower.stale(),
             "phase": follower.snapshot.phase,
-            "generation": follower.generation,
+            "revision": follower.revision,
             "inflight": self._inflight(),
         }
         return web.json_response(body, headers=state_headers(follower))

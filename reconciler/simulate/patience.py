@@ -94,7 +94,7 @@ async def _long_poll(sim: Scenario, session: aiohttp.ClientSession, trace: Trace
         async with session.get(url) as resp:
             body = await resp.json()
         trace.poll_gaps.append((clock.monotonic() - start) * scale)
-        since = int(body.get("gate", {}).get("generation", since))
+        since = int(body.get("revision") or since)
 
 
 async def _events(sim: Scenario, session: aiohttp.ClientSession, trace: Trace,

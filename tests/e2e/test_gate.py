@@ -783,13 +783,13 @@ def test_long_poll_returns_on_change_and_on_timeout(gate: Gate) -> None:
     gen = gate.state.idle()
     with gate.client() as client:
         poll_until(lambda: client.get("/status").json()["revision"] == gen, "first state")
-        assert client.get("/status").headers["X-AILayer-Generation"] == str(gen)
-        # A generation the client has not seen: answered at once.
+        assert client.get("/status").headers["X-AILayer-Revision"] == str(gen)
+        # A revision the client has not seen: answered at once.
         started = time.monotonic()
         assert client.get("/status", params={"wait": 30, "since": gen - 1}).json()[
             "revision"] == gen
         assert time.monotonic() - started < 0.5
-        # No change: answered at ``wait``, with the same generation.
+        # No change: answered at ``wait``, with the same revision.
         started = time.monotonic()
         same = client.get("/status", params={"wait": "0.3s", "since": gen})
         took = time.monotonic() - started
@@ -826,10 +826,21 @@ def test_every_hint_names_the_revision_that_since_compares(gate: Gate) -> None:
         poll_until(lambda: client.get("/status").json().get("revision") == rev, "first state")
         idle = client.post("/v1/chat/completions", json={"model": "gpt-oss", "messages": []})
         assert idle.status_code == 428 and "since=REVISION" in idle.text and "GENERATION" not in idle.text
+        # Every counter the gate hands out is that revision, and named so: a UI that passed a
+        # "generation" as since= would busy-poll (it counts toggles, not state changes).
+        assert idle.json()["ailayer"]["revision"] == rev and "generation" not in idle.json()["ailayer"]
+        state = client.get("/status")
+        assert state.json()["gate"]["revision"] == rev and "generation" not in state.json()["gate"]
+        assert state.headers["X-AILayer-Revision"] == str(rev)
+        assert client.get("/healthz").json()["revision"] == rev
         accepted = client.post("/toggle", json={"model": "gpt-oss"}, headers=auth)
         assert accepted.status_code == 202
         body = accepted.json()
         assert body["revision"] == rev and "since=REVISION" in body["follow"]
+        gate.state.loading("gpt-oss")
+        poll_until(lambda: client.get("/status").json()["phase"] == "LOADING", "LOADING")
+        busy = client.post("/v1/chat/completions", json=chat_body()).json()["ailayer"]
+        assert busy["revision"] == rev + 1 and "generation" not in busy
 
 
 def test_events_stream_delivers_changes(gate: Gate) -> None:
