@@ -35,6 +35,11 @@ def _gone(pids: list[int]) -> bool:
                    for p in pids)
 
 
+def _running(stack: Stack, pid: int) -> None:
+    """Wait until the reconciler ``pid`` has written its first state (a toggle is then its)."""
+    wait_until(f"reconciler {pid} running", lambda: (stack.status().get("reconciler") or {}).get("pid") == pid)
+
+
 def _up(stack: Stack, *, env: dict[str, str] | None = None, cwd: Path | None = None,
         program: list[str] | None = None) -> subprocess.Popen[str]:
     """`ailayer up`; its stdout (the activity log) goes to up.out, so no pipe ever fills."""
@@ -57,7 +62,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 def test_down_stops_up_and_its_engines(stack: Stack) -> None:
     up = _up(stack)
     try:
-        wait_until("the gate", lambda: port_listening(int(stack.top["gate"]["listen"].rsplit(":", 1)[1])))
+        _running(stack, up.pid)
         stack.toggle("gpt-oss")
         pids = stack.wait_phase("READY", "gpt-oss")["engine"]["pids"]
         down = stack.cli("down")
@@ -76,6 +81,7 @@ def test_down_stops_up_and_its_engines(stack: Stack) -> None:
 def test_down_stops_a_reconcile_that_keeps_its_engines(stack: Stack) -> None:
     """`reconcile` leaves engines running on exit; `down` still converges them to nothing."""
     loop = stack.start()
+    _running(stack, loop.pid)
     stack.toggle("gemma2")
     pids = stack.wait_phase("READY", "gemma2")["engine"]["pids"]
     down = stack.cli("down")
@@ -88,6 +94,7 @@ def test_down_stops_a_reconcile_that_keeps_its_engines(stack: Stack) -> None:
 
 def test_down_stops_engines_a_killed_reconciler_left(stack: Stack) -> None:
     loop = stack.start()
+    _running(stack, loop.pid)
     stack.toggle("gpt-oss")
     pids = stack.wait_phase("READY", "gpt-oss")["engine"]["pids"]
     loop.kill()
@@ -254,3 +261,39 @@ def test_logs_reads_the_fallback_log_when_the_main_one_is_unreadable() -> None:
             assert result.returncode == 0, result.stderr
             assert "while the main log was not writable" in result.stdout
         assert stat.S_IMODE(fallback.stat().st_mode) == 0o644
+
+
+def test_engines_survive_a_restart_of_up_with_no_stop_on_exit(stack: Stack) -> None:
+    """What `systemctl restart ailayer` does with deploy/systemd/ailayer.service (KillMode=process:
+    SIGTERM to `up` only): the engine lives on, the next `up` adopts it, `down` stops it."""
+    def start() -> subprocess.Popen[str]:
+        with (stack.root / "up.out").open("a") as out:
+            return subprocess.Popen([PY, "-m", "reconciler", "up", "--config", str(stack.config),
+                                     "--no-stop-on-exit"], stdout=out, stderr=subprocess.DEVNULL,
+                                    text=True, cwd=stack.root)
+
+    first = start()
+    second: subprocess.Popen[str] | None = None
+    try:
+        _running(stack, first.pid)
+        stack.toggle("gpt-oss")
+        before = stack.wait_phase("READY", "gpt-oss")["engine"]
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=DEADLINE_S) == 0
+        assert not _gone(before["pids"])  # the engine outlived its reconciler
+        second = start()
+        def kept() -> bool:  # the same engine, READY, reported by the new reconciler
+            doc = stack.status()
+            return (doc.get("reconciler") or {}).get("pid") == second.pid and doc.get("phase") == "READY" \
+                and (doc.get("engine") or {}).get("pid") == before["pid"]
+
+        wait_until("the new reconciler keeping the engine", kept)
+        down = stack.cli("down")
+        assert down.returncode == 0, down.stderr
+        assert second.wait(timeout=DEADLINE_S) == 0 and _gone(before["pids"])
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        stack.cli("down")  # whatever a failure left
