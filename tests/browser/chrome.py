@@ -43,14 +43,15 @@ def missing() -> str | None:
 class Browser:
     """One Chromium and its driver; use as a context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, network_log: bool = False) -> None:
         self.profile = Path(tempfile.mkdtemp(prefix="ailayer-chromium-"))
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
         for flag in FLAGS:
             options.add_argument(flag)
         options.add_argument(f"--user-data-dir={self.profile}")
-        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        logs = {"browser": "ALL", **({"performance": "ALL"} if network_log else {})}
+        options.set_capability("goog:loggingPrefs", logs)  # network_log: DevTools Network.* events
         self.driver: WebDriver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
         self.driver.set_page_load_timeout(30)
 

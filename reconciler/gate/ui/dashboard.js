@@ -223,7 +223,7 @@
       b.disabled = !enabled;
       b.title = enabled ? "select " + (name || "no model") : note.textContent;
       b.dataset.desired = String(!!state && state.desired_model === name);
-      b.dataset.active = String(!!state && name !== null && state.active_model === name);
+      b.dataset.active = String(!!state && state.phase === "READY" && name !== null && state.active_model === name);
     }
   }
 
