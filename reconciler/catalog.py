@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from reconciler import schemas, yamlfile
 from reconciler.schemas import InvalidFile
@@ -126,6 +127,12 @@ class Engine:
     def url(self, path_or_url: str) -> str:
         return path_or_url if "://" in path_or_url else self.base_url + path_or_url
 
+    @property
+    def probe_paths(self) -> frozenset[str]:
+        """The URL paths our readiness and liveness checks GET (their access lines are ours)."""
+        urls = [self.ready.url] + ([self.ready.json_check.url] if self.ready.json_check else [])
+        return frozenset(urlsplit(u).path or "/" for u in urls)
+
 
 @dataclass(frozen=True)
 class GateConfig:
@@ -162,6 +169,9 @@ class Catalog:
     gate: GateConfig = field(default_factory=GateConfig)
     resync_interval_s: float = DEFAULT_RESYNC_INTERVAL_S
     identity: Identity = field(default_factory=Identity)
+    log_level: str = "info"  # our own events below it are not logged (reconciler/logs.py)
+    log_probe_lines: bool = False  # keep the engines' access lines for our readiness probes
+    resume_after_reboot: bool = False  # after a reboot, load the model chosen before it
     path: Path | None = None
     """The catalog file, re-read by the loop when it changes; None for the demo."""
 
@@ -352,6 +362,9 @@ def from_document(document: object, source: str, base: Path) -> Catalog:
         engines=engines,
         gate=_gate(document.get("gate", {})),
         resync_interval_s=float(document.get("resync_interval_s", DEFAULT_RESYNC_INTERVAL_S)),
+        log_level=str(document.get("log_level", "info")),
+        log_probe_lines=bool(document.get("log_probe_lines", False)),
+        resume_after_reboot=bool(document.get("resume_after_reboot", False)),
         identity=_identity(document.get("identity", {})),
     )
 
@@ -402,7 +415,9 @@ class CatalogSource:
             return False
         # Where files live is fixed for the life of the loop; only engines may change.
         self.catalog = replace(self.catalog, engines=new.engines, gate=new.gate,
-                               resync_interval_s=new.resync_interval_s)
+                               resync_interval_s=new.resync_interval_s, log_level=new.log_level,
+                               log_probe_lines=new.log_probe_lines,
+                               resume_after_reboot=new.resume_after_reboot)
         self.error = None
         return True
 

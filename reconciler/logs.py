@@ -2,7 +2,10 @@
 
 ``[TIMESTAMP] [MODEL_NAME] [PID] [MESSAGE]`` for engine output and for the reconciler's
 own events alike. Engine bytes are neutralised first (ANSI, control characters, invalid
-UTF-8) so no engine can forge a line that looks like another's or like ours.
+UTF-8) so no engine can forge a line that looks like another's or like ours. The
+catalog's ``log_level`` drops our own events below it; engine output is always kept,
+except the access lines of our own readiness probes (debug level: an engine probed every
+second would otherwise fill half the log with them).
 """
 
 from __future__ import annotations
@@ -23,6 +26,36 @@ SELF = "ailayer"
 # cost more than the write under a 100,000-lines/s flood.
 ROTATE_CHECK_S = 1.0
 
+LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LEVEL = "info"
+
+# Access lines as engines print them, client and path captured:
+# uvicorn (vLLM):  INFO:     127.0.0.1:32974 - "GET /health HTTP/1.1" 200 OK
+# gin (Ollama):    [GIN] 2026/12/02 - 13:22:42 | 200 |  0.623ms |  127.0.0.1 | GET  "/api/version"
+# llama.cpp:       ... log_server_r: request: GET /health 127.0.0.1 200
+_ACCESS = (
+    re.compile(r'^(?:\([^)]*\) )?INFO:\s+(?P<client>\S+) - "GET (?P<path>[^ "?]+)[^"]*" \d{3}'),
+    re.compile(r'^\[GIN\] .*\|\s*(?P<client>[^ |]+)\s*\|\s*GET\s+"(?P<path>[^"?]+)'),
+    re.compile(r'request: GET (?P<path>[^ ?]+)\S* (?P<client>\S+) \d{3}'),
+)
+_LOOPBACK = re.compile(r"^(?:127\.\d+\.\d+\.\d+|::1|\[::1\]|localhost)(?::\d+)?$")
+
+
+def is_probe_line(line: str, paths: frozenset[str]) -> bool:
+    """An engine's access line for a GET of one of ``paths`` from this machine: our probe.
+
+    A person who curls the same path from the same machine looks the same; anything else
+    (another path, another client, a POST) is kept.
+    """
+    if "GET" not in line:
+        return False
+    for pattern in _ACCESS:
+        match = pattern.search(line)
+        if match is not None:
+            return match["path"] in paths and bool(_LOOPBACK.match(match["client"]))
+    return False
+
+
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
@@ -41,8 +74,10 @@ def format_line(model: str, pid: int | None, message: str) -> str:
 class ActivityLog:
     """Thread-safe tee. Survives logrotate, a full disk and an unwritable path, and says so."""
 
-    def __init__(self, path: Path, fallback_dir: Path, terminal: TextIO | None = sys.stdout) -> None:
+    def __init__(self, path: Path, fallback_dir: Path, terminal: TextIO | None = sys.stdout,
+                 level: str = DEFAULT_LEVEL) -> None:
         self._lock = threading.Lock()
+        self.level = level  # our own events below it are dropped (one of LEVELS)
         self._terminal = terminal
         self._fallback = fallback_dir / "ai_layer_activity.log"
         self.path = path
@@ -137,9 +172,14 @@ class ActivityLog:
                 self._file.close()
         self._open()
 
-    def event(self, message: str) -> None:
+    def event(self, message: str, level: str = "info") -> None:
         """The reconciler's own events, in the same format as engine lines."""
-        self.write(SELF, os.getpid(), sanitize(message))
+        if LEVELS.index(level) >= LEVELS.index(self.level):
+            self.write(SELF, os.getpid(), sanitize(message))
+
+    @property
+    def debug(self) -> bool:
+        return self.level == "debug"
 
     def close(self) -> None:
         with self._lock:

@@ -220,9 +220,12 @@ class Reconciler:
             pid = unit.root_pid or min(unit.pids)
             live[raw_log_path(self.state_dir, unit.model, unit.instance)] = (unit.model, pid)
         engines = self.catalog.engines
+        self.log.level = self.catalog.log_level
+        self.follower.keep_probe_lines = self.catalog.log_probe_lines or self.log.debug
         for path, (model, pid) in live.items():
-            kind = engines[model].kind if model in engines else "generic"
-            self.follower.track(path, model, pid, kind)
+            engine = engines.get(model)
+            self.follower.track(path, model, pid, engine.kind if engine else "generic",
+                                engine.probe_paths if engine else frozenset())
         self.follower.retain(set(live))
         self.follower.poll(wait=False)
         for path, (model, pid) in live.items():
@@ -322,11 +325,13 @@ class Reconciler:
         if old is None or old.phase != new.phase or old.message != new.message:
             self.log.event(f"phase {new.phase.value}: {new.message}")
         if new.last_error and (old is None or old.last_error != new.last_error):
-            self.log.event(f"error {new.last_error.reason}: {new.last_error.message}")
+            self.log.event(f"error {new.last_error.reason}: {new.last_error.message}", "error")
+        self.log.event(f"pass: phase {new.phase.value}, revision {new.revision}, recap {new.recap}",
+                       "debug")
         try:
             status.write(self.catalog.observed_path, new)
         except OSError as exc:
-            self.log.event(f"cannot write {self.catalog.observed_path}: {exc}; will retry")
+            self.log.event(f"cannot write {self.catalog.observed_path}: {exc}; will retry", "error")
         self.previous = new
 
     # --- the loop -----------------------------------------------------------------------
@@ -353,7 +358,7 @@ class Reconciler:
                         if self.lock.reassert():
                             self.log.event(f"{self.lock.path} was removed; lock taken again")
                     except AlreadyRunning as exc:
-                        self.log.event(f"lost the state dir lock ({exc}); this loop stops")
+                        self.log.event(f"lost the state dir lock ({exc}); this loop stops", "error")
                         break
                 try:
                     self.recheck_in = None
@@ -416,7 +421,8 @@ class Reconciler:
         delay = min(self.catalog.resync_interval_s * 2.0 ** (count - 1), PASS_FAILURE_BACKOFF_MAX_S)
         if count == 1 or self.previous is None or self.previous.last_error is None \
                 or what not in self.previous.last_error.message:
-            self.log.event(f"pass failed: {what}; retrying with backoff up to {PASS_FAILURE_BACKOFF_MAX_S:g} s")
+            self.log.event(f"pass failed: {what}; retrying with backoff up to {PASS_FAILURE_BACKOFF_MAX_S:g} s",
+                           "error")
         if self.previous is not None:
             message = f"a reconciler pass failed {count} time(s) in a row (next try in {delay:.0f} s): {what}"
             error = status.ErrorInfo("PassFailed", message, clock.iso())

@@ -127,14 +127,22 @@ class Status:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     def significant(self) -> dict[str, Any]:
-        """Everything but the clock-driven fields; a change here bumps the revision."""
+        """Everything but the clock-driven fields; a change here bumps the revision.
+
+        The last log line counts only while converging (a UI shows the boot log): a serving
+        engine's request and metrics lines would otherwise bump the revision every pass.
+        """
         data = self.to_dict()
         for volatile in ("revision", "reconciler", "recap"):
             data.pop(volatile)
+        if self.phase in (Phase.READY, Phase.IDLE):
+            data.pop("last_log_line")
         if data["boot"]:
             data["boot"] = {k: v for k, v in data["boot"].items() if k != "elapsed_s"}
         if data["engine"]:
             data["engine"] = {k: v for k, v in data["engine"].items() if k != "memory_bytes"}
+        if data["gpu"].get("processes"):  # which processes hold VRAM counts, not how many MiB
+            data["gpu"] = {**data["gpu"], "processes": [p.get("pid") for p in data["gpu"]["processes"]]}
         return data
 
 

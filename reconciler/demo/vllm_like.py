@@ -111,9 +111,17 @@ class UvicornAccessLogger(AbstractAccessLogger):
     def log(self, request: Any, response: Any, time: float) -> None:
         version = f"{request.version.major}.{request.version.minor}"
         uvicorn(
-            f'{request.remote} - "{request.method} {request.path_qs} HTTP/{version}" '
+            f'{_client(request)} - "{request.method} {request.path_qs} HTTP/{version}" '
             f"{response.status} {response.reason}"
         )
+
+
+def _client(request: Any) -> str:
+    """``host:port`` of the peer, as uvicorn prints it (every request from a new port)."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(request.remote)
 
 
 # --------------------------------------------------------------------------- HTTP app

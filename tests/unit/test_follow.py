@@ -32,13 +32,15 @@ class Rig:
     def follower(self) -> Follower:
         return Follower(self.log, self.state)
 
-    def lines(self, model: str | None = None) -> list[str]:
+    def lines(self, model: str | None = None, marked: bool = False) -> list[str]:
+        """The messages logged (for ``model``); ``marked``: keep the (replayed) marks."""
         out = []
         for line in self.term.getvalue().splitlines():
             match = LINE.match(line)
             assert match, f"badly formatted line: {line!r}"
             if model is None or match["model"] == model:
-                out.append(match["message"])
+                message = match["message"]
+                out.append(message if marked else message.removeprefix(follow.REPLAYED))
         return out
 
 
@@ -340,3 +342,56 @@ def test_lines_glued_to_an_unfinished_bar_or_dots_become_lines_of_their_own(rig:
                                 "..........", '[GIN] 200 | GET "/api/ps"']
     assert follower.progress(vllm) == BootProgress(40.0, "loading checkpoint shards (2/5)")
     assert follower.progress(ollama) == BootProgress(20.0, "loading model tensors")
+
+
+PROBES = frozenset({"/health"})
+
+
+def test_our_probes_access_lines_are_left_out_and_never_the_last_line(rig: Rig) -> None:
+    path = rig.engines / "gpt.a1.log"
+    follower = rig.follower()
+    follower.track(path, "gpt", 7, "vllm", PROBES)
+    append(path, b'INFO:     127.0.0.1:32974 - "POST /v1/chat/completions HTTP/1.1" 200 OK\n'
+                 b'INFO:     127.0.0.1:32980 - "GET /health HTTP/1.1" 200 OK\n'
+                 b'INFO:     127.0.0.1:32990 - "GET /health HTTP/1.1" 200 OK\n')
+    follower.poll()
+    assert rig.lines("gpt") == ['INFO:     127.0.0.1:32974 - "POST /v1/chat/completions HTTP/1.1" 200 OK']
+    assert follower.last_line(path) == rig.lines("gpt")[0]
+    follower.keep_probe_lines = True  # log_probe_lines: true (or log_level: debug)
+    append(path, b'INFO:     127.0.0.1:33000 - "GET /health HTTP/1.1" 200 OK\n')
+    follower.poll()
+    assert rig.lines("gpt")[-1] == 'INFO:     127.0.0.1:33000 - "GET /health HTTP/1.1" 200 OK'
+    assert follower.last_line(path) == rig.lines("gpt")[0]  # still not the state's last line
+
+
+def test_lines_written_while_no_reconciler_followed_are_marked_replayed_with_their_pid(rig: Rig) -> None:
+    live, orphan = rig.engines / "m.a1.log", rig.engines / "m.old.log"
+    first = rig.follower()
+    first.track(live, "m", 41)
+    first.track(orphan, "m", 42)
+    append(live, b"before\n")
+    append(orphan, b"before\n")
+    first.poll()
+    append(live, b"while down\n")  # the reconciler is down now
+    append(orphan, b"last words\n")
+    second = rig.follower()  # restarted; the old instance died meanwhile
+    second.track(live, "m", 41)
+    second.retain({live})
+    append(live, b"after\n")
+    second.poll()
+    second.poll()
+    messages = rig.term.getvalue().splitlines()
+    assert sum("replaying" in line for line in messages) == 2  # said once per file
+    assert "[m] [41] (replayed) while down" in rig.term.getvalue()
+    assert "[m] [42] (replayed) last words" in rig.term.getvalue()  # the dead instance's pid
+    assert rig.lines("m", marked=True)[-1] == "after"  # written while followed: no mark
+    assert "[-]" not in rig.term.getvalue()
+
+
+def test_a_fresh_instance_is_never_replayed(rig: Rig) -> None:
+    follower = rig.follower()
+    path = rig.engines / "m.new.log"
+    append(path, b"first words\n")  # written before the first track, as a fresh spawn does
+    follower.track(path, "m", 5)
+    follower.poll()
+    assert rig.lines("m", marked=True) == ["first words"]

@@ -270,3 +270,30 @@ def test_another_users_file_and_a_symlinked_folder_are_refused(tmp_path: Path) -
     (tmp_path / "state").mkdir()
     with pytest.raises(OSError):
         open_append(tmp_path / "linked" / "activity.log")
+
+
+@pytest.mark.parametrize(("line", "ours"), [
+    ('INFO:     127.0.0.1:32974 - "GET /health HTTP/1.1" 200 OK', True),  # vLLM (uvicorn)
+    ('(APIServer pid=7) INFO:     127.0.0.1:1 - "GET /health HTTP/1.1" 200 OK', True),
+    ('INFO:     ::1:5 - "GET /health?x=1 HTTP/1.1" 200 OK', True),
+    ('[GIN] 2026/12/02 - 13:22:42 | 200 |       0.623ms |       127.0.0.1 | GET     "/api/ps"', True),
+    ("srv  log_server_r: request: GET /health 127.0.0.1 200", True),  # llama.cpp, verbose
+    ('INFO:     10.1.2.3:5 - "GET /health HTTP/1.1" 200 OK', False),  # another machine
+    ('INFO:     127.0.0.1:5 - "GET /v1/models HTTP/1.1" 200 OK', False),  # another path
+    ('[GIN] 2026/12/02 - 13:22:45 | 200 | 3208.571ms | 127.0.0.1 | POST    "/api/generate"', False),
+    ("health check: GET /health is fine", False),
+])
+def test_is_probe_line(line: str, ours: bool) -> None:
+    assert logs.is_probe_line(line, frozenset({"/health", "/api/ps"})) is ours
+
+
+def test_log_level_drops_our_events_below_it(tmp_path: Path, term: io.StringIO) -> None:
+    log = ActivityLog(tmp_path / "a.log", tmp_path, term, level="warning")
+    log.event("a phase change")
+    log.event("a problem", level="warning")
+    log.event("a failure", level="error")
+    log.write("gpt", 7, "engine output is always kept")
+    log.close()
+    text = (tmp_path / "a.log").read_text()
+    assert "a phase change" not in text and "a problem" in text and "a failure" in text
+    assert "engine output is always kept" in text

@@ -156,6 +156,23 @@ def test_boot_fields_other_than_elapsed_bump() -> None:
     assert with_revision(gone, previous).revision == 8
 
 
+@pytest.mark.parametrize("phase", [Phase.READY, Phase.IDLE])
+def test_the_last_log_line_of_a_converged_state_does_not_bump(phase: Phase) -> None:
+    """A serving engine's access and metrics lines would bump the revision every pass."""
+    previous = replace(loading(), phase=phase, boot=None, revision=7)
+    later = replace(previous, last_log_line="INFO:     127.0.0.1:40000 - \"POST /v1/completions\" 200 OK")
+    assert with_revision(later, previous).revision == 7
+    assert with_revision(replace(later, message="other"), previous).revision == 8
+
+
+def test_gpu_memory_figures_do_not_bump_but_its_processes_do() -> None:
+    previous = replace(loading(), revision=7)
+    more = {**previous.gpu, "processes": [{"pid": 4243, "used_mib": 20500.0}]}
+    assert with_revision(replace(loading(), gpu=more), previous).revision == 7
+    other = {**previous.gpu, "processes": [{"pid": 5000, "used_mib": 20480.5}]}
+    assert with_revision(replace(loading(), gpu=other), previous).revision == 8
+
+
 def test_significant_leaves_out_only_volatile_fields() -> None:
     data = loading().significant()
     assert {"revision", "reconciler", "recap"}.isdisjoint(data)
