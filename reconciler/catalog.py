@@ -47,6 +47,14 @@ DEFAULT_TOKEN_ENV = "AILAYER_TOKEN"  # noqa: S105 (a variable name, not a secret
 # pause on a long prompt's prefill; what must never happen is a library default cutting it.
 DEFAULT_GATE_READ_TIMEOUT_S = 3600.0
 DEFAULT_GATE_CONNECT_TIMEOUT_S = 5.0
+# From accepting a client's connection to its complete first request head: aiohttp has no
+# header timeout, so a slowloris client held a connection for good (nginx's
+# client_header_timeout is 60 s; a real client sends its head in one packet). After a
+# response, aiohttp's keep-alive timer bounds the wait for the next head.
+DEFAULT_CLIENT_HEADER_TIMEOUT_S = 15.0
+# Longest silence inside a request body before the gate answers 408 (nginx's
+# client_body_timeout is 60 s).
+DEFAULT_CLIENT_BODY_IDLE_S = 30.0
 # The reconciler writes a heartbeat every resync; three missed ones mean it is gone.
 DEFAULT_STALE_AFTER_S = 30.0
 DEFAULT_LOG_FILE = Path("/var/log/ai_layer_activity.log")
@@ -145,6 +153,8 @@ class GateConfig:
     read_timeout_s: float | None = DEFAULT_GATE_READ_TIMEOUT_S
     connect_timeout_s: float = DEFAULT_GATE_CONNECT_TIMEOUT_S
     stale_after_s: float = DEFAULT_STALE_AFTER_S
+    client_header_timeout_s: float = DEFAULT_CLIENT_HEADER_TIMEOUT_S
+    client_body_idle_s: float = DEFAULT_CLIENT_BODY_IDLE_S
 
 
 IDENTITY_MODES = ("auto", "cgroup", "record")
@@ -326,6 +336,8 @@ def _gate(raw: Mapping[str, Any]) -> GateConfig:
         read_timeout_s=raw.get("read_timeout_s", DEFAULT_GATE_READ_TIMEOUT_S),
         connect_timeout_s=float(raw.get("connect_timeout_s", DEFAULT_GATE_CONNECT_TIMEOUT_S)),
         stale_after_s=float(raw.get("stale_after_s", DEFAULT_STALE_AFTER_S)),
+        client_header_timeout_s=float(raw.get("client_header_timeout_s", DEFAULT_CLIENT_HEADER_TIMEOUT_S)),
+        client_body_idle_s=float(raw.get("client_body_idle_s", DEFAULT_CLIENT_BODY_IDLE_S)),
         allowed_hosts=tuple(str(h).lower() for h in raw.get("allowed_hosts", ())),
     )
 

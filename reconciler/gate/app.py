@@ -24,6 +24,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from reconciler import clock
 from reconciler.catalog import Catalog, CatalogSource, GateConfig
 from reconciler.gate import errors
+from reconciler.gate.clients import MAX_REQUEST_BYTES, HeaderDeadline
 from reconciler.gate.dashboard import Dashboard
 from reconciler.gate.errors import OLLAMA, OPENAI, Refusal
 from reconciler.gate.metrics import GateMetrics
@@ -43,8 +44,6 @@ BACKLOG = 4096
 # On stop, requests still running get this long before they are cancelled; streams that
 # could last an hour must not hold Ctrl-C hostage.
 SHUTDOWN_GRACE_S = 2.0
-# Request bodies are read whole to check the model; multimodal prompts carry base64 images.
-MAX_REQUEST_BYTES = 64 * 1024 * 1024
 # How often the gate looks whether the catalog file changed (one stat() when it did not).
 CATALOG_RECHECK_S = 1.0
 
@@ -112,10 +111,14 @@ async def _follow_catalog(source: CatalogSource, proxy: Proxy, toggle: Toggle,
         error = source.error
 
 
-def build_app(catalog: Catalog) -> web.Application:
-    """All routes, with the state follower and upstream session tied to the app's life."""
+def build_app(catalog: Catalog, heads: HeaderDeadline | None = None) -> web.Application:
+    """All routes, with the state follower and upstream session tied to the app's life.
+
+    ``heads`` marks connections that delivered a request (see clients.HeaderDeadline).
+    """
     gate = catalog.gate
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_host_check(gate)])
+    middlewares = [_host_check(gate)] if heads is None else [heads.middleware, _host_check(gate)]
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=middlewares)
     follower = StateFollower(catalog.observed_path, gate.stale_after_s)
     metrics = GateMetrics()
     proxy = Proxy(catalog, follower, metrics)
@@ -161,22 +164,29 @@ async def serve(
 
     ``on_listening`` gets the bound URLs (useful with port 0).
     """
+    heads = HeaderDeadline(catalog.gate.client_header_timeout_s)
     runner = web.AppRunner(
-        build_app(catalog),
+        build_app(catalog, heads),
         handler_cancellation=True,
         access_log=None,
-        keepalive_timeout=KEEPALIVE_S,
+        keepalive_timeout=clock.real_seconds(KEEPALIVE_S),
         shutdown_timeout=clock.real_seconds(SHUTDOWN_GRACE_S),
     )
     await runner.setup()
+    server: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, catalog.gate.host, catalog.gate.port, backlog=BACKLOG,
-                           reuse_address=True)
-        await site.start()
-        urls = [_url(addr) for addr in runner.addresses]
+        # Our own listener rather than a TCPSite: each connection's protocol gets the head
+        # deadline that aiohttp's server lacks.
+        assert runner.server is not None
+        server = await asyncio.get_running_loop().create_server(
+            heads.factory(runner.server), catalog.gate.host, catalog.gate.port, backlog=BACKLOG,
+            reuse_address=True)
+        urls = [_url(sock.getsockname()) for sock in server.sockets]
         (on_listening or _log_listening)(urls)
         await (stop.wait() if stop is not None else asyncio.Event().wait())
     finally:
+        if server is not None:
+            server.close()
         await runner.cleanup()
 
 

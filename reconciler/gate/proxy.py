@@ -32,8 +32,9 @@ from yarl import URL
 
 from reconciler import clock
 from reconciler.catalog import Catalog
-from reconciler.gate import errors
+from reconciler.gate import clients, errors
 from reconciler.gate.admission import SELECT_HINT, admit
+from reconciler.gate.clients import Body
 from reconciler.gate.errors import OLLAMA, Refusal
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.statefollow import Snapshot, StateFollower, Target
@@ -96,7 +97,7 @@ def _headers(pairs: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tup
     return out
 
 
-def _names_served(body: bytes, served: str, field: str) -> bool:
+def _names_served(body: Body, served: str, field: str) -> bool:
     """Without parsing: does the body's only ``field`` key name the served model?
 
     Sound because a JSON string cannot contain ``"model"`` unescaped: if that byte
@@ -111,7 +112,7 @@ def _names_served(body: bytes, served: str, field: str) -> bool:
     return key + b":" + name in body or key + b": " + name in body
 
 
-def pin_keep_alive(body: bytes) -> bytes:
+def pin_keep_alive(body: Body) -> Body:
     """``body`` with ``keep_alive`` set to -1, whatever the client asked.
 
     A client's keep_alive overrides the engine's OLLAMA_KEEP_ALIVE, so without this a
@@ -166,6 +167,7 @@ class Proxy:
         self.use(catalog)
         self._session: aiohttp.ClientSession | None = None
         self._inflight: set[InFlight] = set()
+        self._budget = clients.BodyBudget()
         follower.add_listener(self._on_state)
 
     def use(self, catalog: Catalog) -> None:
@@ -256,7 +258,7 @@ class Proxy:
                        "catalog does not name; not proxying", UNTRUSTED_RETRY_S,
                        {"model": target.model})
 
-    def _check_model(self, body: bytes, target: Target, family: str, field: str) -> bytes | Refusal:
+    def _check_model(self, body: Body, target: Target, family: str, field: str) -> Body | Refusal:
         """Refuse another model by name (409); map the catalog name to the served name."""
         if _names_served(body, target.served_name, field):
             return body
@@ -302,16 +304,10 @@ class Proxy:
         resp: web.StreamResponse | None = None
         ctype = ""
         try:
-            body = await request.read() if request.body_exists else b""
-            if model_field is not None and body:
-                checked = self._check_model(body, target, family, model_field)
-                if isinstance(checked, Refusal):
-                    self._metrics.request(route, checked.code)
-                    return errors.respond(checked, family, stale=False)
-                body = checked
-            if body and route in KEEP_ALIVE_ROUTES and target.model in self._ollama:
-                body = pin_keep_alive(body)
-            up = await self._send(request, target, body)
+            up = await self._forward(request, route, family, model_field, target)
+            if isinstance(up, Refusal):
+                self._metrics.request(route, up.code)
+                return errors.respond(up, family, stale=False)
             async with up:
                 headers = CIMultiDict(_headers(up.headers.items(), DROP_RESPONSE))
                 ctype = up.headers.get("Content-Type", "")
@@ -349,7 +345,28 @@ class Proxy:
             self._metrics.request(route, refusal.code)
             return await self._end_with(request, resp, ctype, refusal, family)
 
-    async def _send(self, request: web.Request, target: Target, body: bytes) -> aiohttp.ClientResponse:
+    async def _forward(
+        self, request: web.Request, route: str, family: str, model_field: str | None, target: Target,
+    ) -> aiohttp.ClientResponse | Refusal:
+        """Read the body within the budget, check it, send it; the budget is held (and the
+        body kept) only until the engine's answer starts."""
+        async with self._budget.hold(clients.body_size(request)) as room:
+            if not room:
+                return clients.too_busy()
+            body = await clients.read_body(request, self._gate.client_body_idle_s)
+            if isinstance(body, Refusal):
+                return body
+            if model_field is not None and body:
+                checked = await clients.off_loop(
+                    body, lambda b: self._check_model(b, target, family, model_field))
+                if isinstance(checked, Refusal):
+                    return checked
+                body = checked
+            if body and route in KEEP_ALIVE_ROUTES and target.model in self._ollama:
+                body = await clients.off_loop(body, pin_keep_alive)
+            return await self._send(request, target, body)
+
+    async def _send(self, request: web.Request, target: Target, body: Body) -> aiohttp.ClientResponse:
         """Send upstream; once more on a fresh connection if a pooled one turned out dead.
 
         llama.cpp's server closes the connection after a streamed response while its headers

@@ -941,3 +941,62 @@ def test_the_gate_raises_its_soft_fd_limit_to_the_hard_one() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     now, hard = map(int, out.stdout.split())
     assert now == hard > 256, out.stderr
+
+
+def _slow_head(url: str) -> socket.socket:
+    """A connection that sends a request head one header line at a time, never finishing it."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=CONDITION_DEADLINE_S)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        sock.sendall(b"X-Slow: 1\r\n")
+        sock.settimeout(0.05)
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_a_client_that_never_finishes_its_head_is_dropped_and_others_are_served(
+        procs: Processes, tmp_path: Path) -> None:
+    """Slowloris: aiohttp has no header timeout, so such connections were held for good."""
+    gate = start_gate(procs, tmp_path, token=TOKEN, client_header_timeout_s=1)
+    gate.state.idle()
+    slow = [_slow_head(gate.url) for _ in range(50)]
+    try:
+        with gate.client() as client:
+            waited = client.get("/status", params={"wait": "3s", "since": "999"})  # 3 s on one connection
+            assert waited.status_code == 200, "a connection that sent its request is never cut"
+            assert client.get("/healthz").status_code == 200
+        started = time.monotonic()
+        poll_until(lambda: all(_closed_by_peer(s) for s in slow), "every slow head to be dropped")
+        assert time.monotonic() - started < CONDITION_DEADLINE_S
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_stalled_request_body_gets_408_and_never_reaches_the_engine(
+        procs: Processes, tmp_path: Path, vllm: DemoEngine) -> None:
+    gate = start_gate(procs, tmp_path, token=TOKEN, client_body_idle_s=1)
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+    before = vllm.stats()["requests_started"]
+    host, port = gate.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=CONDITION_DEADLINE_S) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": ")
+        started = time.monotonic()
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert 0.9 < time.monotonic() - started < CONDITION_DEADLINE_S
+        while b"client_body_idle_s" not in answer and (more := sock.recv(4096)):
+            answer += more
+        assert b"client_body_idle_s" in answer
+    assert vllm.stats()["requests_started"] == before

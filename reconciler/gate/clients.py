@@ -1,0 +1,146 @@
+"""What one client may cost the gate: time to send its request head, silence inside a body,
+and a share of the memory that buffered bodies take.
+
+aiohttp's server has no header timeout (a slowloris client holds a connection for good) and
+reads a body whole without a memory bound across requests: eight concurrent 60 MiB bodies
+took the gate from 238 to 945 MiB. Bodies are read because the gate checks the ``model``
+field; streaming them through unread would lose the 409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from reconciler import clock
+from reconciler.gate.errors import Refusal
+
+# Request bodies are read whole to check the model; multimodal prompts carry base64 images.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+# All bodies being read or sent upstream at once. A request whose body does not fit waits
+# for room (the client's upload stalls, TCP pushes back), then gets 503.
+BODY_BUDGET_BYTES = 128 * 1024 * 1024
+BODY_BUDGET_WAIT_S = 30.0
+RETRY_BODY_BUDGET_S = 2.0
+# A body larger than this is parsed (the model check, Ollama's keep_alive pin) in a thread,
+# so one big prompt never stalls every other request on the event loop.
+OFFLOAD_JSON_BYTES = 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Body = bytes | bytearray  # a request body as read (in place) and passed on
+
+
+class HeaderDeadline:
+    """Closes a connection that has not delivered a request head within the deadline."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._served: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        """Wrap aiohttp's protocol factory (``runner.server``): each connection gets a timer."""
+        def make() -> asyncio.Protocol:
+            protocol = inner()
+            asyncio.get_running_loop().call_later(clock.real_seconds(self.timeout_s), self._expire, protocol)
+            return protocol
+
+        return make
+
+    def _expire(self, protocol: asyncio.Protocol) -> None:
+        transport = getattr(protocol, "transport", None)
+        if transport is not None and transport not in self._served:
+            transport.close()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A request reached us: its connection is past the head deadline."""
+        if request.transport is not None:
+            self._served.add(request.transport)
+        return await handler(request)
+
+
+class BodyBudget:
+    """Bytes of request bodies held at once, across all requests."""
+
+    def __init__(self, limit: int = BODY_BUDGET_BYTES) -> None:
+        self.limit = limit
+        self.free = limit
+        self._room = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[bool]:
+        """Reserve ``size`` bytes; yields False if no room came within BODY_BUDGET_WAIT_S."""
+        size = min(size, self.limit)
+        try:
+            async with asyncio.timeout(clock.real_seconds(BODY_BUDGET_WAIT_S)), self._room:
+                await self._room.wait_for(lambda: self.free >= size)
+                self.free -= size
+        except TimeoutError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            async with self._room:
+                self.free += size
+                self._room.notify_all()
+
+
+def too_busy() -> Refusal:
+    return Refusal(503, "gate_busy", "too many large request bodies in flight; retry shortly",
+                   RETRY_BODY_BUDGET_S)
+
+
+def body_size(request: web.Request) -> int:
+    """What to reserve: the declared length, or the cap for a chunked body."""
+    if not request.body_exists:
+        return 0
+    return request.content_length if request.content_length is not None else MAX_REQUEST_BYTES
+
+
+async def read_body(request: web.Request, idle_s: float) -> Body | Refusal:
+    """The whole body, with a size cap and at most ``idle_s`` of silence between its chunks."""
+    if not request.body_exists:
+        return b""
+    if (request.content_length or 0) > MAX_REQUEST_BYTES:
+        return _too_large()
+    # One buffer of the declared size, filled in place: joining chunks would hold the body
+    # twice at its peak.
+    body = bytearray(request.content_length or 0)
+    view, total = memoryview(body), 0
+    while True:
+        try:
+            async with asyncio.timeout(clock.real_seconds(idle_s)):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            return Refusal(408, "body_timeout", f"the request body stalled for {idle_s:g} s "
+                           "(gate.client_body_idle_s)")
+        if not chunk:
+            view.release()
+            return body
+        end = total + len(chunk)
+        if end > MAX_REQUEST_BYTES:
+            return _too_large()
+        if end <= len(view):
+            view[total:end] = chunk
+        else:  # chunked, or longer than declared (aiohttp enforces Content-Length)
+            view.release()
+            body[total:] = chunk
+            view = memoryview(body)
+        total = end
+
+
+def _too_large() -> Refusal:
+    return Refusal(413, "body_too_large", f"request bodies are limited to {MAX_REQUEST_BYTES >> 20} MiB")
+
+
+async def off_loop(body: Body, work: Callable[[Body], Any]) -> Any:
+    """``work(body)`` here for small bodies, in a thread for large ones."""
+    if len(body) > OFFLOAD_JSON_BYTES:
+        return await asyncio.to_thread(work, body)
+    return work(body)
