@@ -53,6 +53,8 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Engine c
 DemoOpt = Annotated[bool, typer.Option("--demo", help="Use the built-in demo catalog.")]
 
 EXIT_CONVERGED, EXIT_FAILED, EXIT_WAITING = 0, 1, 2
+# `ailayer status`: no live reconciler stands behind the state shown (stopped, stale, none).
+EXIT_STALE = 3
 # The gate drains in-flight requests on SIGTERM; past this it is killed so Ctrl-C never hangs.
 GATE_STOP_GRACE_S = 15.0
 # The gate imports aiohttp and binds: about a second here; a loaded machine may take longer.
@@ -148,6 +150,7 @@ def reconcile(
             log.event("stopping managed engines (" + ("ailayer down" if down_asked.is_set()
                                                       else "--stop-on-exit") + ")")
             rec.stop_engines()
+        rec.mark_stopped(engines_stopped=stop_on_exit or down_asked.is_set())
         log.event("reconciler stopped")
         log.close()
 
@@ -196,6 +199,7 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
         if stop_on_exit or down_asked.is_set():
             log.event("stopping managed engines" + (" (ailayer down)" if down_asked.is_set() else ""))
             rec.stop_engines()
+        rec.mark_stopped(engines_stopped=stop_on_exit or down_asked.is_set())
         _stop(gate_proc)
         log.event("ailayer stopped")
         log.close()
@@ -430,22 +434,33 @@ def show_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the observed-state document.")] = False,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Print again whenever it changes.")] = False,
 ) -> None:
-    """Show the observed state written by the reconciler."""
+    """Show the observed state written by the reconciler; exit 3 when no live reconciler
+    stands behind it (stopped, heartbeat too old, or no state at all)."""
     catalog = _catalog(config, demo)
-    revision = None
+    revision, shown = None, None
     while True:
         try:
             doc = status.read_raw(catalog.observed_path)
+            live, why = status.liveness(doc, clock.now(), catalog.gate.stale_after_s)
         except FileNotFoundError:
             doc = {"phase": "UNKNOWN", "message": "no observed state yet: is the reconciler running?"}
+            live, why = "not running", f"no observed state at {catalog.observed_path}"
         except (OSError, ValueError) as exc:
             doc = {"phase": "UNKNOWN", "message": f"unreadable observed state: {exc}"}
-        if doc.get("revision") != revision or revision is None:
-            typer.echo(json.dumps(doc, indent=2) if as_json else _render(doc))
-            revision = doc.get("revision", -1)
+            live, why = "not running", "the observed state cannot be read"
+        if doc.get("revision") != revision or revision is None or live != shown:
+            if as_json:
+                typer.echo(json.dumps({"stale": live != "running", "reconciler_state": live,
+                                       "reconciler_why": why, **doc}, indent=2))
+            else:
+                typer.echo(_render(doc) + ("" if live == "running" else
+                                           f"\n{live.upper()}: {why}; the state above is its last report"))
+            revision, shown = doc.get("revision", -1), live
         if not watch:
             break
         clock.sleep(0.5)
+    if live != "running":
+        raise typer.Exit(EXIT_STALE)
 
 
 @app.command()

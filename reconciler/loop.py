@@ -434,6 +434,16 @@ class Reconciler:
             self.previous = new
         return delay
 
+    def mark_stopped(self, engines_stopped: bool) -> None:
+        """A clean stop leaves a state that says so: the gate and ``ailayer status`` need not
+        wait for the heartbeat to age (they showed READY 32 s after Ctrl-C)."""
+        if self.previous is None:
+            return
+        new = status.stopped(self.previous, clock.iso(), engines_stopped)
+        with contextlib.suppress(OSError):
+            status.write(self.catalog.observed_path, new)
+        self.previous = new
+
     def stop_engines(self) -> None:
         """--stop-on-exit: converge to nothing before leaving."""
         obs = self._snapshot()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,44 @@ class Status:
         if data["gpu"].get("processes"):  # which processes hold VRAM counts, not how many MiB
             data["gpu"] = {**data["gpu"], "processes": [p.get("pid") for p in data["gpu"]["processes"]]}
         return data
+
+
+def liveness(doc: dict[str, Any], now: datetime, stale_after_s: float) -> tuple[str, str]:
+    """Whether a live reconciler stands behind ``doc``: ("running" | "stale" | "stopped",
+    why). A clean stop says so in the state; otherwise only the heartbeat's age tells."""
+    found = doc.get("reconciler")
+    beat: dict[str, Any] = found if isinstance(found, dict) else {}
+    stopped = beat.get("stopped_at")
+    if isinstance(stopped, str):
+        return "stopped", f"the reconciler (pid {beat.get('pid')}) stopped at {stopped}"
+    raw = beat.get("heartbeat")
+    try:
+        when = datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        when = None
+    if when is None:
+        return "stale", "the state has no reconciler heartbeat"
+    if when.tzinfo is None:
+        when = when.astimezone()
+    age = (now - when).total_seconds()
+    if age > stale_after_s:
+        return "stale", (f"the reconciler's heartbeat is {age:.0f} s old (limit {stale_after_s:g} s): "
+                         f"it is not running (pid {beat.get('pid')}) or stuck")
+    return "running", f"heartbeat {max(0.0, age):.1f} s ago"
+
+
+def stopped(previous: Status, now: str, engines_stopped: bool) -> Status:
+    """The last state of a reconciler that stops cleanly: it says so, and drops the engine
+    it stopped (one it leaves running is kept, with nobody watching it)."""
+    beat = {**previous.reconciler, "heartbeat": now, "stopped_at": now}
+    if engines_stopped:
+        new = replace(previous, engine=None, active_model=None, boot=None, reconciler=beat,
+                      message=f"reconciler stopped at {now}; it stopped its engines")
+    else:
+        left = f" (pid {previous.engine.pid})" if previous.engine else ""
+        new = replace(previous, reconciler=beat,
+                      message=f"reconciler stopped at {now}; engines left running{left}, unwatched")
+    return with_revision(new, previous)
 
 
 def with_revision(new: Status, previous: Status | None) -> Status:

@@ -104,6 +104,8 @@ def _not_running(follower: StateFollower) -> Refusal:
             f"reconciler not running: its heartbeat is {age_text} (limit "
             f"{follower.stale_after_s:g} s); last reported phase {snap.phase}"
         )
+        if snap.stopped:
+            message = f"reconciler not running: {snap.data.get('message')}"
     return Refusal(503, "reconciler_not_running", message, RETRY_NO_RECONCILER_S, detail)
 
 

@@ -70,6 +70,7 @@ class Snapshot:
     phase: str | None
     target: Target | None
     loaded_mono: float
+    stopped: bool = False  # the reconciler said it stopped (a clean stop)
 
     @property
     def present(self) -> bool:
@@ -104,6 +105,7 @@ def snapshot_of(data: dict[str, Any]) -> Snapshot:
         phase=str(data.get("phase")),
         target=_target(data),
         loaded_mono=clock.monotonic(),
+        stopped=isinstance(data.get("reconciler"), dict) and bool(data["reconciler"].get("stopped_at")),
     )
 
 
@@ -291,11 +293,14 @@ class StateFollower:
 
     def stale(self) -> bool:
         """True when no live reconciler stands behind the current state (or there is none)."""
-        return self.snapshot.data is None or self.heartbeat_age() > self.stale_after_s
+        snap = self.snapshot
+        return snap.data is None or snap.stopped or self.heartbeat_age() > self.stale_after_s
 
     def reconciler_state(self) -> str:
         if self.snapshot.data is None:
             return "not running"
+        if self.snapshot.stopped:
+            return "stopped"
         return "stale" if self.stale() else "running"
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,3 +68,28 @@ def test_version() -> None:
 
     result = subprocess.run([PY, "-m", "reconciler", "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == f"ailayer {__version__}"
+
+
+def test_status_says_so_when_no_live_reconciler_stands_behind_the_state(stack: Stack) -> None:
+    """It showed READY with an engine pid 32 s after Ctrl-C, and exited 0."""
+    stack.start()
+    stack.toggle("gpt-oss")
+    stack.wait_phase("READY", "gpt-oss")
+    assert stack.cli("status").returncode == 0
+    stack.stop(signal.SIGINT)  # a clean stop; `reconcile` leaves its engines running
+    human = stack.cli("status")
+    assert human.returncode == 3, human.stdout
+    assert "STOPPED: the reconciler" in human.stdout and "engines left running" in human.stdout
+    doc = json.loads(stack.cli("status", "--json").stdout)
+    assert doc["stale"] is True and doc["reconciler_state"] == "stopped"
+    assert doc["reconciler"]["stopped_at"]
+    # Killed without a word: only the heartbeat's age tells.
+    state = stack.state_dir / "observed_state.json"
+    doc = json.loads(state.read_text())
+    del doc["reconciler"]["stopped_at"]
+    doc["reconciler"]["heartbeat"] = "2020-01-01T00:00:00.000+00:00"
+    state.write_text(json.dumps(doc))
+    stale = stack.cli("status")
+    assert stale.returncode == 3 and "STALE: the reconciler's heartbeat is" in stale.stdout
+    state.unlink()
+    assert stack.cli("status").returncode == 3

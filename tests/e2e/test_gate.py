@@ -471,6 +471,22 @@ def test_stale_heartbeat_is_visible_everywhere(
         assert off.status_code == 403 and "disabled" in off.json()["error"]["message"]
 
 
+def test_a_cleanly_stopped_reconciler_is_not_running_at_once(gate: Gate, vllm: DemoEngine) -> None:
+    """No waiting for the heartbeat to age (30 s by default): the state says it stopped."""
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "proxying")
+        now = clock.iso()
+        gate.state.write(status.Phase.READY, desired_model="gpt-oss", active_model="gpt-oss",
+                         message=f"reconciler stopped at {now}; it stopped its engines",
+                         reconciler={"pid": os.getpid(), "heartbeat": now, "stopped_at": now})
+        poll_until(lambda: client.get("/status").json()["stale"], "stale at once", timeout=2)
+        assert client.get("/status").json()["gate"]["reconciler"] == "stopped"
+        resp = client.get("/v1/models")
+        assert resp.status_code == 503
+        assert resp.json()["error"]["message"].startswith("reconciler not running: reconciler stopped at")
+
+
 # --------------------------------------------------------------------------- proxying
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -335,3 +335,25 @@ def test_composed_status_with_an_error_validates_and_keeps_times_across_passes()
     assert again.phase_since == first.phase_since
     assert [c.last_transition_time for c in again.conditions] == \
         [c.last_transition_time for c in first.conditions]
+
+
+def test_liveness_running_stale_and_stopped() -> None:
+    now = datetime.fromisoformat(T1)
+    doc = loading().to_dict()
+    assert status.liveness(doc, now, 30.0)[0] == "running"
+    later = now + timedelta(seconds=31)
+    state, why = status.liveness(doc, later, 30.0)
+    assert state == "stale" and "heartbeat is" in why and "limit 30 s" in why
+    assert status.liveness({"phase": "READY"}, now, 30.0)[0] == "stale"  # no heartbeat at all
+    assert status.liveness({**doc, "reconciler": {"heartbeat": "garbage"}}, now, 30.0)[0] == "stale"
+
+
+@pytest.mark.parametrize("engines_stopped", [True, False])
+def test_a_clean_stop_leaves_a_state_that_says_so(engines_stopped: bool) -> None:
+    last = replace(loading(), phase=Phase.READY, boot=None, revision=7)
+    final = status.stopped(last, T2, engines_stopped)
+    assert final.reconciler["stopped_at"] == T2 and final.revision == 8
+    assert status.liveness(final.to_dict(), datetime.fromisoformat(T2), 30.0)[0] == "stopped"
+    assert (final.engine is None) is engines_stopped
+    assert ("left running (pid 4242)" in final.message) is not engines_stopped
+    validate(json.loads(final.to_json()))
