@@ -40,12 +40,12 @@ PASS_FAILURE_BACKOFF_MAX_S = 60.0
 MAX_PASS_ERROR_CHARS = 300
 MAX_PIDS_SHOWN = 10
 # A flapping desired file: a change of model within this window of the last one waits for
-# the window's end; a change taken less than FLAP_QUIET_S after the last doubles it (to the
-# max), a later one resets it. So 5 s of writes cost a handful of engine starts, not one per
-# write, and the first change after a quiet spell is taken at once: a toggle costs no delay.
+# the window's end. When more than one toggle came since the change taken last (the writer
+# outruns the loop), the window doubles (to the max); one toggle resets it. So 5 s of writes
+# cost a handful of engine starts, not one per write, and a toggle after the last switch
+# settled costs no delay at all.
 FLAP_WINDOW_MIN_S = 0.1
 FLAP_WINDOW_MAX_S = 2.0
-FLAP_QUIET_S = 2 * FLAP_WINDOW_MAX_S
 # Passes started by file events come at most this often: a busy writer costs four passes a
 # second, not one per write. Passes the loop schedules itself never wait for it.
 WAKE_SPACING_S = 0.25
@@ -87,6 +87,7 @@ class Reconciler:
         self._failed_check: tuple[str, Probe] | None = None
         self._woken_at = -WAKE_SPACING_S  # when the last pass that a wake started began
         self._changed_at = -FLAP_WINDOW_MAX_S  # when the last change of model was taken
+        self._taken_generation = 0  # and the desired file's generation then
         self._flap_window = FLAP_WINDOW_MIN_S
         # The state dir's lock, held by the CLI; re-taken each pass if the dir was removed.
         self.lock: StateLock | None = None
@@ -123,7 +124,10 @@ class Reconciler:
         """A change of model within the flap window of the last one is held back (and looked at
         again when the window ends); the window doubles while changes keep coming that fast.
         The first change after a quiet spell is taken at once."""
-        if self.last_good is None or wish.model == self.last_good.model:
+        if self.last_good is None:
+            self._taken_generation = wish.generation or 0
+            return False
+        if wish.model == self.last_good.model:
             return False
         now = clock.monotonic()
         since = now - self._changed_at
@@ -131,9 +135,10 @@ class Reconciler:
             wait = self._flap_window - since
             self.recheck_in = wait if self.recheck_in is None else min(self.recheck_in, wait)
             return True
-        flapping = since < FLAP_QUIET_S
+        # More than one toggle since the change taken last: the writer outruns the loop.
+        flapping = (wish.generation or 0) - self._taken_generation > 1
         self._flap_window = min(self._flap_window * 2, FLAP_WINDOW_MAX_S) if flapping else FLAP_WINDOW_MIN_S
-        self._changed_at = now
+        self._changed_at, self._taken_generation = now, wish.generation or 0
         return False
 
     def _settling(self, wish: desired.Desired) -> bool:

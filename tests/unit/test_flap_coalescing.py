@@ -13,7 +13,7 @@ from reconciler import clock, desired
 from reconciler.catalog import Identity, demo
 from reconciler.clock import FakeClock
 from reconciler.logs import ActivityLog
-from reconciler.loop import FLAP_QUIET_S, FLAP_WINDOW_MAX_S, FLAP_WINDOW_MIN_S, WAKE_SPACING_S, Reconciler
+from reconciler.loop import FLAP_WINDOW_MAX_S, FLAP_WINDOW_MIN_S, WAKE_SPACING_S, Reconciler
 
 A, B = "gpt-oss", "gemma2"
 
@@ -31,34 +31,36 @@ def rec(fake: FakeClock, tmp_path: Path) -> Reconciler:
     return Reconciler(catalog, ActivityLog(catalog.log_file, catalog.state_dir))
 
 
-def taken(rec: Reconciler, fake: FakeClock, writes: int, every: float) -> list[tuple[float, str | None]]:
-    """Write A, B, A, … every ``every`` s, one pass after each: (time, model) whenever the
-    model a pass acts on changes."""
+def taken(rec: Reconciler, fake: FakeClock, writes: int, every: float,
+          per_pass: int = 1) -> list[tuple[float, str | None]]:
+    """Write A, B, A, … every ``every`` s with a pass after each ``per_pass`` writes:
+    (time, model) whenever the model a pass acts on changes."""
     start, out = fake.monotonic(), []
     for i in range(writes):
         desired.write(rec.catalog, (A, B)[i % 2])
         fake.advance(every)
+        if (i + 1) % per_pass:
+            continue
         model = rec._read_desired([]).model
         if not out or out[-1][1] != model:
             out.append((round(fake.monotonic() - start, 3), model))
     return out
 
 
-def test_a_toggle_after_a_quiet_spell_is_taken_at_once(rec: Reconciler, fake: FakeClock) -> None:
-    assert taken(rec, fake, 1, 0.001) == [(0.001, A)]
-    fake.advance(FLAP_QUIET_S)
-    desired.write(rec.catalog, B)
-    assert rec._read_desired([]).model == B and rec.recheck_in is None
+def test_toggles_that_each_wait_for_their_switch_are_taken_at_once(rec: Reconciler, fake: FakeClock) -> None:
+    """One toggle per pass (a user, or a bench switching back and forth): never delayed."""
+    assert taken(rec, fake, 20, 0.3) == [(round(0.3 * (i + 1), 3), (A, B)[i % 2]) for i in range(20)]
+    assert rec.recheck_in is None and rec._flap_window == FLAP_WINDOW_MIN_S
 
 
 def test_five_seconds_of_flapping_cost_a_handful_of_changes(rec: Reconciler, fake: FakeClock) -> None:
-    changes = taken(rec, fake, 510, 0.01)  # 5.1 s of writes every 10 ms
-    assert [t for t, _ in changes] == [0.01, 0.02, 0.13, 0.34, 0.75, 1.56, 3.17]  # each window doubled
+    changes = taken(rec, fake, 510, 0.01, per_pass=3)  # 5.1 s of writes, 3 between passes
+    assert [t for t, _ in changes] == [0.03, 0.06, 0.27, 0.72, 1.53, 3.18]  # each window doubled
     assert rec._flap_window == FLAP_WINDOW_MAX_S
 
 
 def test_a_held_back_change_asks_for_a_pass_when_the_window_ends(rec: Reconciler, fake: FakeClock) -> None:
-    taken(rec, fake, 2, 0.001)  # A, then B taken at once: the first change after quiet
+    taken(rec, fake, 2, 0.001)  # A, then B taken at once: one toggle since A
     desired.write(rec.catalog, A)
     assert rec._read_desired([]).model == B, "A came within the window of B"
     assert rec.recheck_in == pytest.approx(FLAP_WINDOW_MIN_S, abs=0.002)
