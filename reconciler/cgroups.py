@@ -111,6 +111,9 @@ def _try_base(base: Path) -> str | None:
 
 
 def create(base: Path, instance: str) -> Path:
+    # The base again: an rmdir of empty cgroups from outside (a cleanup script) may have taken
+    # it since detect(), and every spawn would then fail until a restart.
+    base.mkdir(mode=CGROUP_DIR_MODE, exist_ok=True)
     path = base / instance
     path.mkdir(mode=CGROUP_DIR_MODE)
     return path

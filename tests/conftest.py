@@ -21,15 +21,19 @@ SESSION_PREFIX = "ailayer-tests-"
 def _enter_session_cgroup() -> Path | None:
     """Put this pytest session in a cgroup of its own (root with cgroup v2 only).
 
-    Stale session cgroups of runs that were killed are removed when empty.
+    Stale session cgroups of runs that were killed are removed when empty (no process in
+    them or below).
     """
     mount, own = cgroups.cgroup2_mount(), cgroups.own_cgroup()
     if mount is None or own is None or os.geteuid() != 0:
         return None
     parent = mount / own.lstrip("/")
     for stale in parent.glob(SESSION_PREFIX + "*"):
-        with contextlib.suppress(OSError):
-            cgroups.remove(stale)
+        # A populated one is a live session running beside us (another pytest): removing
+        # its empty sub-cgroups would pull the instance base from under its reconcilers.
+        if not cgroups.populated(stale):
+            with contextlib.suppress(OSError):
+                cgroups.remove(stale)
     path = parent / (SESSION_PREFIX + os.environ[TEST_RUN_ENV])
     try:
         path.mkdir(exist_ok=True)
