@@ -436,8 +436,13 @@ class CatalogSource:
 
 
 def demo_document() -> dict[str, Any]:
-    """The embedded default: the demo engines, on ports that don't clash with real ones."""
+    """The embedded default: the demo engines, on ports that don't clash with real ones.
+
+    Its desired state lives in the state dir (./run, ignored by git): `ailayer up` and
+    `ailayer toggle` from a checkout never rewrite the tracked desired_state.yaml.
+    """
     return {
+        "desired_state": "run/desired_state.yaml",
         "engines": {
             "gpt-oss": {
                 "kind": "vllm",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import getpass
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -26,6 +27,30 @@ class Desired:
     model: str | None
     generation: int | None = None
     explicit: bool = True  # False: no file, an empty one, or no `model` key (not `model: null`)
+    # Provenance, not the wish itself: the machine's boot when it was written (None: not
+    # recorded), and the file's mtime (judges a hand-written file without a boot id).
+    boot_id: str | None = field(default=None, compare=False)
+    written_at: float | None = field(default=None, compare=False)
+
+
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+
+
+@functools.cache
+def current_boot_id() -> str | None:
+    """This boot of the machine (Linux), or None where it cannot be read."""
+    try:
+        return BOOT_ID_PATH.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def before_this_boot(wish: Desired, boot_id: str | None, booted_at: float) -> bool:
+    """Whether ``wish`` was written before the machine last booted: by its recorded boot id,
+    else (a hand-written file) by its mtime against the boot time."""
+    if wish.boot_id is not None and boot_id is not None:
+        return wish.boot_id != boot_id
+    return wish.written_at is not None and wish.written_at < booted_at
 
 
 class UnknownModel(InvalidFile):
@@ -43,7 +68,8 @@ def parse(document: object, source: Path | str, catalog: Catalog) -> Desired:
     model = document.get("model")
     if model is not None and model not in catalog.engines:
         raise UnknownModel(source, model, catalog.names())
-    return Desired(model, document.get("generation"), explicit="model" in document)
+    return Desired(model, document.get("generation"), explicit="model" in document,
+                   boot_id=document.get("boot_id"))
 
 
 def read(catalog: Catalog) -> Desired:
@@ -51,9 +77,10 @@ def read(catalog: Catalog) -> Desired:
     path = catalog.desired_path
     try:
         document = yamlfile.read_yaml(path)
+        written_at = path.stat().st_mtime
     except FileNotFoundError:
         return Desired(None, explicit=False)
-    return parse(document, path, catalog)
+    return replace(parse(document, path, catalog), written_at=written_at)
 
 
 def _previous_generation(path: Path) -> int:
@@ -109,6 +136,9 @@ def _replace(path: Path, model: str | None, generation: int, requested_by: str |
         "requested_by": requested_by or _whoami(),
         "requested_at": clock.iso(),
     }
+    boot_id = current_boot_id()
+    if boot_id is not None:
+        document["boot_id"] = boot_id
     schemas.validate("desired_state", document, path)
     header = "# Written by ailayer toggle. model: a catalog name, or null for none (IDLE).\n"
     write_atomic(path, header + yaml.safe_dump(document, sort_keys=False))

@@ -140,6 +140,11 @@ def rss(pids: Iterable[int]) -> int:
     return total
 
 
+def boot_time() -> float:
+    """When the machine booted (epoch seconds)."""
+    return float(psutil.boot_time())
+
+
 def self_and_ancestors() -> frozenset[int]:
     """Never targets: the reconciler, whoever started it, and its own helper threads' pids."""
     pids = {os.getpid()}

@@ -81,6 +81,8 @@ class Reconciler:
         self._gpu_at = -GPU_EVERY_S
         self.wake = threading.Event()
         self._absent_since: float | None = None
+        self._boot_id = desired.current_boot_id()
+        self._booted_at = gather.boot_time()
         self.recheck_in: float | None = None  # an early next pass asked for by this one
         # The READY engine health-checked between passes, and a failed check for the next pass.
         self._watch: tuple[Engine, str] | None = None
@@ -118,7 +120,26 @@ class Reconciler:
                 changed = self.last_good is None or wish.model != self.last_good.model
                 self._desired_counter = max(self._desired_counter + int(changed), wish.generation or 0)
                 self.last_good = wish
-        return self.last_good or desired.Desired(None)
+        return self._after_reboot(self.last_good or desired.Desired(None), errors)
+
+    def _after_reboot(self, wish: desired.Desired, errors: list[tuple[str, str]]) -> desired.Desired:
+        """A model chosen before the machine rebooted counts as none until someone toggles
+        again (unless the catalog sets resume_after_reboot): a reboot must not start a
+        35-minute load nobody asked for. It is honoured once this boot honoured it (the last
+        state, of this boot, wanted it): a reconciler restart keeps and adopts as before."""
+        if wish.model is None or self.catalog.resume_after_reboot:
+            return wish
+        if not desired.before_this_boot(wish, self._boot_id, self._booted_at):
+            return wish
+        last = self.previous
+        if last is not None and last.reconciler.get("boot_id") == self._boot_id \
+                and last.desired_model == wish.model:
+            return wish
+        errors.append(("ChosenBeforeReboot",
+                       f"{wish.model!r} was chosen before this machine booted, so it is not loaded "
+                       "until someone toggles again (set resume_after_reboot: true in the catalog "
+                       "to load it anyway)"))
+        return replace(wish, model=None)
 
     def _flapping(self, wish: desired.Desired) -> bool:
         """A change of model within the flap window of the last one is held back (and looked at

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from reconciler import __version__, clock
 from reconciler.catalog import Catalog
+from reconciler.desired import current_boot_id
 from reconciler.facts import Gpu, Observation
 from reconciler.planner import Plan
 from reconciler.progress import BootProgress
@@ -147,7 +148,7 @@ def compose(p: PassInput, previous: Status | None, gpu: Gpu) -> Status:
         strays=strays,
         recap=p.recap,
         reconciler={"pid": os.getpid(), "heartbeat": clock.iso(), "version": __version__,
-                    "resync_interval_s": catalog.resync_interval_s},
+                    "resync_interval_s": catalog.resync_interval_s, "boot_id": current_boot_id()},
         config=catalog.source,
     )
     return with_revision(status, previous)

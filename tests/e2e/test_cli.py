@@ -93,3 +93,16 @@ def test_status_says_so_when_no_live_reconciler_stands_behind_the_state(stack: S
     assert stale.returncode == 3 and "STALE: the reconciler's heartbeat is" in stale.stdout
     state.unlink()
     assert stack.cli("status").returncode == 3
+
+
+def test_the_demo_never_rewrites_a_checkouts_desired_state_yaml(tmp_path: Path) -> None:
+    """`ailayer up` and its banner's toggle, run from a checkout, keep the wish in ./run."""
+    from tests.helpers import PY
+
+    tracked = tmp_path / "desired_state.yaml"
+    tracked.write_text("model: null\n")
+    result = subprocess.run([PY, "-m", "reconciler", "toggle", "--demo", "gpt-oss"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert tracked.read_text() == "model: null\n"
+    assert "model: gpt-oss" in (tmp_path / "run" / "desired_state.yaml").read_text()

@@ -422,3 +422,39 @@ def test_boot_progress_reaches_the_observed_state_while_loading(tmp_path: Path, 
     loads = [p["percent"] for p in seen if p["stage"].startswith(first_stage) and p["percent"] is not None]
     assert len(loads) >= 2, seen  # a 3 s load in steps, followed pass by pass
     assert loads == sorted(loads) and 0 <= loads[0] < loads[-1] <= 100, seen
+
+
+def test_a_model_chosen_before_a_reboot_is_not_loaded_until_toggled_again(stack: Stack) -> None:
+    """A reboot must not start a 35-minute load that nobody asked for."""
+    stack.desired.write_text("model: gpt-oss\ngeneration: 4\nboot_id: 00000000-0000-4000-8000-000000000000\n")
+    result = stack.cli("reconcile", "--once")
+    assert result.returncode == 0, result.stdout + result.stderr  # IDLE is converged
+    doc = stack.status()
+    assert doc["phase"] == "IDLE" and doc["desired_model"] is None
+    assert doc["last_error"]["reason"] == "ChosenBeforeReboot"
+    assert "until someone toggles again" in doc["last_error"]["message"]
+    assert not engine_procs(VLLM_MARK)
+    assert stack.desired.read_text().startswith("model: gpt-oss")  # the file is left alone
+    # A hand-written file without a boot id, older than this boot: the same.
+    stack.desired.write_text("model: gpt-oss\n")
+    os.utime(stack.desired, (psutil.boot_time() - 60, psutil.boot_time() - 60))
+    assert stack.cli("reconcile", "--once").returncode == 0
+    assert stack.status()["phase"] == "IDLE" and not engine_procs(VLLM_MARK)
+    # The admin's opt-in loads it after all.
+    stack.top["resume_after_reboot"] = True
+    stack.write_catalog()
+    assert stack.cli("reconcile", "--once").returncode == 2  # started, loading
+    assert stack.status()["desired_model"] == "gpt-oss"
+
+
+def test_a_toggle_on_this_boot_survives_a_reconciler_restart(stack: Stack) -> None:
+    stack.toggle("gpt-oss")
+    assert "boot_id:" in stack.desired.read_text()
+    stack.start()
+    ready = stack.wait_phase("READY", "gpt-oss")
+    stack.stop()  # engines keep running
+    stack.start()
+    again = stack.wait_phase("READY", "gpt-oss")
+    assert again["engine"]["pid"] == ready["engine"]["pid"]  # adopted, not restarted
+    assert again["reconciler"]["boot_id"] == ready["reconciler"]["boot_id"]
+    stack.stop()

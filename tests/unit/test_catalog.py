@@ -43,7 +43,7 @@ def test_demo_catalog_loads_and_validates(tmp_path: Path) -> None:
     assert demo.names() == ["gemma2", "gpt-oss"]
     assert demo.path is None
     assert demo.source == "built-in demo catalog"
-    assert demo.desired_path == tmp_path / "desired_state.yaml"
+    assert demo.desired_path == tmp_path / "run" / "desired_state.yaml"  # never the tracked one
     assert demo.state_dir == tmp_path / "run"
     assert demo.observed_path == tmp_path / "run" / "observed_state.json"
     assert demo.engines["gpt-oss"].command[0] == sys.executable

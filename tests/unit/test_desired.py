@@ -16,7 +16,9 @@ from reconciler.schemas import InvalidFile
 
 @pytest.fixture
 def cat(tmp_path: Path) -> Catalog:
-    return catalog.demo(tmp_path)
+    cat = catalog.demo(tmp_path)
+    cat.desired_path.parent.mkdir(parents=True, exist_ok=True)  # run/, where the demo keeps it
+    return cat
 
 
 def put(cat: Catalog, text: str) -> Path:
@@ -192,3 +194,24 @@ def test_generation_never_falls_below_what_the_reconciler_reported(cat: Catalog)
     cat.observed_path.write_text('{"phase": "IDLE", "desired_generation": 295}')
     cat.desired_path.write_text("model: gpt-oss\ngeneration: 3\n")  # a hand edit reset it
     assert desired.write(cat, None).generation == 296
+
+
+def test_before_this_boot_by_boot_id_else_by_mtime() -> None:
+    from reconciler.desired import Desired, before_this_boot
+
+    booted = 1_000_000.0
+    assert before_this_boot(Desired("m", boot_id="old"), "new", booted)
+    assert not before_this_boot(Desired("m", boot_id="new", written_at=1.0), "new", booted)
+    assert before_this_boot(Desired("m", written_at=booted - 1), "new", booted)  # hand-written
+    assert not before_this_boot(Desired("m", written_at=booted + 1), "new", booted)
+    assert not before_this_boot(Desired("m"), None, booted)  # nothing to tell by
+
+
+def test_the_writer_records_this_boot(tmp_path: Path) -> None:
+    from reconciler.desired import current_boot_id
+
+    cat = catalog.demo(tmp_path)
+    desired.write(cat, "gpt-oss")
+    wish = desired.read(cat)
+    assert wish.boot_id == current_boot_id() and wish.boot_id
+    assert wish.written_at is not None
