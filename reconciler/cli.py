@@ -369,6 +369,7 @@ def down(config: ConfigOpt = None, demo: DemoOpt = False) -> None:
             log.event("stopping managed engines (ailayer down)")
             rec.stop_engines()
         left = preflight.running_instances(catalog, namespace_of(catalog.state_dir))
+        rec.mark_stopped(engines_stopped=not left)  # the state says so, whoever ran the engines
     finally:
         log.close()
     if left:

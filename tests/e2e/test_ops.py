@@ -105,6 +105,8 @@ def test_down_stops_engines_a_killed_reconciler_left(stack: Stack) -> None:
     assert down.returncode == 0, down.stderr
     assert "no reconciler was running; no engine is running" in down.stdout
     assert _gone(pids)
+    doc = stack.status()  # the state no longer shows the engine a dead reconciler left
+    assert doc.get("engine") is None and "stopped its engines" in doc.get("message", "")
 
 
 def test_the_banner_commands_work_as_printed(stack: Stack) -> None:
