@@ -252,7 +252,10 @@ class Reconciler:
             engine = engines.get(model)
             self.follower.track(path, model, pid, engine.kind if engine else "generic",
                                 engine.probe_paths if engine else frozenset())
-        self.follower.retain(set(live))
+        # A file whose instance still has a record is never drained and deleted: the scan
+        # right after a start can miss the new instance, and its output was then lost.
+        recorded = {raw_log_path(self.state_dir, r.model, r.instance) for r in self.executor.records.load()}
+        self.follower.retain(set(live) | recorded)
         self.follower.poll(wait=False)
         for path, (model, pid) in live.items():
             if model == active:

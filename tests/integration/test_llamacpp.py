@@ -349,3 +349,20 @@ def test_requests_right_after_a_stream_are_answered(stack: GatedStack) -> None:
     answers = [http_status(url, body) for _ in range(AFTER_STREAM_ROUNDS)]
     failed = [a[0] if a else None for a in answers if a is None or a[0] != 200]
     assert not failed, f"{len(failed)}/{AFTER_STREAM_ROUNDS} requests right after a stream failed: {failed}"
+
+
+def test_the_real_servers_output_gives_its_boot_stages(stack: GatedStack) -> None:
+    """The tiny model loads in milliseconds, faster than a pass: read what llama.cpp itself
+    printed (the instance's raw output file) through the parser the follower uses. (The file
+    must outlive the first scan after the start: it was deleted there, output and all.)"""
+    from reconciler import progress
+
+    stack.start()
+    stack.toggle("tiny-a")
+    ready = stack.wait_phase("READY", "tiny-a")
+    raw = stack.state_dir / "engines" / f"tiny-a.{ready['engine']['instance']}.log"
+    lines = wait_until("the server's lines", lambda: [
+        line for line in raw.read_text(errors="replace").splitlines() if "listening on" in line
+    ] and raw.read_text(errors="replace").splitlines())
+    stages = [p.stage for p in (progress.parse("llamacpp", line) for line in lines) if p]
+    assert "loading model" in stages and stages[-2:] == ["model loaded", "listening"], stages

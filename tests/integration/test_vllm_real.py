@@ -305,10 +305,13 @@ class Booted:
     started: float  # boottime() before the reconciler started
     loading: list[LoadSample]
     status_while_bound: dict[str, Any] | None  # `ailayer status --json` while bound-not-listening
+    progress: list[dict[str, Any]]  # each new boot.progress the observed state showed, in order
 
 
-def watch_boot(stack: VllmStack, port: int) -> tuple[list[LoadSample], dict[str, Any] | None]:
-    """Toggle vLLM on and sample phase, gate, port and socket table until the gate proxies."""
+def watch_boot(stack: VllmStack, port: int,
+               progress: list[dict[str, Any]]) -> tuple[list[LoadSample], dict[str, Any] | None]:
+    """Toggle vLLM on and sample phase, gate, port and socket table until the gate proxies;
+    every new boot.progress goes to ``progress``."""
     body = {"model": VLLM_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     seen: list[LoadSample] = []
     status_doc: dict[str, Any] | None = None
@@ -317,6 +320,9 @@ def watch_boot(stack: VllmStack, port: int) -> tuple[list[LoadSample], dict[str,
     while time.monotonic() < deadline:
         doc = stack.status()
         phase, pid = doc.get("phase"), stack.engine_pid()
+        shown = (doc.get("boot") or {}).get("progress")
+        if shown and (not progress or progress[-1] != shown):
+            progress.append(shown)
         gate = http_status(stack.gate_url + "/v1/chat/completions", body)
         if stack.status().get("phase") != phase:
             continue  # the state moved during the request: the answer belongs to neither phase
@@ -344,10 +350,24 @@ def booted(tmp_path_factory: pytest.TempPathFactory, vllm_exe: Path, hf_model: P
         stack.start()
         stack.start_gate()
         stack.wait_phase("IDLE")
-        loading, status_doc = watch_boot(stack, port)
-        yield Booted(stack, vllm_exe, started, loading, status_doc)
+        progress: list[dict[str, Any]] = []
+        loading, status_doc = watch_boot(stack, port, progress)
+        yield Booted(stack, vllm_exe, started, loading, status_doc, progress)
     finally:
         stack.teardown()
+
+
+@pytest.mark.timeout(boots(1))
+def test_the_real_vllm_boot_shows_its_progress_in_the_observed_state(booted: Booted) -> None:
+    """boot.progress parsed from the real engine's own output, as the reconciler saw it."""
+    stages = [p["stage"] for p in booted.progress]
+    assert stages, "no boot.progress while the real vLLM loaded"
+    order = ["loading model", "loading checkpoint shards", "weights loaded", "engine initialised",
+             "starting the API server"]
+    seen = [next(i for i, known in enumerate(order) if s.startswith(known)) for s in stages
+            if any(s.startswith(known) for known in order)]
+    assert seen and seen == sorted(seen), stages  # the stages come in vLLM's order
+    assert all(p["percent"] is None or 0 <= p["percent"] <= 100 for p in booted.progress)
 
 
 @pytest.mark.timeout(boots(1))
