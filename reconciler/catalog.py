@@ -155,6 +155,7 @@ class GateConfig:
     stale_after_s: float = DEFAULT_STALE_AFTER_S
     client_header_timeout_s: float = DEFAULT_CLIENT_HEADER_TIMEOUT_S
     client_body_idle_s: float = DEFAULT_CLIENT_BODY_IDLE_S
+    workers: int | None = None  # gate worker processes; None: reconciler.gate.workers.default_workers()
 
 
 IDENTITY_MODES = ("auto", "cgroup", "record")
@@ -339,6 +340,7 @@ def _gate(raw: Mapping[str, Any]) -> GateConfig:
         client_header_timeout_s=float(raw.get("client_header_timeout_s", DEFAULT_CLIENT_HEADER_TIMEOUT_S)),
         client_body_idle_s=float(raw.get("client_body_idle_s", DEFAULT_CLIENT_BODY_IDLE_S)),
         allowed_hosts=tuple(str(h).lower() for h in raw.get("allowed_hosts", ())),
+        workers=int(raw["workers"]) if "workers" in raw else None,
     )
 
 

@@ -158,9 +158,13 @@ def reconcile(
 @app.command()
 def gate(config: ConfigOpt = None, demo: DemoOpt = False) -> None:
     """The HTTP gate alone: 428 while idle, 503 while loading, a streaming proxy once ready."""
-    from reconciler.gate.app import run
+    from reconciler.gate.workers import serve_gate
 
-    run(_catalog(config, demo))
+    catalog = _catalog(config, demo)
+    where = ["--config", str(catalog.path)] if catalog.path else ["--demo"]
+    code = serve_gate(catalog, where, lambda urls: _err(f"ailayer gate listening on {', '.join(urls)}"))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -255,13 +259,18 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
 
 def _listening(proc: subprocess.Popen[bytes], port: int) -> bool:
     """Wait until the gate itself listens on ``port`` (not merely someone: a squatter accepts
-    connections too); False as soon as it exits, or at the limit."""
+    connections too); False as soon as it exits, or at the limit. With gate.workers > 1 the
+    listeners are the gate's worker processes, its children."""
+    import psutil
+
     from reconciler.gather import port_holders
 
     deadline = clock.monotonic() + GATE_START_LIMIT_S
     while proc.poll() is None and clock.monotonic() < deadline:
-        if port_holders(port, likely=[proc.pid]).get(proc.pid):
-            return True
+        with contextlib.suppress(psutil.Error):
+            ours = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children())]
+            if any(port_holders(port, likely=ours).get(pid) for pid in ours):
+                return True
         clock.sleep(GATE_START_POLL_S)
     return False
 

@@ -159,10 +159,12 @@ async def serve(
     *,
     stop: asyncio.Event | None = None,
     on_listening: Listening | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve on ``catalog.gate`` host:port until ``stop`` is set (or the task is cancelled).
 
-    ``on_listening`` gets the bound URLs (useful with port 0).
+    ``on_listening`` gets the bound URLs (useful with port 0). ``reuse_port``: one of several
+    workers on the port (SO_REUSEPORT; the kernel spreads connections over them).
     """
     heads = HeaderDeadline(catalog.gate.client_header_timeout_s)
     runner = web.AppRunner(
@@ -180,7 +182,7 @@ async def serve(
         assert runner.server is not None
         server = await asyncio.get_running_loop().create_server(
             heads.factory(runner.server), catalog.gate.host, catalog.gate.port, backlog=BACKLOG,
-            reuse_address=True)
+            reuse_address=True, reuse_port=reuse_port or None)
         urls = [_url(sock.getsockname()) for sock in server.sockets]
         (on_listening or _log_listening)(urls)
         await (stop.wait() if stop is not None else asyncio.Event().wait())
@@ -216,6 +218,7 @@ def run(
     *,
     stop: threading.Event | None = None,
     on_listening: Listening | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Blocking: serve until SIGINT/SIGTERM (main thread) or until ``stop`` is set.
 
@@ -238,6 +241,6 @@ def run(
                     loop.call_soon_threadsafe(done.set)
 
             threading.Thread(target=relay, name="gate-stop", daemon=True).start()
-        await serve(catalog, stop=done, on_listening=on_listening)
+        await serve(catalog, stop=done, on_listening=on_listening, reuse_port=reuse_port)
 
     asyncio.run(main())

@@ -1,7 +1,18 @@
-"""Prometheus metrics for the gate, on a registry of its own (several apps may share a process)."""
+"""Prometheus metrics for the gate, on a registry of its own (several apps may share a process).
+
+With several gate workers (reconciler/gate/workers.py) the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` to a per-run directory: the traffic metrics (requests, streams,
+watchers) then live in prometheus-client's per-process files there, and every worker's
+/metrics sums them across all workers, the dead ones' counters included. The metrics derived
+from the observed state (phase, revision, switches, boots, ...) stay per process and are not
+summed: every worker follows the same state file, so each one's own value is the answer
+(summing would count one switch once per worker).
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +25,8 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from reconciler.gate.statefollow import Snapshot, StateFollower
 from reconciler.status import Phase
@@ -21,6 +34,22 @@ from reconciler.status import Phase
 # Boots run from seconds (a warm small model) to 45 minutes (a big one on a slow disk).
 BOOT_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, float("inf"))
 NO_PHASE = "UNKNOWN"
+# Set by the worker supervisor; read by prometheus-client when it is imported.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+TRAFFIC = ("ailayer_gate_requests", "ailayer_gate_streams_active", "ailayer_gate_streams",
+           "ailayer_gate_watchers")
+
+
+class _Summed:
+    """The traffic metrics of all workers, summed from prometheus-client's per-process files."""
+
+    def __init__(self, path: str) -> None:
+        self._all = MultiProcessCollector(None, path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._all.collect():  # type: ignore[no-untyped-call]
+            if family.name in TRAFFIC:
+                yield family
 
 
 def _seconds_between(start: str | None, end: str | None) -> float | None:
@@ -54,19 +83,26 @@ class GateMetrics:
         self.boots = Histogram("ailayer_boot_duration_seconds",
                                "Engine boot time, spawn to READY, as seen by the gate",
                                buckets=BOOT_BUCKETS, registry=r)
+        shared = os.environ.get(MULTIPROC_ENV)
+        # Several workers: the traffic metrics go to the shared files only, and are exposed summed.
+        t = None if shared else r
+        if shared:
+            r.register(_Summed(shared))
         self.requests = Counter("ailayer_gate_requests", "Requests by route and outcome",
-                                ["route", "outcome"], registry=r)
+                                ["route", "outcome"], registry=t)
         self.streams_active = Gauge("ailayer_gate_streams_active",
-                                    "Streamed responses being relayed now", registry=r)
+                                    "Streamed responses being relayed now", registry=t,
+                                    multiprocess_mode="livesum")
         self.streams = Counter("ailayer_gate_streams", "Streamed responses relayed, by how they ended",
-                               ["outcome"], registry=r)
+                               ["outcome"], registry=t)
         self.boot_percent = Gauge("ailayer_boot_progress_percent",
                                   "Percent of the loading engine's current boot stage, from its "
                                   "output (boot.progress); NaN when unknown or not loading",
                                   registry=r)
         self.boot_percent.set(float("nan"))
         self.waiters = Gauge("ailayer_gate_watchers",
-                             "Long-poll and /events clients waiting for a change", registry=r)
+                             "Long-poll and /events clients waiting for a change", registry=t,
+                             multiprocess_mode="livesum")
         self._children: dict[tuple[str, str], Any] = {}
         self._boot_started: str | None = None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from collections.abc import Callable
 
@@ -58,6 +59,7 @@ def render(follower: StateFollower) -> str:
         "stale_after_s": follower.stale_after_s,
         "state_file": str(follower.path),
         "read_error": follower.read_error,
+        "pid": os.getpid(),  # which gate worker answered (gate.workers)
     }
     head = '{"stale":%s,"gate":%s' % (  # noqa: UP031 (splicing cached JSON, not formatting)
         "true" if follower.stale() else "false", json.dumps(gate, separators=(",", ":")))
