@@ -23,7 +23,7 @@ from reconciler.follow import Follower
 from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.logs import ActivityLog
 from reconciler.ownership import Unit, classify
-from reconciler.planner import Memory, Plan, backoff_delay, plan
+from reconciler.planner import Kill, Memory, Plan, backoff_delay, plan
 from reconciler.progress import BootProgress
 from reconciler.report import PassInput, compose
 from reconciler.schemas import InvalidFile
@@ -49,6 +49,8 @@ FLAP_WINDOW_MAX_S = 2.0
 # Passes started by file events come at most this often: a busy writer costs four passes a
 # second, not one per write. Passes the loop schedules itself never wait for it.
 WAKE_SPACING_S = 0.25
+# Between two looks at the kernel's listeners for a fresh engine's port (planner.LISTEN_WATCH_S).
+LISTEN_POLL_S = 0.005
 
 
 def namespace_of(state_dir: Path) -> str:
@@ -87,6 +89,7 @@ class Reconciler:
         # The READY engine health-checked between passes, and a failed check for the next pass.
         self._watch: tuple[Engine, str] | None = None
         self._failed_check: tuple[str, Probe] | None = None
+        self._await_listen: int | None = None  # see Plan.await_listen
         self._woken_at = -WAKE_SPACING_S  # when the last pass that a wake started began
         self._changed_at = -FLAP_WINDOW_MAX_S  # when the last change of model was taken
         self._taken_generation = 0  # and the desired file's generation then
@@ -184,8 +187,9 @@ class Reconciler:
     def _snapshot(self) -> Observation:
         """The process table with our instance records and their cgroups' members."""
         records = self.executor.records.load()
+        procs = gather.processes()  # before the members: a fork in between is then in the cgroup
         members = {r.instance: cgroups.procs(Path(r.cgroup)) for r in records if r.cgroup}
-        return Observation(now=clock.now().timestamp(), procs=gather.processes(),
+        return Observation(now=clock.now().timestamp(), procs=procs,
                            self_pids=gather.self_and_ancestors(), self_uid=os.geteuid(),
                            records=records, members=members, exits=dict(self.executor.exits),
                            gpu=self._gpu_sample(), identity=self.mode.name)
@@ -198,8 +202,11 @@ class Reconciler:
             return obs
         view = classify(obs, engines, self.namespace)
         likely = [p.pid for u in view.units for p in u.procs]
-        holders = gather.port_holders(engine.port, likely)
-        port_free = not holders and ports.is_free(engine.host, engine.port)
+        # One read of the socket table per pass; listeners only once READY (ours listens).
+        full = self.memory.ready_since is None
+        sockets = ports.table(bound=full)
+        holders = gather.port_holders(engine.port, likely, sockets)
+        port_free = not holders and ports.is_free(engine.host, engine.port, sockets if full else None)
         listening = frozenset(pid for pid, listens in holders.items() if listens)
         obs = replace(obs, procs=gather.with_holders(obs.procs, engine.port, holders),
                       listening={engine.port: listening})
@@ -305,7 +312,11 @@ class Reconciler:
         after = the_plan
         if not outcome.stopped_early and the_plan.then is not None:
             after = replace(the_plan, verdict=the_plan.then)
-        units = classify(self._snapshot(), self.catalog.engines, self.namespace).units
+        if outcome.stopped_early:  # something did not go as planned: look again
+            units = classify(self._snapshot(), self.catalog.engines, self.namespace).units
+        else:  # every kill was verified: what is left is known without a scan
+            killed = {key for a in the_plan.actions if isinstance(a, Kill) for key in a.units}
+            units = tuple(u for u in units_before if (u.model, u.instance) not in killed)
         if outcome.started is not None:
             cookie = outcome.started.cookie
             fresh = Unit(cookie.model, cookie.instance, (), cookie.started_at)
@@ -391,11 +402,12 @@ class Reconciler:
                         break
                 try:
                     self.recheck_in = None
-                    self._watch = None
+                    self._watch, self._await_listen = None, None
                     result = self.step()
                     delay = min(result.plan.requeue_after, self.catalog.resync_interval_s,
                                 self.recheck_in if self.recheck_in is not None else float("inf"))
                     self._watch = self._watched(result.plan)
+                    self._await_listen = result.plan.await_listen
                     failed_passes = 0
                 except Exception as exc:  # the loop must outlive any single bad pass
                     failed_passes += 1
@@ -413,6 +425,21 @@ class Reconciler:
         engine = self.catalog.engines.get(active.model) if active is not None else None
         return (engine, the_plan.watch) if engine is not None and the_plan.watch else None
 
+    def _listened(self, port: int, delay: float) -> bool:
+        """Look at the kernel's listeners every LISTEN_POLL_S until one is on ``port`` (True)
+        or ``delay`` ends. Never a connect: whoever listens may be a squatter, and only the
+        pass, having checked who it is, may talk to it."""
+        end = clock.monotonic() + delay
+        while clock.monotonic() < end:
+            sockets = ports.table(bound=False)  # listeners only: ~0.04 ms
+            if sockets is None:
+                return clock.sleep(max(0.0, end - clock.monotonic()), self.wake)
+            if any(s.port == port and s.listening for s in sockets):
+                return True
+            if clock.sleep(min(LISTEN_POLL_S, max(0.0, end - clock.monotonic())), self.wake):
+                return True
+        return False
+
     def _idle(self, delay: float) -> bool:
         """Wait for the next pass (True: a wake cut it short); meanwhile health-check a READY
         engine every liveness period.
@@ -421,6 +448,9 @@ class Reconciler:
         passes only the check runs, and its first failure starts the next pass at once (the
         phase leaves READY there). Any wake (a file event, a stop) also ends the wait.
         """
+        if self._await_listen is not None:
+            self._listened(self._await_listen, delay)
+            return self.wake.is_set()
         if self._watch is None:
             return clock.sleep(delay, self.wake)
         engine, instance = self._watch

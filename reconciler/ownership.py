@@ -14,6 +14,7 @@ import os.path
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from reconciler.catalog import Engine
 from reconciler.facts import Observation, Proc, Record
@@ -147,7 +148,11 @@ def members(record: Record, procs: list[Proc], cgroup_procs: frozenset[int] | No
             namespace: str) -> set[Proc]:
     """The record's processes: its cgroup, or (record mode) leader/session/group/cookie + tree."""
     if record.cgroup is not None:
-        return {p for p in procs if cgroup_procs and p.pid in cgroup_procs}
+        # cgroup.procs and the process table are read one after the other: a child forked in
+        # between is in the table with the instance's cgroup but not in the list. It is the
+        # same instance (taking it for a second one killed the whole engine as a duplicate).
+        tail = tuple(PurePosixPath(record.cgroup).parts[-2:])
+        return {p for p in procs if (cgroup_procs and p.pid in cgroup_procs) or _in_cgroup(p, tail)}
     # A session or group id outlives its leader; once another process has taken the
     # leader's pid (PID reuse), that id may name someone else's session: stop trusting it.
     reused = any(p.pid == record.leader_pid and not _is_leader(p, record) for p in procs)
@@ -163,6 +168,13 @@ def members(record: Record, procs: list[Proc], cgroup_procs: frozenset[int] | No
               and proc.cookie.instance == record.instance):
             seeds.add(proc)  # the cookie reaches a worker that escaped with setsid
     return descendants(seeds, procs)
+
+
+def _in_cgroup(proc: Proc, tail: tuple[str, ...]) -> bool:
+    """Whether ``proc``'s cgroup path (as the scan saw it) is the instance cgroup whose last
+    two components are ``tail`` (``ailayer-<ns>``, the instance), or below it."""
+    parts = (proc.cgroup or "").split("/")
+    return any(tuple(parts[i:i + len(tail)]) == tail for i in range(len(parts) - len(tail) + 1))
 
 
 def _install_of(proc: Proc) -> str | None:

@@ -137,6 +137,20 @@ def test_cgroup_mode_membership_is_the_cgroup() -> None:
     assert owners(v) == {300: ("gpt-oss", "aaaaaaaa"), 301: ("gpt-oss", None)}
 
 
+def test_a_child_forked_between_the_two_reads_is_the_same_instance_not_a_duplicate() -> None:
+    """cgroup.procs said [300]; the table, read next, also holds 302, forked in between. As a
+    second unit it was killed as a "duplicate" and took the whole instance's cgroup with it."""
+    cg = f"/sys/fs/cgroup/unified/tests/ailayer-{NS}/aaaaaaaa"
+    leader = proc(300, "ollama", "serve", cgroup=f"/tests/ailayer-{NS}/aaaaaaaa")
+    runner = proc(302, "llama-server", ppid=300, cgroup=f"/tests/ailayer-{NS}/aaaaaaaa")
+    v = view(leader, runner, records=(record(cgroup=cg),), members={"aaaaaaaa": frozenset({300})})
+    (unit,) = v.units
+    assert unit.instance == "aaaaaaaa" and unit.pids == [300, 302]
+    elsewhere = proc(303, "llama-server", cgroup=f"/tests/ailayer-{NS}/aaaaaaaab")  # a prefix is not enough
+    other = owners(view(leader, elsewhere, records=(record(cgroup=cg),), members={"aaaaaaaa": frozenset({300})}))
+    assert other[300] == ("gpt-oss", "aaaaaaaa") and other[303][1] == "aaaaaaaab"
+
+
 def test_a_forged_cookie_from_another_uid_is_never_ours() -> None:
     forged = Cookie(NS, "gpt-oss", "aaaaaaaa", NOW + 3600)  # a start time in the future, too
     squatter = proc(400, "nc", "-l", "8000", uid=USER, cookie=forged, listens=frozenset({8000}))
