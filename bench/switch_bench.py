@@ -4,8 +4,11 @@
 
 Switch time = `ailayer toggle` returned → observed state says READY on the other engine, with
 instant boots, so what is measured is ailayer's own overhead: kill + verify the old tree, port
-check, spawn, readiness probing. Kill to port free = the activity log's "kill (SIGKILL)" line
-→ its next "start" line (the start is logged only once the port is proven free), in the
+check, spawn, readiness probing. Own time (switches to the vLLM-like engine, which listens only
+once ready) = toggle → the "started" log line, plus the engine's first accepted connection →
+READY seen: the engine's own start (Python imports) is left out. Kill to port free = the
+activity log's "kill (SIGKILL)" line → its next "start" line (the start is logged only once the port
+is proven free), in the
 identity mode given (``--identity cgroup|record``). Idle cost = CPU time and RSS of the
 reconciler over a window with nothing to do (IDLE) and with one engine READY.
 """
@@ -15,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,8 @@ from reconciler.simulate.harness import demo_engines
 
 PY = sys.executable
 POLL_S = 0.002
+LISTEN_POLL_S = 0.001
+LISTEN_LIMIT_S = 60.0
 
 
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\dT[^\]]+)\] \[ailayer\] \[\d+\] (.*)$")
@@ -87,6 +94,39 @@ def wait_ready(root: Path, model: str | None, limit_s: float = 120) -> tuple[flo
     raise SystemExit(f"no {want} for {model} within {limit_s} s: {observed(root).get('message')}")
 
 
+class ListenWatch(threading.Thread):
+    """When ``port`` first accepts a connection: the engine's own start ends there (the demo
+    vLLM listens only once loaded, so for it listening is being ready)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.at = port, None
+        self.start()
+
+    def run(self) -> None:
+        deadline = time.time() + LISTEN_LIMIT_S
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.1):
+                    self.at = time.time()
+                    return
+            except OSError:
+                time.sleep(LISTEN_POLL_S)
+
+
+def started_at(log: Path, after: float) -> float | None:
+    """The activity log's first "started <model> pid" line after ``after`` (epoch seconds)."""
+    from datetime import datetime
+
+    for line in log.read_text(errors="replace").splitlines():
+        found = STAMP.match(line)
+        if found and found.group(2).startswith("started "):
+            when = datetime.fromisoformat(found.group(1)).timestamp()
+            if when >= after:
+                return when
+    return None
+
+
 def toggle(config: Path, model: str | None) -> None:
     """The reference writer, in-process: what is timed starts when the file is in place."""
     desired.write(load_file(config, "--config"), model, requested_by="switch_bench")
@@ -116,14 +156,28 @@ def main() -> None:
             wait_ready(root, None)
             toggle(config, "gpt-oss")
             wait_ready(root, "gpt-oss")
-            times, spawns = [], []
+            times: list[float] = []
+            spawns: list[float] = []
+            own: list[float] = []
+            to_spawn: list[float] = []
+            to_ready: list[float] = []
+            vllm_port = int(load_file(config, "--config").engines["gpt-oss"].port)
             for i in range(args.switches):
                 model = "gemma2" if i % 2 == 0 else "gpt-oss"
+                listen = ListenWatch(vllm_port) if model == "gpt-oss" else None
+                wall = time.time()
                 toggle(config, model)
                 start = time.monotonic()
                 spawned, ready = wait_ready(root, model)
                 times.append(ready - start)
                 spawns.append(spawned - start)
+                if listen is not None:  # ours = toggle -> spawn, plus engine listening -> READY seen
+                    listen.join()
+                    spawn_at = started_at(root / "run" / "activity.log", wall)
+                    if listen.at is not None and spawn_at is not None:
+                        to_spawn.append(spawn_at - wall)
+                        to_ready.append(wall + (ready - start) - listen.at)
+                        own.append(to_spawn[-1] + to_ready[-1])
             proc = psutil.Process(reconciler.pid)
             ready_cost = cost(proc, args.idle_seconds)
             toggle(config, None)
@@ -145,6 +199,9 @@ def main() -> None:
         "kill_to_port_free_ms": summary(freed),
         "toggle_to_ready_ms": summary(times),
         "toggle_to_new_engine_spawned_ms": summary(spawns),
+        "own_time_to_ready_ms (vLLM-like switches)": summary(own),
+        "own: toggle_to_started_line_ms": summary(to_spawn),
+        "own: engine_listens_to_ready_seen_ms": summary(to_ready),
         "reconciler_ready": ready_cost,
         "reconciler_idle": idle_cost,
     }, indent=2))

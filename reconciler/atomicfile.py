@@ -28,11 +28,14 @@ def ensure_dir(path: Path) -> None:
         directory.mkdir(mode=STATE_DIR_MODE, exist_ok=True)
 
 
-def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: str | bytes, mode: int = 0o644, durable: bool = True) -> None:
     """Temp file in the same directory, fsync, rename over, fsync the directory.
 
     A symlink at ``path`` is replaced, never followed: nobody can redirect our
-    writes through a link planted beside the file.
+    writes through a link planted beside the file. ``durable=False`` skips both fsyncs:
+    the rename is still atomic for every reader and survives our own crash (the page cache
+    does); only a power loss may lose the write. For files rewritten every pass, that a power
+    loss makes moot (the observed state, instance records: their engines die with it).
     """
     payload = data.encode() if isinstance(data, str) else data
     directory = path.parent
@@ -41,13 +44,16 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

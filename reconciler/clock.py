@@ -10,6 +10,7 @@ real seconds and show up, instead of hiding behind a slow test.
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,10 @@ class Clock(Protocol):
 
     def sleep(self, seconds: float, wake: threading.Event | None = None) -> bool:
         """Sleep up to ``seconds`` of clock time; return True if ``wake`` cut it short."""
+        ...
+
+    def wait_io(self, poller: select.poll, seconds: float) -> list[tuple[int, int]]:
+        """Wait up to ``seconds`` of clock time for the poller's fds; the (fd, events) ready."""
         ...
 
 
@@ -55,6 +60,9 @@ class ScaledClock:
             time.sleep(real)
             return False
         return wake.wait(real)
+
+    def wait_io(self, poller: select.poll, seconds: float) -> list[tuple[int, int]]:
+        return poller.poll(max(0.0, seconds) / self.scale * 1000)
 
     def real_seconds(self, seconds: float) -> float:
         """Clock seconds to wall seconds, for APIs (sockets, asyncio) that take real time."""
@@ -87,6 +95,13 @@ class FakeClock:
         self.advance(seconds)
         return False
 
+    def wait_io(self, poller: select.poll, seconds: float) -> list[tuple[int, int]]:
+        """What is ready now; if nothing, the whole wait passes at once."""
+        ready = poller.poll(0)
+        if not ready:
+            self.sleep(seconds)
+        return ready
+
 
 def _from_env() -> ScaledClock:
     raw = os.environ.get(TIME_SCALE_ENV, "1")
@@ -109,6 +124,10 @@ def now() -> datetime:
 
 def sleep(seconds: float, wake: threading.Event | None = None) -> bool:
     return clock.sleep(seconds, wake)
+
+
+def wait_io(poller: select.poll, seconds: float) -> list[tuple[int, int]]:
+    return clock.wait_io(poller, seconds)
 
 
 def real_seconds(seconds: float) -> float:

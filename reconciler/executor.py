@@ -155,8 +155,11 @@ class Executor:
             with contextlib.suppress(OSError):
                 cgroups.kill(group)
         deadline = clock.monotonic() + killer.KILL_VERIFY_S
-        result = killer.cleanup_active_processes(action.targets, lambda: rescan(action.units), self.reap,
-                                                 tick)
+        # Cgroup instances only: their late forks are in their cgroups, which wait_empty
+        # kills and waits out; the process table need not be read again.
+        only_groups = len(groups) == len(action.units)
+        result = killer.cleanup_active_processes(
+            action.targets, (lambda: ()) if only_groups else (lambda: rescan(action.units)), self.reap, tick)
         full = [str(g) for g in groups if not cgroups.wait_empty(g, deadline, tick)]
         if not result.ok:
             outcome.errors.append(f"KillFailed: pids {list(result.survivors)} survived SIGKILL")

@@ -59,7 +59,8 @@ def _holders_by_table(port: int) -> dict[int, bool]:
     return found
 
 
-def port_holders(port: int, likely: Iterable[int]) -> dict[int, bool]:
+def port_holders(port: int, likely: Iterable[int], sockets: list[ports.Socket] | None = None,
+                 ) -> dict[int, bool]:
     """pid -> whether it listens, for every process holding ``port`` bound or listening.
 
     The kernel's table names socket inodes; finding their processes means reading
@@ -68,14 +69,14 @@ def port_holders(port: int, likely: Iterable[int]) -> dict[int, bool]:
     """
     if ports.observer() != "sock_diag":
         return _holders_by_table(port)
-    sockets = {s.inode: s.listening for s in ports.holders(port)}
+    by_inode = {s.inode: s.listening for s in ports.holders(port, sockets)}
     found: dict[int, bool] = {}
     for batch in (list(likely), None):
         for pid in batch if batch is not None else _all_pids():
-            if not sockets:
+            if not by_inode:
                 return found
-            for inode in _socket_inodes(pid) & set(sockets):
-                found[pid] = found.get(pid, False) or sockets.pop(inode)
+            for inode in _socket_inodes(pid) & set(by_inode):
+                found[pid] = found.get(pid, False) or by_inode.pop(inode)
     return found
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from reconciler.facts import Proc
 KILL_VERIFY_S = 60.0
 # A dying tree can fork between our scan and our signal; re-scan this many times.
 MAX_ROUNDS = 5
+# Longest wait between two looks at a dying process; its exit (pidfd) ends a wait at once.
 POLL_S = 0.05
 # While a kill waits, say what is still alive this often (the state keeps flowing, and the
 # gate does not take a long kill for a dead reconciler).
@@ -86,6 +89,38 @@ def _gone(live: psutil.Process) -> bool:
         return True
 
 
+class ExitWatch:
+    """pidfds of processes we wait to see die: a wait ends the moment one exits, instead of
+    at the next fixed poll. Without pidfd_open (Linux < 5.3) waits are plain sleeps."""
+
+    def __init__(self, procs: Iterable[psutil.Process]) -> None:
+        self._poller = select.poll()
+        self._fds: set[int] = set()
+        for proc in procs:
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except (OSError, AttributeError):  # gone already, or no pidfd here
+                continue
+            self._poller.register(fd, select.POLLIN)
+            self._fds.add(fd)
+
+    def wait(self, seconds: float) -> None:
+        if not self._fds:
+            clock.sleep(seconds)
+            return
+        for fd, _ in clock.wait_io(self._poller, seconds):
+            self._drop(fd)  # stays readable once exited: watching it again would spin
+
+    def _drop(self, fd: int) -> None:
+        self._poller.unregister(fd)
+        self._fds.discard(fd)
+        os.close(fd)
+
+    def close(self) -> None:
+        for fd in list(self._fds):
+            self._drop(fd)
+
+
 def cleanup_active_processes(
     targets: Iterable[Proc],
     rescan: Callable[[], Iterable[Proc]],
@@ -106,12 +141,16 @@ def cleanup_active_processes(
         alive = _signal(pending)
         killed.update(p.pid for p in alive)
         deadline = clock.monotonic() + KILL_VERIFY_S
-        while alive and clock.monotonic() < deadline:
-            reap()
-            alive = [p for p in alive if not _gone(p)]
-            if alive:
-                tick(p.pid for p in alive)
-                clock.sleep(POLL_S)
+        exits = ExitWatch(alive)
+        try:
+            while alive and clock.monotonic() < deadline:
+                reap()
+                alive = [p for p in alive if not _gone(p)]
+                if alive:
+                    tick(p.pid for p in alive)
+                    exits.wait(POLL_S)
+        finally:
+            exits.close()
         survivors = alive
         if survivors:
             break

@@ -25,11 +25,15 @@ PORT_POLL_S = 0.25
 BACKOFF_RESET_AFTER_S = 600.0
 # The fastest we re-probe a booting engine (see probe_interval).
 MIN_PROBE_INTERVAL_S = 0.05
+# For this long after its start an engine that does not listen yet is watched for its
+# listen (a look at the kernel's listeners every loop.LISTEN_POLL_S): a fast engine is seen
+# ready at once. A long boot is left to the probe interval.
+LISTEN_WATCH_S = 10.0
 # Nothing is wanted: only the catalog's resync interval matters; this caps it.
 IDLE_RESYNC_S = 5.0
 # READY: the loop health-checks the engine between passes (Plan.watch), so a full pass is
 # needed only at the catalog's resync interval; this caps it the same way.
-READY_RESYNC_S = IDLE_RESYNC_S
+READY_RESYNC_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,9 @@ class Plan:
     # A READY instance the loop health-checks between passes (every liveness period), so a
     # hang is seen without a full pass each time.
     watch: str | None = None
+    # A fresh engine's port nobody listens on yet: between passes the loop looks at the
+    # kernel's listeners every few ms, so the probe runs the moment it listens.
+    await_listen: int | None = None
 
 
 def backoff_delay(engine: Engine, restarts: int) -> float:
@@ -345,8 +352,11 @@ def _plan_keeper(
     if obs.warmup and obs.warmup.startswith("failed") and memory.warmup_failed_at is None:
         memory = replace(memory, warmup_failed_at=now)
     message = f"loading: {detail}" if obs.warmup is None else f"loading: warm-up {obs.warmup}"
-    return done(Verdict(Phase.LOADING, "Loading", message), memory,
-                probe_interval(engine, now - keeper.started_at))
+    loading = done(Verdict(Phase.LOADING, "Loading", message), memory,
+                   probe_interval(engine, now - keeper.started_at))
+    if not obs.listening.get(engine.port) and now - keeper.started_at < LISTEN_WATCH_S:
+        return replace(loading, await_listen=engine.port)
+    return loading
 
 
 def _leader_gone(keeper: Unit, obs: Observation) -> str | None:

@@ -11,7 +11,6 @@ bound-but-not-listening holder; ``observer()`` says which one is in use).
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import struct
 from dataclasses import dataclass
@@ -69,9 +68,24 @@ def _dump(family: int, states: int) -> list[Socket]:
                 return found
 
 
-def _table() -> list[Socket]:
-    states = (1 << TCP_LISTEN) | (1 << TCP_BOUND_INACTIVE)
+def _table(bound: bool = True) -> list[Socket]:
+    states = (1 << TCP_LISTEN) | ((1 << TCP_BOUND_INACTIVE) if bound else 0)
     return _dump(socket.AF_INET, states) + _dump(socket.AF_INET6, states)
+
+
+def table(bound: bool = True) -> list[Socket] | None:
+    """One read of the socket table for a pass to share (None: use the bind test).
+
+    Bound-but-not-listening sockets cost the kernel a walk of its whole bind hash (~3 ms
+    per address family, against 0.02 ms for listeners only): ``bound=False`` when only
+    listeners matter (our engine listens already).
+    """
+    if observer() != "sock_diag":
+        return None
+    try:
+        return _table(bound)
+    except OSError:
+        return None
 
 
 @cache
@@ -87,13 +101,11 @@ def observer() -> str:
     return "sock_diag" if seen else "bind-test"
 
 
-def holders(port: int) -> list[Socket]:
-    """Sockets bound to ``port``, listening or not (empty under the bind-test fallback)."""
-    if observer() != "sock_diag":
-        return []
-    with contextlib.suppress(OSError):
-        return [s for s in _table() if s.port == port]
-    return []
+def holders(port: int, sockets: list[Socket] | None = None) -> list[Socket]:
+    """Sockets bound to ``port``, listening or not (empty under the bind-test fallback);
+    from ``sockets`` (a ``table()``) when given."""
+    found = sockets if sockets is not None else table()
+    return [s for s in found or () if s.port == port]
 
 
 def _bindable(host: str, port: int) -> bool:
@@ -107,12 +119,8 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-def is_free(host: str, port: int) -> bool:
-    """True if the engine could bind and listen on ``host:port`` now."""
-    if observer() == "sock_diag":
-        try:
-            table = _table()
-        except OSError:
-            return _bindable(host, port)
-        return not any(s.port == port for s in table) and _bindable(host, port)
-    return _bindable(host, port)
+def is_free(host: str, port: int, sockets: list[Socket] | None = None) -> bool:
+    """True if the engine could bind and listen on ``host:port`` now; ``sockets`` is a full
+    ``table()`` (bound sockets included) already read in this pass."""
+    found = sockets if sockets is not None else table()
+    return not any(s.port == port for s in found or ()) and _bindable(host, port)

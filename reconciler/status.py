@@ -195,7 +195,7 @@ def with_revision(new: Status, previous: Status | None) -> Status:
 
 def write(path: Path, status: Status) -> None:
     ensure_dir(path.parent)
-    write_atomic(path, status.to_json())
+    write_atomic(path, status.to_json(), durable=False)  # rewritten every pass
 
 
 def read_raw(path: Path) -> dict[str, Any]:

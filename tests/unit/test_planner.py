@@ -16,6 +16,7 @@ import pytest
 from reconciler.catalog import demo
 from reconciler.facts import Cookie, Gpu, GpuProc, Observation, Probe, Proc, Record
 from reconciler.planner import (
+    LISTEN_WATCH_S,
     RESPAWN_LIMIT,
     Action,
     AwaitPort,
@@ -309,3 +310,17 @@ def test_crash_count_is_forgiven_only_after_a_healthy_stretch() -> None:
     assert fresh.verdict.phase is Phase.READY and fresh.memory.restarts == 3
     later = plan("gpt-oss", ENGINES, replace(ready, now=NOW + BACKOFF_RESET_AFTER_S), fresh.memory, NS)
     assert later.memory.restarts == 0
+
+
+def test_a_fresh_engine_that_does_not_listen_yet_is_watched_for_its_listen() -> None:
+    def loading(started: float, **kw: Any) -> Any:
+        record = rec("aaaaaaa1", "gpt-oss", 10, started=NOW - started)
+        return plan("gpt-oss", ENGINES, obs(vllm(10, started=NOW - started, **kw), records=(record,),
+                                            probe=DOWN), TRACK_A1, NS)
+
+    fresh = loading(1.0)
+    assert fresh.verdict.phase is Phase.LOADING and fresh.await_listen == VLLM.port
+    listening = loading(1.0, listens=ON_V)
+    assert listening.verdict.phase is Phase.LOADING and listening.await_listen is None
+    long_boot = loading(LISTEN_WATCH_S + 1)
+    assert long_boot.verdict.phase is Phase.LOADING and long_boot.await_listen is None
