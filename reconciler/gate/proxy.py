@@ -1,15 +1,15 @@
 """The reverse proxy to the active engine: unbuffered, uncapped, cancellable.
 
-Settings that matter and why (issue 3, item 7):
-* one ``ClientSession`` with no connection cap and a keep-alive shorter than the engine's
+Settings that matter and why (issue 3, item 7; issue 14):
+* one connection pool (reconciler/gate/upstream.py, llhttp's parser: a third of aiohttp's
+  client's CPU per request) with no connection cap and a keep-alive shorter than the engine's
   (vLLM/uvicorn closes idle connections after 5 s; reusing one it just closed fails);
-* ``total=None``: aiohttp's default ``total=300`` would cut every generation longer than
-  five minutes; only connecting is short, and silence mid-response is bounded by the
-  configurable ``gate.read_timeout_s``;
+* no total timeout (a generation may last an hour); only connecting is short, and silence
+  before or inside a response is bounded by the configurable ``gate.read_timeout_s``;
 * no decompression and no body parsing, except reading the ``model`` field of a JSON
   request to refuse a mismatch (409) or map a catalog name to the served name, and
   pinning ``keep_alive`` on Ollama's model-loading routes (``pin_keep_alive``);
-* streams are copied chunk by chunk as they arrive (``iter_any``), with
+* streams are copied chunk by chunk as they arrive (``Response.chunks``), with
   ``X-Accel-Buffering: no`` so a fronting nginx does not buffer them either;
 * a request whose engine stops being the active one (a switch began) is cancelled and
   ends with an error the client's library understands, so nothing hangs on a dying engine.
@@ -28,11 +28,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from reconciler import clock
 from reconciler.catalog import Catalog
-from reconciler.gate import clients, errors
+from reconciler.gate import clients, errors, upstream
 from reconciler.gate.admission import SELECT_HINT, admit
 from reconciler.gate.clients import Body
 from reconciler.gate.errors import OLLAMA, Refusal
@@ -61,7 +60,8 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
     "proxy-connection", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
 })  # fmt: skip
-DROP_REQUEST = HOP_BY_HOP | {"host", "content-length"}
+# Expect: the gate has the whole body and sends it at once; an engine's 100 Continue is skipped.
+DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect"}
 DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server"}
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
 # Ollama's routes whose request loads the model and sets how long it stays (keep_alive).
@@ -165,7 +165,8 @@ class Proxy:
         self._follower = follower
         self._metrics = metrics
         self.use(catalog)
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: upstream.Pool | None = None
+        self._addresses: dict[str, tuple[str, int]] = {}  # engine base URL -> (host, port)
         self._inflight: set[InFlight] = set()
         self._budget = clients.BodyBudget()
         follower.add_listener(self._on_state)
@@ -181,28 +182,17 @@ class Proxy:
     async def start(self) -> None:
         gate = self._gate
         read = gate.read_timeout_s
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=None,
-            sock_connect=clock.real_seconds(gate.connect_timeout_s),
-            sock_read=None if read is None else clock.real_seconds(read),
-        )
-        connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=0,
-            keepalive_timeout=clock.real_seconds(UPSTREAM_KEEPALIVE_S),
-        )  # fmt: skip
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies must not reach another
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            trust_env=False,
+        # No cookie jar, no proxy from the environment, no decompression, no added headers:
+        # what the client sent (minus hop-by-hop headers) is what the engine gets.
+        self._pool = upstream.Pool(
+            connect_s=clock.real_seconds(gate.connect_timeout_s),
+            read_s=None if read is None else clock.real_seconds(read),
+            keepalive_s=clock.real_seconds(UPSTREAM_KEEPALIVE_S),
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
 
     @property
     def inflight(self) -> int:
@@ -309,8 +299,8 @@ class Proxy:
                 self._metrics.request(route, up.code)
                 return errors.respond(up, family, stale=False)
             async with up:
-                headers = CIMultiDict(_headers(up.headers.items(), DROP_RESPONSE))
-                ctype = up.headers.get("Content-Type", "")
+                headers = CIMultiDict(_headers(up.headers, DROP_RESPONSE))
+                ctype = up.header("Content-Type")
                 length = up.content_length
                 streaming = length is None or ctype.startswith(STREAM_TYPES)
                 if not streaming and length is not None and length <= WHOLE_BODY_MAX:
@@ -335,7 +325,7 @@ class Proxy:
             flight.task.uncancel()
             self._metrics.request(route, refusal.code)
             return await self._end_with(request, resp, ctype, refusal, family)
-        except (aiohttp.ClientError, TimeoutError, ConnectionResetError) as exc:
+        except (upstream.UpstreamError, aiohttp.ClientError, TimeoutError, ConnectionResetError) as exc:
             if isinstance(exc, ConnectionResetError) and resp is not None:
                 # Writing to the client failed: it left mid-stream; the engine side is closed.
                 self._metrics.streams.labels("client_gone").inc()
@@ -347,7 +337,7 @@ class Proxy:
 
     async def _forward(
         self, request: web.Request, route: str, family: str, model_field: str | None, target: Target,
-    ) -> aiohttp.ClientResponse | Refusal:
+    ) -> upstream.Response | Refusal:
         """Read the body within the budget, check it, send it; the budget is held (and the
         body kept) only until the engine's answer starts."""
         async with self._budget.hold(clients.body_size(request)) as room:
@@ -366,39 +356,39 @@ class Proxy:
                 body = await clients.off_loop(body, pin_keep_alive)
             return await self._send(request, target, body)
 
-    async def _send(self, request: web.Request, target: Target, body: Body) -> aiohttp.ClientResponse:
+    async def _send(self, request: web.Request, target: Target, body: Body) -> upstream.Response:
         """Send upstream; once more on a fresh connection if a pooled one turned out dead.
 
         llama.cpp's server closes the connection after a streamed response while its headers
         said keep-alive, so the next request on that pooled connection meets a closed socket
         before the engine has seen it (2-30 % of requests right after a stream got a 502).
+        Only a connection that closed before any byte of an answer is retried.
         """
-        assert self._session is not None
+        assert self._pool is not None
+        address = self._addresses.get(target.url)
+        if address is None:
+            parts = urllib.parse.urlsplit(target.url)
+            address = self._addresses[target.url] = (parts.hostname or "127.0.0.1", parts.port or 80)
+        headers = _headers(request.headers.items(), DROP_REQUEST)
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
-                return await self._session.request(
-                    request.method,
-                    URL(target.url + request.raw_path, encoded=True),  # already encoded: no requoting
-                    headers=_headers(request.headers.items(), DROP_REQUEST),
-                    data=body or None,
-                    allow_redirects=False,
-                )
-            except aiohttp.ClientConnectorError:
-                raise  # nothing listening: a retry would not help
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                if attempt == SEND_ATTEMPTS:
+                # raw_path is sent as the client wrote it (already encoded: no requoting).
+                return await self._pool.request(request.method, *address, request.raw_path, headers, body,
+                                                fresh=attempt > 1)
+            except upstream.Disconnected as exc:
+                if attempt == SEND_ATTEMPTS or exc.answered:
                     raise
         raise AssertionError("unreachable")
 
     async def _relay(
-        self, route: str, up: aiohttp.ClientResponse, resp: web.StreamResponse, streaming: bool
+        self, route: str, up: upstream.Response, resp: web.StreamResponse, streaming: bool
     ) -> web.StreamResponse:
         """Copy chunks as they arrive (never waiting to fill a buffer); count streams."""
         metrics = self._metrics
         if streaming:
             metrics.streams_active.inc()
         try:
-            async for chunk in up.content.iter_any():
+            async for chunk in up.chunks():
                 await resp.write(chunk)
             await resp.write_eof()
         finally:
@@ -412,11 +402,11 @@ class Proxy:
     @staticmethod
     def _upstream_refusal(exc: BaseException, target: Target) -> Refusal:
         detail = {"engine_url": target.url, "model": target.model, "error": repr(exc)}
-        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        if isinstance(exc, TimeoutError):
             return Refusal(504, "engine_timeout",
                            f"engine for {target.model!r} at {target.url} went silent: {exc!r}",
                            None, detail)
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, upstream.ConnectFailed):
             return Refusal(502, "engine_unreachable",
                            f"engine for {target.model!r} at {target.url} refused the connection"
                            " (the reconciler restarts it if it died)",
@@ -448,6 +438,9 @@ class Proxy:
 
 def _dot_segments(raw_path: str) -> bool:
     """'.' or '..' as a path segment, plain or percent-encoded: the route we matched is the
-    normalised path, but the engine would get (and might resolve) the raw one."""
+    normalised path, but the engine would get (and might resolve) the raw one. A target that
+    is not a path (absolute form) counts too: it is sent on as written."""
+    if not raw_path.startswith("/"):
+        return True
     path = urllib.parse.unquote(raw_path.split("?", 1)[0])
     return any(segment in (".", "..") for segment in path.split("/"))
