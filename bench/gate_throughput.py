@@ -24,8 +24,9 @@ Measured: wrk at 1 connection (p50/p99 latency) and 64 (req/s) for small request
 path (the gate with nothing selected) against nginx's static ``return 428``; streams at two
 levels (tokens/s at the client side = tokens the upstream wrote during the run, and CPU per
 token); with ``--workers 2``, the gate's throughput with 2 workers on both cores against one
-worker on one core. ``--candidate NAME=ARGV`` adds a proxy to compare (argv with ``{port}``
-and ``{upstream}``), measured like the gate on small requests.
+worker on one core. ``--candidate NAME=ARGV`` adds a proxy to compare (argv with ``{port}``,
+``{upstream}``, ``{catalog}`` (a gate catalog listening on that port) and ``{python}``),
+measured like the gate on small requests.
 """
 
 from __future__ import annotations
@@ -221,19 +222,19 @@ class Bench:
             "--tokens", str(STREAM_TOKENS), "--token-ms", str(token_ms)], self.load_cpu).pid
         wait_port(self.ports["stream_up"], "stream upstream")
 
-    def write_catalog(self, workers: int = 1) -> Path:
+    def write_catalog(self, workers: int = 1, port: int = 0) -> Path:
         catalog = {
             "state_dir": str(self.work / "run"),
             "desired_state": str(self.work / "desired_state.yaml"),
             "log_file": str(self.work / "activity.log"),
-            "gate": {"listen": "127.0.0.1:0", **({"workers": workers} if workers != 1 else {})},
+            "gate": {"listen": f"127.0.0.1:{port}", "workers": workers},
             "engines": {
                 "small": {"kind": "vllm", "command": ["true"], "port": self.ports["small_up"], "served_name": "small"},
                 "stream": {"kind": "vllm", "command": ["true"], "port": self.ports["stream_up"],
                            "served_name": "stream"},
             },
         }
-        path = self.work / f"engines-{workers}.yaml"
+        path = self.work / f"engines-{workers}-{port}.yaml"
         path.write_text(yaml.safe_dump(catalog))
         return path
 
@@ -348,8 +349,9 @@ class Bench:
 def wrk_run(url: str, connections: int, seconds: float, script: Path, cpu: str | None,
             threads: int = 1) -> dict[str, float]:
     """One wrk run: requests, req/s, p50/p99 ms, non-2xx answers and socket errors."""
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
-            "-s", str(script), url]
+    # --timeout: a stream lasts 100 tokens x 20 ms = 2 s, wrk's default timeout.
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+            "--latency", "-s", str(script), url]
     if cpu:
         argv = ["taskset", "-c", cpu, *argv]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
@@ -614,7 +616,9 @@ def main() -> int:
             for spec in ns.candidate:
                 name, _, argv = spec.partition("=")
                 port = free_port()
-                cmd = [a.format(port=port, upstream=f"127.0.0.1:{b.ports['small_up']}") for a in shlex.split(argv)]
+                catalog = b.write_catalog(1, port)
+                cmd = [a.format(port=port, upstream=f"127.0.0.1:{b.ports['small_up']}", catalog=catalog,
+                                python=sys.executable) for a in shlex.split(argv)]
                 b.pids[name] = b.procs.start(name, cmd, ns.proxy_cpu).pid
                 wait_port(port, name)
                 candidates[name] = port
