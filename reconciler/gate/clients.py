@@ -71,7 +71,27 @@ class BodyBudget:
         self.limit = limit
         self.free = limit
         self._waiting = 0  # requests queued for room
+        self._notifiers: set[asyncio.Task[None]] = set()
         self._room = asyncio.Condition()
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes at once if there is room and nobody queues; ``give`` them back."""
+        size = min(size, self.limit)
+        if self.free >= size and not self._waiting:
+            self.free -= size
+            return True
+        return False
+
+    def give(self, size: int) -> None:
+        self.free += min(size, self.limit)
+        if self._waiting:
+            task = asyncio.get_running_loop().create_task(self._notify())
+            self._notifiers.add(task)  # held until done: the loop keeps only a weak reference
+            task.add_done_callback(self._notifiers.discard)
+
+    async def _notify(self) -> None:
+        async with self._room:
+            self._room.notify_all()
 
     @contextlib.asynccontextmanager
     async def hold(self, size: int) -> AsyncIterator[bool]:

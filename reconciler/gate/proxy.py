@@ -340,21 +340,33 @@ class Proxy:
     ) -> upstream.Response | Refusal:
         """Read the body within the budget, check it, send it; the budget is held (and the
         body kept) only until the engine's answer starts."""
-        async with self._budget.hold(clients.body_size(request)) as room:
+        size = clients.body_size(request)
+        if self._budget.take(size):  # the common case: room at once, no context manager
+            try:
+                return await self._checked_send(request, route, family, model_field, target)
+            finally:
+                self._budget.give(size)
+        async with self._budget.hold(size) as room:
             if not room:
                 return clients.too_busy()
-            body = await clients.read_body(request, self._gate.client_body_idle_s)
-            if isinstance(body, Refusal):
-                return body
-            if model_field is not None and body:
-                checked = await clients.off_loop(
-                    body, lambda b: self._check_model(b, target, family, model_field))
-                if isinstance(checked, Refusal):
-                    return checked
-                body = checked
-            if body and route in KEEP_ALIVE_ROUTES and target.model in self._ollama:
-                body = await clients.off_loop(body, pin_keep_alive)
-            return await self._send(request, target, body)
+            return await self._checked_send(request, route, family, model_field, target)
+
+    async def _checked_send(
+        self, request: web.Request, route: str, family: str, model_field: str | None, target: Target,
+    ) -> upstream.Response | Refusal:
+        """Read the body, check it (model, keep_alive) and send it."""
+        body = await clients.read_body(request, self._gate.client_body_idle_s)
+        if isinstance(body, Refusal):
+            return body
+        if model_field is not None and body:
+            checked = await clients.off_loop(
+                body, lambda b: self._check_model(b, target, family, model_field))
+            if isinstance(checked, Refusal):
+                return checked
+            body = checked
+        if body and route in KEEP_ALIVE_ROUTES and target.model in self._ollama:
+            body = await clients.off_loop(body, pin_keep_alive)
+        return await self._send(request, target, body)
 
     async def _send(self, request: web.Request, target: Target, body: Body) -> upstream.Response:
         """Send upstream; once more on a fresh connection if a pooled one turned out dead.
@@ -442,5 +454,8 @@ def _dot_segments(raw_path: str) -> bool:
     is not a path (absolute form) counts too: it is sent on as written."""
     if not raw_path.startswith("/"):
         return True
-    path = urllib.parse.unquote(raw_path.split("?", 1)[0])
+    path = raw_path.split("?", 1)[0]
+    if "%" not in path and "/." not in path:
+        return False  # the common case, without unquoting and splitting
+    path = urllib.parse.unquote(path)
     return any(segment in (".", "..") for segment in path.split("/"))

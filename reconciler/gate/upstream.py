@@ -40,6 +40,8 @@ import httptools
 # written them on (aiohttp's client pauses at 64 KiB too).
 HIGH_WATER = 1 << 16
 _BODYLESS = frozenset({204, 304})
+# A request body up to this size is sent in the same write as the head (one syscall).
+_JOIN_MAX = 1 << 16
 
 
 class UpstreamError(Exception):
@@ -176,17 +178,21 @@ class _Conn(asyncio.Protocol):
 
     async def wait(self, timeout_s: float | None) -> None:
         """Until the next event on this connection (data, end, error), at most ``timeout_s``."""
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self.waiter = loop.create_future()
+        # A bare timer rather than asyncio.timeout(): this runs once per chunk of a stream.
+        timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, waiter, timeout_s)
         try:
-            if timeout_s is None:
-                await self.waiter
-            else:
-                async with asyncio.timeout(timeout_s):
-                    await self.waiter
-        except TimeoutError:
-            raise ReadTimeout(f"the engine was silent for {timeout_s:g} s (gate.read_timeout_s)") from None
+            await waiter
         finally:
             self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
+def _expire(waiter: asyncio.Future[None], timeout_s: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(ReadTimeout(f"the engine was silent for {timeout_s:g} s (gate.read_timeout_s)"))
 
 
 class Response:
@@ -273,8 +279,11 @@ class Pool:
             conn = await self._connect(host, port)
         try:
             assert conn.transport is not None
-            conn.transport.write(_head(method, host, port, target, headers, body))
-            if body:
+            head = _head(method, host, port, target, headers, body)
+            if len(body) <= _JOIN_MAX:
+                conn.transport.write(head + body)  # one send for the common small request
+            else:
+                conn.transport.write(head)
                 conn.transport.write(body)
             while not conn.head:
                 if conn.error is not None:
