@@ -67,9 +67,10 @@ class Executor:
                 self.exits[instance] = _describe_exit(code)
                 del self.children[instance]
 
-    def warmup_state(self, instance: str | None) -> str | None:
+    def warmup_states(self) -> dict[str, str]:
+        """instance -> "pending", "done" or "failed: …", as of now."""
         with self._lock:
-            return self.warmups.get(instance) if instance else None
+            return dict(self.warmups)
 
     def run(
         self,

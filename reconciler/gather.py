@@ -16,18 +16,21 @@ from reconciler.facts import COOKIE_ENV, Cookie, Proc
 # so a pass costs one /proc read per *new* process. The cmdline is in the key because a
 # child caught between fork and exec still shows its parent's environ (no cookie yet).
 # Its cgroup is cached the same way: only root moves a process, and we do it before exec.
-_cookie_cache: dict[tuple[int, float, str], tuple[Cookie | None, str | None]] = {}
+# So is its real uid, with the owner of /proc/PID (the effective uid) in the key: dropping
+# privileges changes that.
+_identity_cache: dict[tuple[tuple[int, float, str], int], tuple[Cookie | None, str | None, int]] = {}
 
 
-def _identity(proc: psutil.Process, key: tuple[int, float, str]) -> tuple[Cookie | None, str | None]:
-    if key in _cookie_cache:
-        return _cookie_cache[key]
+def _identity(key: tuple[int, float, str], pid: str, owner: int) -> tuple[Cookie | None, str | None, int]:
+    cached = _identity_cache.get((key, owner))
+    if cached is not None:
+        return cached
     try:
-        raw = proc.environ().get(COOKIE_ENV)
+        raw = psutil.Process(key[0]).environ().get(COOKIE_ENV)
     except (psutil.Error, OSError):
         raw = None
-    found = (Cookie.decode(raw) if raw else None, _cgroup(key[0]))
-    _cookie_cache[key] = found
+    found = (Cookie.decode(raw) if raw else None, _cgroup(key[0]), _real_uid(pid, owner))
+    _identity_cache[(key, owner)] = found
     return found
 
 
@@ -95,41 +98,86 @@ def _cgroup(pid: int) -> str | None:
     return None
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+COMM_MAX = 15  # the kernel keeps this many characters of a process's name
+PROC_READ_BYTES = 16384
+
+
+def _read(path: str) -> bytes:
+    """A whole /proc file with bare syscalls (``open()``'s file objects cost more than the read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, PROC_READ_BYTES)]
+        while len(chunks[-1]) == PROC_READ_BYTES:  # a long command line
+            chunks.append(os.read(fd, PROC_READ_BYTES))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _real_uid(pid: str, owner: int) -> int:
+    """The real uid. /proc/PID is owned by the effective uid, and by root for a process that
+    is not dumpable (setuid programs, prctl): only then is /proc/PID/status worth a read."""
+    if owner != 0:
+        return owner
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        if line.startswith(b"Uid:"):
+            return int(line.split()[1])
+    return owner
+
+
+def _argv(data: str) -> tuple[str, ...]:
+    """/proc/PID/cmdline as psutil splits it: NUL-separated, or, for a title written over the
+    argv area (setproctitle), space-separated."""
+    if not data:
+        return ()
+    sep = "\0" if data.endswith("\0") else " "
+    parts = data.removesuffix(sep).split(sep)
+    if sep == "\0" and len(parts) == 1 and " " in parts[0]:
+        parts = parts[0].split(" ")
+    return tuple(parts)
+
+
+def _one(pid: str, boot: float, live: set[tuple[int, float, str]]) -> Proc | None:
+    """One process from /proc/PID/stat, cmdline and owner; None if it is gone. Its key goes
+    into ``live``."""
+    try:
+        stat = _read(f"/proc/{pid}/stat")
+        raw_argv = _read(f"/proc/{pid}/cmdline")
+        owner = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+    close = stat.rfind(b")")
+    comm = stat[stat.find(b"(") + 1:close].decode(errors="replace")
+    fields = stat[close + 2:].split()
+    argv = _argv(raw_argv.decode(errors="surrogateescape"))
+    cmdline = " ".join(argv)
+    create_time = boot + int(fields[19]) / _CLOCK_TICKS
+    key = (int(pid), create_time, cmdline)
+    live.add(key)
+    try:
+        cookie, cgroup, uid = _identity(key, pid, owner)
+    except OSError:
+        return None
+    base = os.path.basename(argv[0]) if argv else ""
+    name = base if len(comm) >= COMM_MAX and base.startswith(comm) else comm  # comm is truncated
+    return Proc(pid=key[0], ppid=int(fields[1]), create_time=create_time, cmdline=cmdline, name=name,
+                pgid=int(fields[2]), sid=int(fields[3]), cookie=cookie, zombie=fields[0] == b"Z",
+                uid=uid, argv=argv, cgroup=cgroup)
+
+
 def processes() -> tuple[Proc, ...]:
-    seen: list[Proc] = []
-    live_keys: set[tuple[int, float, str]] = set()
-    attrs = ["pid", "ppid", "name", "cmdline", "create_time", "status", "uids"]
-    for proc in psutil.process_iter(attrs):
-        info = proc.info
-        if info.get("create_time") is None:
-            continue
-        pid = int(info["pid"])
-        argv = tuple(info.get("cmdline") or ())
-        cmdline = " ".join(argv)
-        key = (pid, float(info["create_time"]), cmdline)
-        live_keys.add(key)
-        try:
-            pgid, sid = os.getpgid(pid), os.getsid(pid)
-        except OSError:
-            continue
-        uids = info.get("uids")
-        cookie, cgroup = _identity(proc, key)
-        seen.append(Proc(
-            pid=pid,
-            ppid=int(info["ppid"] or 0),
-            create_time=key[1],
-            cmdline=cmdline,
-            name=info.get("name") or "",
-            pgid=pgid,
-            sid=sid,
-            cookie=cookie,
-            zombie=info.get("status") == psutil.STATUS_ZOMBIE,
-            uid=int(uids.real) if uids is not None else -1,
-            argv=argv,
-            cgroup=cgroup,
-        ))
-    for stale in set(_cookie_cache) - live_keys:
-        del _cookie_cache[stale]
+    """Every process, read straight from /proc: stat, cmdline and the owner, ~20 us each.
+
+    psutil's process_iter took ~100 us a process (a file per attribute, two more syscalls
+    for session and group): 200 ms a pass with 2,000 processes on the machine.
+    """
+    boot = psutil.boot_time()  # what psutil's create_time counts from: the two agree
+    live: set[tuple[int, float, str]] = set()
+    seen = [proc for pid in os.listdir("/proc") if pid.isdigit()
+            and (proc := _one(pid, boot, live)) is not None]
+    for stale in [k for k in _identity_cache if k[0] not in live]:
+        del _identity_cache[stale]
     return tuple(seen)
 
 

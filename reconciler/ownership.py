@@ -10,6 +10,7 @@ can set it, and vLLM's setproctitle wipes it.
 
 from __future__ import annotations
 
+import functools
 import os.path
 import re
 from collections.abc import Iterable, Mapping
@@ -179,7 +180,13 @@ def _in_cgroup(proc: Proc, tail: tuple[str, ...]) -> bool:
 
 def _install_of(proc: Proc) -> str | None:
     """The namespace of the ailayer install whose instance cgroup holds ``proc``, if any."""
-    for part in (proc.cgroup or "").split("/"):
+    return _install_in(proc.cgroup or "")
+
+
+@functools.lru_cache(maxsize=4096)
+def _install_in(cgroup: str) -> str | None:
+    """Most processes share a handful of cgroups: each path is parsed once."""
+    for part in cgroup.split("/"):
         found = _INSTALL_CGROUP.match(part)
         if found:
             return found.group(1)
@@ -247,10 +254,10 @@ def classify(obs: Observation, engines: Mapping[str, Engine], namespace: str) ->
     # spared or killed) apart from another user's copy elsewhere on the machine.
     strays: dict[tuple[str, int], set[Proc]] = {}
     for proc in procs:
-        if proc in claimed or proc in forged or _belongs_elsewhere(proc, by_pid, namespace):
+        if proc in claimed or proc in forged:
             continue
-        copy_of = recognise(proc, engines)
-        if copy_of is not None:
+        copy_of = recognise(proc, engines)  # first: most processes are no engine's copy
+        if copy_of is not None and not _belongs_elsewhere(proc, by_pid, namespace):
             strays.setdefault((copy_of, proc.sid), set()).add(proc)
     # A stray's children, and the members of a stray group leader's group, go with it.
     for (model, _), found in sorted(strays.items()):

@@ -203,10 +203,12 @@ def plan(
     obs: Observation,
     memory: Memory,
     namespace: str,
+    view: View | None = None,
 ) -> Plan:
+    """``view`` is ``classify(obs, engines, namespace)`` when the caller has it already."""
     if memory.model != desired:
         memory = Memory(model=desired, stray_kills=memory.stray_kills, respawning=memory.respawning)
-    view = classify(obs, engines, namespace)
+    view = view if view is not None else classify(obs, engines, namespace)
     engine = engines.get(desired) if desired else None
     keeper, adopted = _keeper(view, engine, obs, memory) if engine else (None, False)
     now = obs.now
