@@ -76,9 +76,15 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
+        self.loop = asyncio.get_running_loop()
+        self.quiet_since = 0.0  # the last data, or the start of the current wait if later
+        self.timer: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
@@ -100,6 +106,7 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.answered = True
+        self.quiet_since = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -173,26 +180,36 @@ class _Conn(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None:
             self.transport.abort()
 
     async def wait(self, timeout_s: float | None) -> None:
         """Until the next event on this connection (data, end, error), at most ``timeout_s``."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        self.quiet_since = loop.time()
         waiter = self.waiter = loop.create_future()
-        # A bare timer rather than asyncio.timeout(): this runs once per chunk of a stream.
-        timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, waiter, timeout_s)
+        # One timer per response, not one per wait (this runs once per chunk of a stream): when
+        # it fires it looks how long the engine has really been quiet, and re-arms if not long.
+        if timeout_s is not None and self.timer is None:
+            self.timer = loop.call_at(self.quiet_since + timeout_s, self._check_quiet, timeout_s)
         try:
             await waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
 
-
-def _expire(waiter: asyncio.Future[None], timeout_s: float) -> None:
-    if not waiter.done():
-        waiter.set_exception(ReadTimeout(f"the engine was silent for {timeout_s:g} s (gate.read_timeout_s)"))
+    def _check_quiet(self, timeout_s: float) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # not waiting now: the next wait arms the timer again
+        due = self.quiet_since + timeout_s
+        if self.loop.time() >= due:
+            waiter.set_exception(ReadTimeout(f"the engine was silent for {timeout_s:g} s (gate.read_timeout_s)"))
+        else:
+            self.timer = self.loop.call_at(due, self._check_quiet, timeout_s)
 
 
 class Response:
@@ -318,6 +335,9 @@ class Pool:
         return conn
 
     def release(self, key: tuple[str, int], conn: _Conn) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
         conn.idle_since = time.monotonic()
         idle = self._idle.setdefault(key, [])
         oldest = conn.idle_since - self._keepalive_s

@@ -241,3 +241,44 @@ def test_interim_answers_bodyless_answers_and_bodies_ended_by_close() -> None:
         server.close()
 
     asyncio.run(main())
+
+
+def test_the_read_timeout_counts_silence_inside_a_body_not_the_body_s_length() -> None:
+    """A stream whose chunks come more often than the read timeout lasts as long as it likes;
+    one that falls silent mid-body ends with ReadTimeout."""
+
+    async def steady(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(8):  # 0.8 s in all, a chunk every 0.1 s
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(DEADLINE_S)  # silent from here, as the next test's engine is
+
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n")
+        await writer.drain()
+        await asyncio.sleep(DEADLINE_S)
+
+    async def main() -> None:
+        server, port, _ = await _serve(steady)
+        pool = _pool(read_s=0.3)
+        async with await pool.request("GET", "127.0.0.1", port, "/", [], b"") as resp:
+            assert await resp.read() == b"x" * 8
+        server.close()
+        server, port, _ = await _serve(stalls)
+        async with await pool.request("GET", "127.0.0.1", port, "/", [], b"") as resp:
+            got = []
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(upstream.ReadTimeout):
+                async for chunk in resp.chunks():
+                    got.append(chunk)
+            assert got == [b"x"] and asyncio.get_running_loop().time() - started < DEADLINE_S
+        pool.close()
+        server.close()
+
+    asyncio.run(main())
