@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/gate_bench.py [--rounds 5] [--seconds 4] [--json OUT]
 
+Its requests/s are not the gate's: the demo engine (an aiohttp server) caps nginx too, so the
+ratio to nginx is meaningless (issue 14). bench/gate_throughput.py measures throughput and CPU
+per request on upstreams that cannot be the limit; this one stays for latency, time to first
+token and the long-poll figures.
+
 What it measures, in one run, alternating the paths every round and reporting medians
 with their spread (min-max over rounds):
 

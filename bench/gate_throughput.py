@@ -65,6 +65,8 @@ SMALL_CONNECTIONS = 64
 # (streams, ms between tokens): a realistic load, and one near the gate's ceiling.
 STREAM_LEVELS = ((64, 20.0), (256, 10.0))
 STREAM_TOKENS = 100
+# Streams are measured in steady state: this long after wrk starts, until this long before it ends.
+RAMP_S = 1.0
 START_DEADLINE_S = 30.0
 HEARTBEAT_S = 5.0
 
@@ -324,8 +326,10 @@ class Bench:
     def measure(self, url: str, connections: int, script: str, proxy_pid: int | None,
                 threads: int = 1, load_cpu: str | None = "") -> dict[str, float]:
         """One wrk run; adds the proxy's CPU per request and its core use."""
+        if script == "stream":
+            return self._measure_streams(url, connections, proxy_pid)
         cpu_before = tree_cpu(proxy_pid) if proxy_pid else 0.0
-        count_before = self.upstream_count() if script == "stream" else None
+        count_before = None
         t0 = time.monotonic()
         result = wrk_run(url, connections, self.seconds, self.scripts[script],
                          self.load_cpu if load_cpu == "" else load_cpu, threads)
@@ -344,6 +348,31 @@ class Bench:
             if proxy_pid:
                 result["cpu_us_per_token"] = result["proxy_cpu_s"] / max(1.0, tokens) * 1e6
         return result
+
+
+    def _measure_streams(self, url: str, connections: int, proxy_pid: int | None) -> dict[str, float]:
+        """Streams in steady state: wrk runs RAMP_S longer on each side, and tokens (counted by the
+        upstream as it writes them) and the proxy's CPU are read over the middle ``seconds`` only,
+        so opening 256 connections through the proxy is not counted against its token rate."""
+        got: dict[str, float] = {}
+
+        def run() -> None:
+            got.update(wrk_run(url, connections, self.seconds + 2 * RAMP_S, self.scripts["stream"], self.load_cpu))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(RAMP_S)
+        cpu0, count0, t0 = tree_cpu(proxy_pid) if proxy_pid else 0.0, self.upstream_count(), time.monotonic()
+        time.sleep(self.seconds)
+        cpu1, count1, t1 = tree_cpu(proxy_pid) if proxy_pid else 0.0, self.upstream_count(), time.monotonic()
+        thread.join()
+        wall = t1 - t0
+        tokens = count1["tokens"] - count0["tokens"]
+        got.update(tokens=tokens, tok_s=tokens / wall, upstream_core_use=(count1["cpu_s"] - count0["cpu_s"]) / wall)
+        if proxy_pid:
+            got.update(proxy_cpu_s=cpu1 - cpu0, proxy_core_use=(cpu1 - cpu0) / wall,
+                       cpu_us_per_token=(cpu1 - cpu0) / max(1.0, tokens) * 1e6)
+        return got
 
 
 def wrk_run(url: str, connections: int, seconds: float, script: Path, cpu: str | None,

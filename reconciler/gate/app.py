@@ -1,6 +1,8 @@
 """The gate's aiohttp application and its entry points: ``serve`` (async) and ``run`` (blocking).
 
-One process, aiohttp on both sides (issue 3, item 7, measured against the alternatives).
+aiohttp's server in front (every route, the dashboard, SSE); to the engine, the llhttp pool of
+reconciler/gate/upstream.py; uvloop; ``gate.workers`` such processes on one port
+(reconciler/gate/workers.py). Chosen by measurement: docs/PERFORMANCE.md, issue 14.
 Server settings that must be explicit: ``handler_cancellation=True`` (a client that
 leaves cancels its handler, which closes the engine request), a large backlog, and a
 keep-alive above a fronting proxy's so the proxy, not us, closes idle connections.
