@@ -15,7 +15,7 @@ import psutil
 from reconciler import cgroups, clock, killer, ports, probe
 from reconciler.catalog import Engine
 from reconciler.cgroups import Mode
-from reconciler.facts import Proc, Record
+from reconciler.facts import Failure, Proc, Reason, Record
 from reconciler.logs import ActivityLog
 from reconciler.planner import Action, AwaitPort, Kill, Start, Warmup
 from reconciler.records import Records
@@ -32,7 +32,7 @@ PORT_POLL_S = 0.05
 class Outcome:
     changed: int = 0
     failed: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: list[Failure] = field(default_factory=list)
     started: Spawned | None = None
     stopped_early: bool = False
 
@@ -106,7 +106,7 @@ class Executor:
             deadline = clock.monotonic() + PORT_RELEASE_WAIT_S
             while not ports.is_free(action.host, action.port):
                 if clock.monotonic() >= deadline:
-                    outcome.errors.append(f"PortBusy: {action.host}:{action.port} still in use")
+                    outcome.errors.append(Failure(Reason.PORT_BUSY, f"{action.host}:{action.port} still in use"))
                     return False
                 clock.sleep(PORT_POLL_S)
             return True
@@ -125,7 +125,7 @@ class Executor:
                 spawned = spawn(engine, cookie, self.state_dir, group, self.withheld)
             except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in argv or env
                 self.exits[cookie.instance] = f"could not be started: {exc}"
-                outcome.errors.append(f"SpawnFailed: {engine.command[0]}: {exc}")
+                outcome.errors.append(Failure(Reason.SPAWN_FAILED, f"{engine.command[0]}: {exc}"))
                 outcome.started = None
                 self._forget(record)
                 return False
@@ -163,9 +163,9 @@ class Executor:
             action.targets, (lambda: ()) if only_groups else (lambda: rescan(action.units)), self.reap, tick)
         full = [str(g) for g in groups if not cgroups.wait_empty(g, deadline, tick)]
         if not result.ok:
-            outcome.errors.append(f"KillFailed: pids {list(result.survivors)} survived SIGKILL")
+            outcome.errors.append(Failure(Reason.KILL_FAILED, f"pids {list(result.survivors)} survived SIGKILL"))
         if full:
-            outcome.errors.append(f"KillFailed: cgroups {full} still have members after SIGKILL")
+            outcome.errors.append(Failure(Reason.KILL_FAILED, f"cgroups {full} still have members after SIGKILL"))
         if result.ok and not full:
             for record in records:
                 self._forget(record)

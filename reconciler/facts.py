@@ -7,6 +7,37 @@ from tables, and the planner reads it without touching the machine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why something went wrong: the ``reason`` of ``last_error`` in the observed state."""
+
+    UNKNOWN_MODEL = "UnknownModel"  # the desired file names no catalog entry
+    INVALID_DESIRED_STATE = "InvalidDesiredState"
+    INVALID_CATALOG = "InvalidCatalog"
+    CHOSEN_BEFORE_REBOOT = "ChosenBeforeReboot"
+    ENGINE_RESPAWNING = "EngineRespawning"  # another supervisor restarts what we kill
+    SPAWN_FAILED = "SpawnFailed"
+    KILL_FAILED = "KillFailed"
+    PORT_BUSY = "PortBusy"
+    PORT_SQUATTED = "PortSquatted"
+    ENGINE_EXITED = "EngineExited"
+    ENGINE_UNRESPONSIVE = "EngineUnresponsive"
+    BOOT_TIMEOUT = "BootTimeout"
+    PASS_FAILED = "PassFailed"  # noqa: S105 (a reason, not a password)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failure as a value: code decides on ``reason``, people read ``message``."""
+
+    reason: Reason
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.message}"
+
 
 COOKIE_ENV = "AILAYER_INSTANCE"
 """Every engine we spawn carries ``AILAYER_INSTANCE=<namespace>/<model>/<id>/<started_ms>``.

@@ -18,7 +18,7 @@ from pathlib import Path
 from reconciler import cgroups, clock, desired, gather, gpu, killer, ports, probe, status
 from reconciler.catalog import Catalog, CatalogSource, Engine
 from reconciler.executor import Executor, Outcome
-from reconciler.facts import Gpu, Observation, Probe, Proc
+from reconciler.facts import Failure, Gpu, Observation, Probe, Proc, Reason
 from reconciler.follow import Follower
 from reconciler.lock import AlreadyRunning, StateLock
 from reconciler.logs import ActivityLog
@@ -108,15 +108,15 @@ class Reconciler:
             return None
 
     # --- one pass -----------------------------------------------------------------------
-    def _read_desired(self, errors: list[tuple[str, str]]) -> desired.Desired:
+    def _read_desired(self, errors: list[Failure]) -> desired.Desired:
         try:
             wish = desired.read(self.catalog)
         except desired.UnknownModel as exc:
             self._absent_since = None  # the file is there: a later absence waits its own full second
-            errors.append(("UnknownModel", f"{exc}; keeping the last good desired state"))
+            errors.append(Failure(Reason.UNKNOWN_MODEL, f"{exc}; keeping the last good desired state"))
         except InvalidFile as exc:
             self._absent_since = None
-            errors.append(("InvalidDesiredState", f"{exc}; keeping the last good desired state"))
+            errors.append(Failure(Reason.INVALID_DESIRED_STATE, f"{exc}; keeping the last good desired state"))
         else:
             if not self._settling(wish) and not self._flapping(wish):
                 # The reported generation never goes back, even when a hand edit lowers the file's.
@@ -125,7 +125,7 @@ class Reconciler:
                 self.last_good = wish
         return self._after_reboot(self.last_good or desired.Desired(None), errors)
 
-    def _after_reboot(self, wish: desired.Desired, errors: list[tuple[str, str]]) -> desired.Desired:
+    def _after_reboot(self, wish: desired.Desired, errors: list[Failure]) -> desired.Desired:
         """A model chosen before the machine rebooted counts as none until someone toggles
         again (unless the catalog sets resume_after_reboot): a reboot must not start a
         35-minute load nobody asked for. It is honoured once this boot honoured it (the last
@@ -138,16 +138,15 @@ class Reconciler:
         if last is not None and last.reconciler.get("boot_id") == self._boot_id \
                 and last.desired_model == wish.model:
             return wish
-        errors.append(("ChosenBeforeReboot",
-                       f"{wish.model!r} was chosen before this machine booted, so it is not loaded "
-                       "until someone toggles again (set resume_after_reboot: true in the catalog "
-                       "to load it anyway)"))
+        errors.append(Failure(Reason.CHOSEN_BEFORE_REBOOT,
+                              f"{wish.model!r} was chosen before this machine booted, so it is not "
+                              "loaded until someone toggles again (set resume_after_reboot: true in "
+                              "the catalog to load it anyway)"))
         return replace(wish, model=None)
 
     def _flapping(self, wish: desired.Desired) -> bool:
         """A change of model within the flap window of the last one is held back (and looked at
-        again when the window ends); the window doubles while changes keep coming that fast.
-        The first change after a quiet spell is taken at once."""
+        again when the window ends); see FLAP_WINDOW_MIN_S for how the window grows."""
         if self.last_good is None:
             self._taken_generation = wish.generation or 0
             return False
@@ -278,17 +277,17 @@ class Reconciler:
 
     def step(self, check: bool = False) -> PassResult:
         """One pass. With ``check`` nothing is changed and nothing is written."""
-        errors: list[tuple[str, str]] = []
+        errors: list[Failure] = []
         self.source.refresh()
         if self.source.error:
-            errors.append(("InvalidCatalog", self.source.error))
+            errors.append(Failure(Reason.INVALID_CATALOG, self.source.error))
         wish = self._read_desired(errors)
         self.executor.reap()
         obs, view = self._observe(wish.model)
         the_plan = plan(wish.model, self.catalog.engines, obs, self.memory, self.namespace, view)
         if check:
             return PassResult(the_plan, None, None)
-        errors.extend(("EngineRespawning", note) for note in the_plan.notes)
+        errors.extend(Failure(Reason.ENGINE_RESPAWNING, note) for note in the_plan.notes)
         generation = self._desired_counter
         outcome = Outcome()
 
@@ -314,7 +313,7 @@ class Reconciler:
         outcome = self.executor.run(the_plan.actions, self.catalog.engines, self._rescan,
                                     self._kill_progress)
         self.memory = self._remember(the_plan, outcome, wish.model, obs.now)
-        errors.extend((e.split(":", 1)[0], e) for e in outcome.errors)
+        errors.extend(outcome.errors)
         after = the_plan
         if not outcome.stopped_early and the_plan.then is not None:
             after = replace(the_plan, verdict=the_plan.then)
@@ -335,7 +334,7 @@ class Reconciler:
         if outcome.started is not None:
             return replace(memory, tracked=outcome.started.cookie.instance, ready_since=None,
                            liveness_failures=0, warmup_failed_at=None)
-        spawn_failed = [e for e in outcome.errors if e.startswith("SpawnFailed")]
+        spawn_failed = [e for e in outcome.errors if e.reason is Reason.SPAWN_FAILED]
         if spawn_failed and model is not None:
             engine = self.catalog.engines[model]
             restarts = memory.restarts + 1
@@ -490,7 +489,7 @@ class Reconciler:
                            "error")
         if self.previous is not None:
             message = f"a reconciler pass failed {count} time(s) in a row (next try in {delay:.0f} s): {what}"
-            error = status.ErrorInfo("PassFailed", message, clock.iso())
+            error = status.ErrorInfo(Reason.PASS_FAILED.value, message, clock.iso())
             beat = {**self.previous.reconciler, "heartbeat": clock.iso()}
             new = status.with_revision(replace(self.previous, last_error=error, reconciler=beat),
                                        self.previous)

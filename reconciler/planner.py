@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from reconciler.catalog import Engine
-from reconciler.facts import Observation, Proc
+from reconciler.facts import Failure, Observation, Proc, Reason
 from reconciler.ownership import Unit, View, classify
 from reconciler.status import Phase
 
@@ -88,7 +88,7 @@ class Memory:
     ready_since: float | None = None
     restarts: int = 0  # consecutive failures of the desired model
     backoff_until: float | None = None
-    last_failure: str | None = None
+    last_failure: Failure | None = None
     liveness_failures: int = 0
     warmup_failed_at: float | None = None
     stray_kills: tuple[tuple[str, float], ...] = ()  # (model, when) of killed strays
@@ -307,7 +307,7 @@ def _plan_keeper(
     if squatters:
         who = ", ".join(f"pid {p.pid} (uid {p.uid}, {p.name})" for p in squatters)
         if gone is not None:
-            return _fail(engine, keeper, obs, memory, actions, notes, "PortSquatted",
+            return _fail(engine, keeper, obs, memory, actions, notes, Reason.PORT_SQUATTED,
                          f"main process {gone}; port {engine.port} is held by {who}")
         message = (f"port {engine.port} is listened on by {who}, not by {engine.name}'s "
                    "instance; nothing is proxied to it")
@@ -327,7 +327,7 @@ def _plan_keeper(
     detail = probe.detail if probe else "not probed"
     if gone is not None:
         # Orphaned workers (vLLM's EngineCore outlives a killed API server) are not an engine.
-        return _fail(engine, keeper, obs, memory, actions, notes, "EngineExited",
+        return _fail(engine, keeper, obs, memory, actions, notes, Reason.ENGINE_EXITED,
                      f"main process {gone}; its workers are killed too")
     if memory.ready_since is not None:
         failures = memory.liveness_failures + 1
@@ -337,12 +337,12 @@ def _plan_keeper(
             msg = (f"health check failed ({detail}), {failures}/{engine.liveness_failures}; "
                    "re-checking before restarting it")
             return done(Verdict(Phase.DEGRADED, "ProbeFailing", msg), memory, engine.ready.period_s)
-        return _fail(engine, keeper, obs, memory, actions, notes, "EngineUnresponsive",
+        return _fail(engine, keeper, obs, memory, actions, notes, Reason.ENGINE_UNRESPONSIVE,
                      f"engine stopped answering after READY: {detail}")
 
     deadline = keeper.started_at + engine.boot_timeout_s
     if now >= deadline:
-        return _fail(engine, keeper, obs, memory, actions, notes, "BootTimeout",
+        return _fail(engine, keeper, obs, memory, actions, notes, Reason.BOOT_TIMEOUT,
                      f"not ready after {engine.boot_timeout_s:.0f} s boot budget ({detail})")
     if (
         probe is not None and probe.ok and engine.ready.warmup is not None
@@ -385,16 +385,16 @@ def _fail(
     memory: Memory,
     actions: list[Action],
     notes: list[str],
-    reason: str,
+    reason: Reason,
     message: str,
 ) -> Plan:
     restarts = memory.restarts + 1
     delay = backoff_delay(engine, restarts)
-    actions.append(Kill(keeper.procs, f"{reason}: {message}", ((keeper.model, keeper.instance),)))
+    failure = Failure(reason, message)
+    actions.append(Kill(keeper.procs, str(failure), ((keeper.model, keeper.instance),)))
     memory = replace(memory, tracked=None, ready_since=None, liveness_failures=0,
-                     restarts=restarts, backoff_until=obs.now + delay,
-                     last_failure=f"{reason}: {message}")
-    verdict = Verdict(Phase.FAILED, reason, f"{message}; restart {restarts} in {delay:.0f} s")
+                     restarts=restarts, backoff_until=obs.now + delay, last_failure=failure)
+    verdict = Verdict(Phase.FAILED, reason.value, f"{message}; restart {restarts} in {delay:.0f} s")
     return Plan(tuple(actions), verdict, memory, requeue_after=0.0, notes=tuple(notes))
 
 
@@ -418,7 +418,7 @@ def _plan_start(
         memory = replace(memory, tracked=None, ready_since=None, liveness_failures=0,
                          restarts=restarts,
                          backoff_until=now + backoff_delay(engine, restarts),
-                         last_failure=f"EngineExited: {engine.name} {how} {phase_was}")
+                         last_failure=Failure(Reason.ENGINE_EXITED, f"{engine.name} {how} {phase_was}"))
     def plan_of(verdict: Verdict, requeue: float, holders: tuple[Proc, ...] = (),
                 then: Verdict | None = None) -> Plan:
         return Plan(tuple(actions), verdict, memory, port_holders=holders,

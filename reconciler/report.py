@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from reconciler import __version__, clock
 from reconciler.catalog import Catalog
 from reconciler.desired import current_boot_id
-from reconciler.facts import Gpu, Observation
+from reconciler.facts import Failure, Gpu, Observation, Reason
 from reconciler.planner import Plan
 from reconciler.progress import BootProgress
 from reconciler.status import (
@@ -33,7 +33,7 @@ class PassInput:
     observed_generation: int
     plan: Plan
     obs: Observation
-    errors: tuple[tuple[str, str], ...]  # (reason, message), most important first
+    errors: tuple[Failure, ...]  # most important first
     last_log_line: str | None
     recap: dict[str, int]
     leader_pid: int | None
@@ -42,23 +42,24 @@ class PassInput:
     progress: BootProgress | None = None  # what the active engine's output says of its load
 
 
+DESIRED_REASONS = frozenset({Reason.INVALID_DESIRED_STATE, Reason.UNKNOWN_MODEL})
+
+
 def _iso(epoch: float) -> str:
     return clock.iso(datetime.fromtimestamp(epoch, UTC))
 
 
 def _conditions(p: PassInput, previous: Status | None) -> list[Condition]:
     verdict = p.plan.verdict
-    reasons = dict(p.errors)
-    desired_bad = next(((r, m) for r, m in p.errors if r in ("InvalidDesiredState", "UnknownModel")),
-                       None)
-    catalog_bad = reasons.get("InvalidCatalog")
+    desired_bad = next((e for e in p.errors if e.reason in DESIRED_REASONS), None)
+    catalog_bad = next((e.message for e in p.errors if e.reason is Reason.INVALID_CATALOG), None)
     port_blocked = verdict.phase is Phase.WAITING_PORT
     converged = not p.plan.actions and verdict.phase in (Phase.IDLE, Phase.READY)
     rows = [
         ("DesiredValid", desired_bad is None,
-         desired_bad[0] if desired_bad else "Valid",
-         desired_bad[1] if desired_bad else "desired_state.yaml parsed and names a catalog entry"),
-        ("CatalogValid", catalog_bad is None, "InvalidCatalog" if catalog_bad else "Valid",
+         desired_bad.reason.value if desired_bad else "Valid",
+         desired_bad.message if desired_bad else "desired_state.yaml parsed and names a catalog entry"),
+        ("CatalogValid", catalog_bad is None, Reason.INVALID_CATALOG.value if catalog_bad else "Valid",
          catalog_bad or f"using {p.catalog.source}"),
         ("PortAvailable", not port_blocked, verdict.reason if port_blocked else "Free",
          verdict.message if port_blocked else "no foreign process holds the engine port"),
@@ -111,16 +112,13 @@ def compose(p: PassInput, previous: Status | None, gpu: Gpu) -> Status:
     phase_since = (previous.phase_since if previous and previous.phase == verdict.phase
                    else clock.iso())
     last_error = None
-    if p.errors:
-        reason, message = p.errors[0]
-        keep = previous and previous.last_error and previous.last_error.message == message
-        at = previous.last_error.at if keep and previous and previous.last_error else clock.iso()
-        last_error = ErrorInfo(reason, message, at)
-    elif plan.memory.last_failure and verdict.phase is not Phase.READY:
-        reason, _, message = plan.memory.last_failure.partition(": ")
-        last_error = ErrorInfo(reason, message, clock.iso())
-        if previous and previous.last_error and previous.last_error.message == message:
-            last_error = previous.last_error
+    failure = p.errors[0] if p.errors else (
+        plan.memory.last_failure if verdict.phase is not Phase.READY else None)
+    if failure is not None:
+        same = previous is not None and previous.last_error is not None \
+            and previous.last_error.message == failure.message
+        at = previous.last_error.at if same and previous and previous.last_error else clock.iso()
+        last_error = ErrorInfo(failure.reason.value, failure.message, at)
     holders = [Holder(h.pid, h.name, h.cmdline[:300], ours=False, uid=h.uid) for h in plan.port_holders]
     strays = [StrayInfo(s.unit.model, s.unit.pids, sorted(s.unit.uids()),
                         min(s.unit.procs, key=lambda q: q.pid).cmdline[:300], s.why)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from reconciler.catalog import demo
-from reconciler.facts import Cookie, Gpu, GpuProc, Observation, Probe, Proc, Record
+from reconciler.facts import Cookie, Gpu, GpuProc, Observation, Probe, Proc, Reason, Record
 from reconciler.planner import (
     LISTEN_WATCH_S,
     RESPAWN_LIMIT,
@@ -242,7 +242,9 @@ def test_crash_records_failure_and_waits_for_backoff() -> None:
     crashed = plan("gpt-oss", ENGINES, obs(exits={"aaaaaaa1": "exited with code 1"}), TRACK_A1, NS)
     assert crashed.memory.restarts == 1
     assert crashed.memory.backoff_until == NOW + 10
-    assert "exited with code 1" in (crashed.memory.last_failure or "")
+    assert crashed.memory.last_failure is not None
+    assert crashed.memory.last_failure.reason is Reason.ENGINE_EXITED
+    assert "exited with code 1" in crashed.memory.last_failure.message
     later = plan("gpt-oss", ENGINES, replace(obs(), now=NOW + 10.5), crashed.memory, NS)
     assert [shape(a) for a in later.actions] == [("Start", "gpt-oss", 2)]
 

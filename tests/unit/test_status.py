@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from reconciler import catalog, planner, report, schemas, status
-from reconciler.facts import Cookie, Gpu, Observation, Probe, Proc, Record
+from reconciler.facts import Cookie, Failure, Gpu, Observation, Probe, Proc, Reason, Record
 from reconciler.planner import Memory
 from reconciler.progress import BootProgress
 from reconciler.status import (
@@ -260,7 +260,7 @@ def record_of(pid: int, started: float) -> Record:
 
 
 def compose(desired: str | None, obs: Observation, memory: Memory, previous: Status | None = None,
-            errors: tuple[tuple[str, str], ...] = (), booting: BootProgress | None = None) -> Status:
+            errors: tuple[Failure, ...] = (), booting: BootProgress | None = None) -> Status:
     cat = catalog.demo(Path("/srv"))
     result = planner.plan(desired, cat.engines, obs, memory, NS)
     p = report.PassInput(catalog=cat, desired_model=desired, desired_generation=2, observed_generation=2,
@@ -323,7 +323,7 @@ def test_boot_progress_is_gone_once_ready() -> None:
 
 
 def test_composed_status_with_an_error_validates_and_keeps_times_across_passes() -> None:
-    errors = (("InvalidDesiredState", "desired_state.yaml: field 'model': bad"),)
+    errors = (Failure(Reason.INVALID_DESIRED_STATE, "desired_state.yaml: field 'model': bad"),)
     first = compose(None, observation(), Memory(), errors=errors)
     assert first.last_error is not None and first.last_error.reason == "InvalidDesiredState"
     desired_valid = next(c for c in first.conditions if c.type == "DesiredValid")
