@@ -1321,6 +1321,9 @@ def _diskfull(res: Result, disk: Path) -> None:
             res.problems.append(str(exc))
         filler.unlink()
         t0 = time.monotonic()
+        # Recovery shows at the next line written; our own probes' lines are no longer logged,
+        # so make the reconciler say something: a switch back.
+        toggle(stack, VLLM)
         try:
             back = wait_for("the terminal says the log recovered", lambda: [
                 x for x in stack.output()[out_before:].splitlines() if "writable again" in x], CONVERGE_LIMIT_S)

@@ -116,12 +116,14 @@ class ActivityLog:
             print(format_line(SELF, os.getpid(), message), file=self._terminal, flush=True)
 
     def _rotated(self) -> bool:
-        now = clock.monotonic()
-        if now < self._next_check:
-            return False
-        self._next_check = now + ROTATE_CHECK_S
+        """Whether to reopen: the file was moved (logrotate; one stat per write, so the first
+        line after a rotation is in the new file), or, now and then, to leave the fallback."""
         if self.path != self._wanted:
-            return True  # on the fallback: try the real path again
+            now = clock.monotonic()
+            if now < self._next_check:
+                return False
+            self._next_check = now + ROTATE_CHECK_S
+            return True
         try:
             return os.stat(self.path).st_ino != self._inode
         except OSError:
