@@ -119,8 +119,9 @@ def test_foreign_port_holder_is_waited_for_never_killed(stack: Stack) -> None:
         cond = {c["type"]: c for c in doc["conditions"]}
         assert cond["PortAvailable"]["status"] == "False"
         # Stays waiting, and the holder is untouched, across several passes.
-        wait_until("a few more passes", lambda: stack.status()["revision"] >= doc["revision"]
-                   and stack.status()["reconciler"]["heartbeat"] != doc["reconciler"]["heartbeat"])
+        later = wait_until("a later pass", lambda: (d := stack.status())["reconciler"]["heartbeat"]
+                           != doc["reconciler"]["heartbeat"] and d)
+        assert later["phase"] == "WAITING_PORT" and later["port_holders"][0]["pid"] == holder.pid
         assert holder.poll() is None
         assert not engine_procs(VLLM_MARK)
     finally:
@@ -185,12 +186,13 @@ def test_crash_while_loading_backs_off_and_retries(stack: Stack) -> None:
     stack.start()
     stack.toggle("gpt-oss")
     failed = stack.wait_phase("FAILED")
-    assert failed["last_error"] is not None
-    assert "exited" in failed["message"] or "EngineExited" in failed["last_error"]["reason"]
-    assert failed["next_retry_at"] is not None
-    second = wait_until("a second restart", lambda: stack.status().get("restarts", 0) >= 2
-                        and stack.status())
-    assert second["phase"] in ("FAILED", "LOADING", "STOPPING")
+    assert failed["last_error"]["reason"] == "EngineExited"
+    assert "exited with code" in failed["last_error"]["message"], failed["last_error"]
+    assert failed["next_retry_at"] is not None and failed["restarts"] == 1
+    second = wait_until("the second failure, backing off", lambda: (
+        (d := stack.status()).get("restarts") == 2 and d["phase"] == "FAILED" and d))
+    assert second["last_error"]["reason"] == "EngineExited"
+    assert second["next_retry_at"] > failed["next_retry_at"]
 
 
 def test_crash_while_ready_is_restarted(stack: Stack) -> None:
@@ -202,7 +204,7 @@ def test_crash_while_ready_is_restarted(stack: Stack) -> None:
     second = wait_until("restarted engine ready", lambda: (
         (d := stack.status()).get("phase") == "READY" and d["engine"]["pid"] != victim and d))
     assert second["restarts"] == 1  # remembered until it has run healthy for a while
-    assert "EngineExited" in stack.output() or "was killed by signal 9" in stack.output()
+    assert "error EngineExited: main process was killed by signal 9" in stack.output()
 
 
 def os_kill(pid: int) -> None:
@@ -245,7 +247,6 @@ def test_once_is_idempotent(stack: Stack) -> None:
     first = stack.cli("reconcile", "--once")
     assert first.returncode == 2, first.stdout  # started, still loading
     assert "changed=1" in first.stdout
-    stack.wait_phase  # noqa: B018
     wait_until("ready via --once", lambda: stack.cli("reconcile", "--once").returncode == 0)
     pids = sorted(p.pid for p in engine_procs(VLLM_MARK))
     again = stack.cli("reconcile", "--once")
