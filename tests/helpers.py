@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import openai
 import psutil
@@ -54,11 +54,14 @@ def port_listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def wait_until(what: str, check: Callable[[], T | None], timeout: float = DEADLINE_S,
+def wait_until(what: str, check: Callable[[], T | Literal[False] | None], timeout: float = DEADLINE_S,
                interval: float = 0.02) -> T:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline.
+
+    ``check`` may be ``cond and value``: its ``False`` counts as not yet, like ``None``.
+    """
     deadline = time.monotonic() + timeout
-    last: T | None = None
+    last: T | Literal[False] | None = None
     while time.monotonic() < deadline:
         last = check()
         if last:
@@ -73,7 +76,7 @@ def demo_engine(kind: str, port: int, boot_s: float = 0.3, **extra: Any) -> dict
         command = ["{python}", "-m", "reconciler.demo.vllm_like", "serve", "openai/gpt-oss-20b",
                    "--host", "{host}", "--port", "{port}", "--boot-seconds", str(boot_s),
                    "--token-delay-ms", "5"]
-        entry = {"kind": "vllm", "served_name": "openai/gpt-oss-20b"}
+        entry: dict[str, Any] = {"kind": "vllm", "served_name": "openai/gpt-oss-20b"}
     else:
         command = ["{python}", "-m", "reconciler.demo.ollama_like", "serve", "--host", "{host}",
                    "--port", "{port}", "--models", "gemma2:9b", "--load-seconds", str(boot_s),

@@ -15,12 +15,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import psutil
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.remote.webdriver import WebDriver
 
 CHROMIUM = os.environ.get("AILAYER_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("AILAYER_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -52,7 +51,7 @@ class Browser:
         options.add_argument(f"--user-data-dir={self.profile}")
         logs = {"browser": "ALL", **({"performance": "ALL"} if network_log else {})}
         options.set_capability("goog:loggingPrefs", logs)  # network_log: DevTools Network.* events
-        self.driver: WebDriver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        self.driver: webdriver.Chrome = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
         self.driver.set_page_load_timeout(30)
 
     def __enter__(self) -> Browser:
@@ -93,9 +92,11 @@ class Browser:
 
     def console_errors(self) -> list[str]:
         """Errors the page logged (a CSP violation shows up here)."""
-        return [str(e["message"]) for e in self.driver.get_log("browser") if e.get("level") == "SEVERE"]
+        # ChromiumDriver.get_log has no annotations in selenium (4.51), though the package is py.typed.
+        logs = self.driver.get_log("browser")  # type: ignore[no-untyped-call]
+        return [str(e["message"]) for e in logs if e.get("level") == "SEVERE"]
 
-    def wait(self, what: str, check: Callable[[], T | None], timeout: float = 30.0,
+    def wait(self, what: str, check: Callable[[], T | Literal[False] | None], timeout: float = 30.0,
              interval: float = 0.02) -> T:
         """``check()``'s first truthy value; fail naming ``what`` (and the page's phase) at the deadline."""
         deadline = time.monotonic() + timeout

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import ollama
@@ -54,7 +54,7 @@ T = TypeVar("T")
 
 
 def poll_until(
-    check: Callable[[], T | None], what: str, timeout: float = CONDITION_DEADLINE_S,
+    check: Callable[[], T | Literal[False] | None], what: str, timeout: float = CONDITION_DEADLINE_S,
     interval: float = 0.01,
 ) -> T:
     """Return ``check()``'s first truthy value; fail naming ``what`` at the deadline."""

@@ -60,6 +60,10 @@ def test_forks_found_by_the_last_rescan_are_survivors_not_ok() -> None:
 
 def test_a_tree_that_dies_is_ok() -> None:
     child = _sleeper()
-    result = killer.cleanup_active_processes([_proc(child)], list, lambda: child.poll() and None)
+
+    def reap() -> None:
+        child.poll()
+
+    result = killer.cleanup_active_processes([_proc(child)], list, reap)
     child.wait()
     assert result.ok and result.killed == (child.pid,)

@@ -124,7 +124,7 @@ def heartbeats(stack: Stack, count: int) -> None:
     wait_until(f"{count} more reconciler passes", moved)
 
 
-def dead(procs: list[subprocess.Popen[str]]) -> list[int]:
+def dead(procs: list[subprocess.Popen[Any]]) -> list[int]:
     return [p.pid for p in procs if p.poll() is not None]
 
 
@@ -145,7 +145,7 @@ def test_bystanders_and_another_users_copies_survive_idle_switch_and_ready(
     stack = stack_for(tmp_path, mode, {"gpt-oss": vllm, "gemma2": demo_engine("ollama", ollama_port)})
     (shared_dir / "vllm serve.log").write_text("")
     phrase = f"{program} serve"
-    bystanders = [
+    bystanders: list[subprocess.Popen[Any]] = [  # tail's pipe is bytes, the others' text
         subprocess.Popen(["tail", "-f", str(shared_dir / "vllm serve.log")], stdout=subprocess.DEVNULL),
         subprocess.Popen(["grep", phrase], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True),
         pretend(["git", "commit", "-m", f"fix {phrase} flags"]),

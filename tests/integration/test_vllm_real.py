@@ -559,6 +559,7 @@ def test_reconciler_killed_mid_load_adopts_the_loading_vllm(tmp_path: Path, vllm
             def ready() -> dict[str, Any] | None:
                 doc = stack.status()
                 phases.append(doc.get("phase"))
+                assert stack.proc is not None  # the restarted reconciler
                 return doc if doc.get("phase") == "READY" and doc["reconciler"]["pid"] == stack.proc.pid else None
             doc = wait_until("READY under the new reconciler", ready, timeout=VLLM_BOOT_S)
         assert doc["engine"]["pid"] == pid and api.is_running(), "the loading vLLM was replaced"

@@ -35,7 +35,8 @@ def taken(rec: Reconciler, fake: FakeClock, writes: int, every: float,
           per_pass: int = 1) -> list[tuple[float, str | None]]:
     """Write A, B, A, … every ``every`` s with a pass after each ``per_pass`` writes:
     (time, model) whenever the model a pass acts on changes."""
-    start, out = fake.monotonic(), []
+    start = fake.monotonic()
+    out: list[tuple[float, str | None]] = []
     for i in range(writes):
         desired.write(rec.catalog, (A, B)[i % 2])
         fake.advance(every)
@@ -63,7 +64,7 @@ def test_a_held_back_change_asks_for_a_pass_when_the_window_ends(rec: Reconciler
     taken(rec, fake, 2, 0.001)  # A, then B taken at once: one toggle since A
     desired.write(rec.catalog, A)
     assert rec._read_desired([]).model == B, "A came within the window of B"
-    assert rec.recheck_in == pytest.approx(FLAP_WINDOW_MIN_S, abs=0.002)
+    assert rec.recheck_in is not None and rec.recheck_in == pytest.approx(FLAP_WINDOW_MIN_S, abs=0.002)
     fake.advance(rec.recheck_in)
     assert rec._read_desired([]).model == A, "nothing is lost: the latest model is taken"
 

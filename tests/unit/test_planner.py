@@ -300,7 +300,7 @@ def test_switch_then_verdict_is_loading() -> None:
 def test_warmup_action_names_the_instance() -> None:
     result = plan("gemma2", ENGINES, obs(ollama(30, listens=ON_O), records=(B1,),
                                          probe=Probe(True, "200", json_ok=False)), TRACK_B1, NS)
-    assert result.actions == (Warmup("gemma2", "bbbbbbb1", result.actions[0].why),)  # type: ignore[union-attr]
+    assert result.actions == (Warmup("gemma2", "bbbbbbb1", result.actions[0].why),)
 
 
 def test_crash_count_is_forgiven_only_after_a_healthy_stretch() -> None:

@@ -28,8 +28,8 @@ ROW = re.compile(r"^\|\s*`([\w.]+)`\s*\|\s*([^|]+?)\s*\|\s*(yes|no)\s*\|\s*(yes|
 def _number(node: ast.expr) -> float | None:
     """A numeric constant, or simple arithmetic of them (``35 * 60``); None for anything else."""
     if isinstance(node, ast.Constant):
-        ok = isinstance(node.value, int | float) and not isinstance(node.value, bool)
-        return float(node.value) if ok else None
+        value = node.value
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult | ast.Add | ast.Sub | ast.Div):
         left, right = _number(node.left), _number(node.right)
         if left is None or right is None:
