@@ -55,13 +55,13 @@ if str(REPO) not in sys.path:
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
-from reconciler import desired as desired_mod  # noqa: E402
-from reconciler import yamlfile  # noqa: E402
-from reconciler.atomicfile import write_atomic  # noqa: E402
-from reconciler.catalog import DEFAULT_RESYNC_INTERVAL_S, from_document, load_file  # noqa: E402
-from reconciler.facts import COOKIE_ENV  # noqa: E402
+from reconciler.kit import yamlfile  # noqa: E402
+from reconciler.kit.atomicfile import write_atomic  # noqa: E402
+from reconciler.kit.schemas import InvalidFile  # noqa: E402
 from reconciler.loop import namespace_of  # noqa: E402
-from reconciler.schemas import InvalidFile  # noqa: E402
+from reconciler.spec import desired as desired_mod  # noqa: E402
+from reconciler.spec.catalog import DEFAULT_RESYNC_INTERVAL_S, from_document, load_file  # noqa: E402
+from reconciler.spec.facts import COOKIE_ENV  # noqa: E402
 from tests.helpers import PY, TEST_RUN_ENV, Stack, demo_engine, free_port  # noqa: E402
 from tests.helpers import wait_until as wait_for  # noqa: E402
 
@@ -889,7 +889,7 @@ class Timeline(Watcher):
         return next((t for t, p in self.phases if p == phase and t >= after), None)
 
 
-# The demo's --fail *-ready modes fail this long after READY (reconciler.demo.common.READY_AFTER_S).
+# The demo's --fail *-ready modes fail this long after READY (reconciler.engines.demo.common.READY_AFTER_S).
 DEMO_READY_AFTER_S = 1.0
 
 
@@ -1671,7 +1671,7 @@ def shared_entry(name: str, port: int) -> dict[str, Any]:
     """A vLLM-like engine serving ``demo/NAME`` on ``port``; its own command names both."""
     served = f"demo/{name}"
     return {"kind": "vllm", "served_name": served, "port": port,
-            "command": ["{python}", "-m", "reconciler.demo.vllm_like", "serve", served, "--host", "{host}",
+            "command": ["{python}", "-m", "reconciler.engines.demo.vllm_like", "serve", served, "--host", "{host}",
                         "--port", "{port}", "--boot-seconds", str(SHARED_BOOT_S), "--token-delay-ms", "5"],
             "strays": ONLY_OWN_COMMAND,
             "ready": {"period_s": 0.1}, "liveness": {"period_s": 0.5},

@@ -30,7 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reconciler import clock, status  # noqa: E402
+from reconciler.kit import clock  # noqa: E402
+from reconciler.spec import status  # noqa: E402
 from tests.browser import chrome  # noqa: E402
 from tests.helpers import GatedStack, demo_engine, free_port, wait_until  # noqa: E402
 

@@ -52,7 +52,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reconciler import clock, status  # noqa: E402
+from reconciler.kit import clock  # noqa: E402
+from reconciler.spec import status  # noqa: E402
 
 SERVED = "openai/gpt-oss-20b"
 # A big model streams ~20-100 tokens/s; 20 ms per token sits in that range.
@@ -203,7 +204,7 @@ class Stack:
     def start(self) -> None:
         py = sys.executable
         self.procs.start("engine", [
-            py, "-m", "reconciler.demo.vllm_like", "serve", SERVED, "--host", "127.0.0.1",
+            py, "-m", "reconciler.engines.demo.vllm_like", "serve", SERVED, "--host", "127.0.0.1",
             "--port", str(self.engine_port), "--boot-seconds", "0",
             "--token-delay-ms", str(TOKEN_DELAY_MS), "--vram-mb", "1",
         ], self.load_cpu)  # fmt: skip

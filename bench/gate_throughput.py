@@ -59,7 +59,8 @@ sys.path.insert(0, str(ROOT))
 
 from gate_bench import Procs, free_port, wait_port  # noqa: E402
 
-from reconciler import clock, status  # noqa: E402
+from reconciler.kit import clock  # noqa: E402
+from reconciler.spec import status  # noqa: E402
 
 SMALL_CONNECTIONS = 64
 # (streams, ms between tokens): a realistic load, and one near the gate's ceiling.

@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/llamacpp_bench.py [--switches 20] [--requests 20]
 
-Needs the extra: ``pip install -e '.[llamacpp]'``. Two tiny GGUFs (``reconciler.demomodel``)
+Needs the extra: ``pip install -e '.[llamacpp]'``. Two tiny GGUFs (``reconciler.engines.demomodel``)
 share one port under a real reconciler and a real gate, with the example catalog's settings
 (default probe periods), so the numbers are what a user of ``examples/llamacpp.yaml`` sees.
 
-* Switch time: ``reconciler.desired.write`` returned (the toggle is in place) → the observed
+* Switch time: ``reconciler.spec.desired.write`` returned (the toggle is in place) → the observed
   state says READY on the other model. It covers killing the old llama.cpp process and
   proving it and its port gone, spawning the launcher (Python + xllamacpp import), llama.cpp's
   load, and readiness probing.
@@ -33,9 +33,9 @@ from typing import Any
 
 import yaml
 
-from reconciler import desired
-from reconciler.catalog import load_file
-from reconciler.demomodel import write_tiny_gguf
+from reconciler.engines.demomodel import write_tiny_gguf
+from reconciler.spec import desired
+from reconciler.spec.catalog import load_file
 
 PY = sys.executable
 POLL_S = 0.002
@@ -65,9 +65,9 @@ def write_catalog(root: Path) -> tuple[Path, int, int]:
         model = write_tiny_gguf(root / f"{name}.gguf", seed=seed)
         engines[name] = {
             "kind": "llamacpp", "port": port, "served_name": name,
-            "command": ["{python}", "-m", "reconciler.llamacpp", "serve", "--model", str(model),
+            "command": ["{python}", "-m", "reconciler.engines.llamacpp", "serve", "--model", str(model),
                         "--host", "{host}", "--port", "{port}", "--alias", name],
-            "match": [f"reconciler.llamacpp serve --model {model}"],
+            "match": [f"reconciler.engines.llamacpp serve --model {model}"],
         }
     path = root / "engines.yaml"
     path.write_text(yaml.safe_dump({"state_dir": "run", "log_file": "run/activity.log",

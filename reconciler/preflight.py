@@ -14,12 +14,13 @@ from pathlib import Path
 
 import psutil
 
-from reconciler import cgroups, gather, stopper
-from reconciler.catalog import Catalog, Engine
-from reconciler.facts import Observation
-from reconciler.lock import StateLock
-from reconciler.ownership import Unit, View, classify
-from reconciler.records import Records
+from reconciler.act import cgroups, stopper
+from reconciler.act.records import Records
+from reconciler.kit.lock import StateLock
+from reconciler.observe import gather
+from reconciler.plan.ownership import Unit, View, classify
+from reconciler.spec.catalog import Catalog, Engine
+from reconciler.spec.facts import Observation
 
 MAX_COMMAND_CHARS = 80
 

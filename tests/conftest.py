@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import cgroups
+from reconciler.act import cgroups
 from tests.helpers import SESSION_CGROUP_ENV, TEST_RUN_ENV, kill_all, ours_since
 
 os.environ.setdefault(TEST_RUN_ENV, uuid.uuid4().hex)

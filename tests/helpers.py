@@ -73,12 +73,12 @@ def wait_until(what: str, check: Callable[[], T | Literal[False] | None], timeou
 def demo_engine(kind: str, port: int, boot_s: float = 0.3, **extra: Any) -> dict[str, Any]:
     """A catalog entry for a demo engine on ``port``."""
     if kind == "vllm":
-        command = ["{python}", "-m", "reconciler.demo.vllm_like", "serve", "openai/gpt-oss-20b",
+        command = ["{python}", "-m", "reconciler.engines.demo.vllm_like", "serve", "openai/gpt-oss-20b",
                    "--host", "{host}", "--port", "{port}", "--boot-seconds", str(boot_s),
                    "--token-delay-ms", "5"]
         entry: dict[str, Any] = {"kind": "vllm", "served_name": "openai/gpt-oss-20b"}
     else:
-        command = ["{python}", "-m", "reconciler.demo.ollama_like", "serve", "--host", "{host}",
+        command = ["{python}", "-m", "reconciler.engines.demo.ollama_like", "serve", "--host", "{host}",
                    "--port", "{port}", "--models", "gemma2:9b", "--load-seconds", str(boot_s),
                    "--token-delay-ms", "5"]
         entry = {"kind": "ollama", "served_name": "gemma2:9b"}

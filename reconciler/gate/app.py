@@ -24,8 +24,6 @@ import uvloop
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from reconciler import clock
-from reconciler.catalog import Catalog, CatalogSource, GateConfig
 from reconciler.gate import errors
 from reconciler.gate.clients import MAX_REQUEST_BYTES, HeaderDeadline
 from reconciler.gate.dashboard import Dashboard
@@ -35,6 +33,8 @@ from reconciler.gate.proxy import Proxy
 from reconciler.gate.statefollow import StateFollower
 from reconciler.gate.statusapi import StatusApi
 from reconciler.gate.toggle import Toggle
+from reconciler.kit import clock
+from reconciler.spec.catalog import Catalog, CatalogSource, GateConfig
 
 log = logging.getLogger("ailayer.gate")
 

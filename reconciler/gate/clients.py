@@ -17,8 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from reconciler import clock
 from reconciler.gate.errors import Refusal
+from reconciler.kit import clock
 
 # Request bodies are read whole to check the model; multimodal prompts carry base64 images.
 MAX_REQUEST_BYTES = 64 * 1024 * 1024

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from reconciler import clock
+from reconciler.kit import clock
 
 OPENAI = "openai"
 OLLAMA = "ollama"

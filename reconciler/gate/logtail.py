@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler import clock
+from reconciler.kit import clock
 
 log = logging.getLogger("ailayer.gate")
 
@@ -37,7 +37,7 @@ MAX_LINE_BYTES = 64 * 1024
 # Batches a watcher may have waiting before its lines are dropped (and counted).
 QUEUE_BATCHES = 200
 
-# [2026-11-26T10:00:00.123+00:00] [gemma2] [4242] msg="..."  (reconciler/logs.py format_line)
+# [2026-11-26T10:00:00.123+00:00] [gemma2] [4242] msg="..."  (reconciler/kit/logs.py format_line)
 _LINE = re.compile(r"^\[([^\]]*)\] \[([^\]]*)\] \[([^\]]*)\] ?(.*)$")
 
 

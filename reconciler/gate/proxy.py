@@ -29,14 +29,14 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from reconciler import clock
-from reconciler.catalog import Catalog
 from reconciler.gate import clients, errors, upstream
 from reconciler.gate.admission import SELECT_HINT, admit
 from reconciler.gate.clients import Body
 from reconciler.gate.errors import OLLAMA, Refusal
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.statefollow import Snapshot, StateFollower, Target
+from reconciler.kit import clock
+from reconciler.spec.catalog import Catalog
 
 log = logging.getLogger("ailayer.gate")
 

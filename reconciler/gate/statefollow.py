@@ -36,8 +36,9 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from reconciler import clock, status
-from reconciler.atomicfile import ensure_dir
+from reconciler.kit import clock
+from reconciler.kit.atomicfile import ensure_dir
+from reconciler.spec import status
 
 log = logging.getLogger("ailayer.gate")
 

@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from reconciler import clock
 from reconciler.gate import errors
 from reconciler.gate.errors import Refusal
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.statefollow import StateFollower
+from reconciler.kit import clock
 
 # The longest a blocking query is held: below nginx's default proxy_read_timeout (60 s), so a
 # long-poll behind a default nginx never gets a 504. A longer ``wait`` is cut to this, and

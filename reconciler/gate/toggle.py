@@ -14,13 +14,13 @@ from typing import Any
 
 from aiohttp import web
 
-from reconciler import desired
-from reconciler.catalog import DEFAULT_TOKEN_ENV as TOKEN_ENV
-from reconciler.catalog import Catalog
 from reconciler.gate import errors
 from reconciler.gate.errors import Refusal
 from reconciler.gate.metrics import GateMetrics
-from reconciler.schemas import InvalidFile
+from reconciler.kit.schemas import InvalidFile
+from reconciler.spec import desired
+from reconciler.spec.catalog import DEFAULT_TOKEN_ENV as TOKEN_ENV
+from reconciler.spec.catalog import Catalog
 
 # {"model": "..."} is tiny; anything bigger is not a toggle.
 MAX_BODY_BYTES = 4096

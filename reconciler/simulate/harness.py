@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 import psutil
 import yaml
 
-from reconciler import clock, desired
-from reconciler.catalog import Catalog, load_file
-from reconciler.clock import TIME_SCALE_ENV
+from reconciler.kit import clock
+from reconciler.kit.clock import TIME_SCALE_ENV
+from reconciler.spec import desired
+from reconciler.spec.catalog import Catalog, load_file
 
 T = TypeVar("T")
 MARKER_ENV = "AILAYER_SIMULATION"
@@ -74,8 +75,8 @@ def demo_engines(boot_s: float, escape: bool = False) -> dict[str, dict[str, Any
     the entry's own command recognises copies up to its port (docs/OWNERSHIP.md).
     """
     vllm_port, ollama_port = free_port(), free_port()
-    vllm_head = f"reconciler.demo.vllm_like serve openai/gpt-oss-20b --host 127.0.0.1 --port {vllm_port} "
-    ollama_head = f"reconciler.demo.ollama_like serve --host 127.0.0.1 --port {ollama_port} "
+    vllm_head = f"reconciler.engines.demo.vllm_like serve openai/gpt-oss-20b --host 127.0.0.1 --port {vllm_port} "
+    ollama_head = f"reconciler.engines.demo.ollama_like serve --host 127.0.0.1 --port {ollama_port} "
     vllm_cmd = ["{python}", "-m", *vllm_head.split(), "--boot-seconds", str(boot_s)]
     if escape:
         vllm_cmd.append("--worker-escapes")

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from reconciler import clock
+from reconciler.kit import clock
 from reconciler.simulate.harness import Scenario, demo_engines
 from reconciler.simulate.report import Report
 

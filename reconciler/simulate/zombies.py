@@ -19,12 +19,12 @@ from typing import Any
 
 import psutil
 
-from reconciler import gpu
+from reconciler.observe import gpu
 from reconciler.simulate import real_vllm
 from reconciler.simulate.harness import Scenario, demo_engines, free_port
 from reconciler.simulate.report import Report
 
-VLLM, OLLAMA = "reconciler.demo.vllm_like", "reconciler.demo.ollama_like"
+VLLM, OLLAMA = "reconciler.engines.demo.vllm_like", "reconciler.engines.demo.ollama_like"
 TRACKER = "multiprocessing.resource_tracker"  # the vLLM API server's resource tracker child
 ENGINE_CORE = real_vllm.TITLES[0]
 # Real seconds: the demo engines boot in one; this only bounds a broken run.
@@ -63,7 +63,7 @@ def run(escape: bool) -> Report:
 
 def run_real(exe: Path, kill_api_server: bool) -> Report:
     """The seed's scenario with the real vLLM; optionally its API server SIGKILLed first."""
-    from reconciler.demomodel_hf import write_tiny_hf
+    from reconciler.engines.demomodel_hf import write_tiny_hf
 
     label = "zombies, real vLLM" + (" (only its API server SIGKILLed first)" if kill_api_server else "")
     root = Path(tempfile.mkdtemp(prefix="ailayer-sim-"))

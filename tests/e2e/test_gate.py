@@ -32,11 +32,12 @@ import psutil
 import pytest
 import yaml
 
-from reconciler import clock, status
-from reconciler.atomicfile import write_atomic
-from reconciler.demo.common import free_port
+from reconciler.engines.demo.common import free_port
 from reconciler.gate.proxy import pin_keep_alive
-from reconciler.status import Phase
+from reconciler.kit import clock
+from reconciler.kit.atomicfile import write_atomic
+from reconciler.spec import status
+from reconciler.spec.status import Phase
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
@@ -150,7 +151,7 @@ class DemoEngine:
 def start_vllm(procs: Processes, served: str = VLLM_SERVED) -> DemoEngine:
     port = procs.port_for("vllm")
     log = procs.start("vllm", [
-        sys.executable, "-m", "reconciler.demo.vllm_like", "serve", served,
+        sys.executable, "-m", "reconciler.engines.demo.vllm_like", "serve", served,
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served,
         "--boot-seconds", "0", "--token-delay-ms", str(TOKEN_DELAY_MS), "--vram-mb", "1",
     ])  # fmt: skip
@@ -162,7 +163,7 @@ def start_vllm(procs: Processes, served: str = VLLM_SERVED) -> DemoEngine:
 def start_ollama(procs: Processes, model: str = OLLAMA_SERVED) -> DemoEngine:
     port = procs.port_for("ollama")
     log = procs.start("ollama", [
-        sys.executable, "-m", "reconciler.demo.ollama_like", "serve",
+        sys.executable, "-m", "reconciler.engines.demo.ollama_like", "serve",
         "--host", "127.0.0.1", "--port", str(port), "--models", model,
         "--load-seconds", "0", "--token-delay-ms", str(TOKEN_DELAY_MS), "--vram-mb", "1",
     ])  # fmt: skip

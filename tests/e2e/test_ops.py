@@ -316,7 +316,7 @@ def test_a_removed_cgroup_base_is_made_again_at_the_next_spawn(stack: Stack) -> 
     stack.wait_phase("IDLE")
     base = next(Path(line[3:]) for line in Path(f"/proc/{loop.pid}/cgroup").read_text().splitlines()
                 if line.startswith("0::"))
-    from reconciler import cgroups
+    from reconciler.act import cgroups
 
     mount = cgroups.cgroup2_mount()
     assert mount is not None

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.clock import TIME_SCALE_ENV
+from reconciler.kit.clock import TIME_SCALE_ENV
 from reconciler.simulate import real_vllm
 
 pytestmark = pytest.mark.e2e

@@ -37,15 +37,15 @@ import openai
 import psutil
 import pytest
 
-from reconciler import clock
-from reconciler.demo.common import demo_text
+from reconciler.engines.demo.common import demo_text
+from reconciler.kit import clock
 from tests.helpers import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 TAG_ENV = "AILAYER_DEMO_TEST_TAG"
-DEMO_MARK = "reconciler.demo"
+DEMO_MARK = "reconciler.engines.demo"
 ENGINE_CORE, WORKER = "VLLM::EngineCore", "VLLM::Worker"
 TRACKER_MARK = "multiprocessing.resource_tracker"
 BOOT_S = 0.5
@@ -196,7 +196,7 @@ class Engines:
         out, err = self.logs / f"engine{n}.out", self.logs / f"engine{n}.err"
         with out.open("wb") as fout, err.open("wb") as ferr:
             proc = subprocess.Popen(
-                [sys.executable, "-m", f"reconciler.demo.{module}", *args],
+                [sys.executable, "-m", f"reconciler.engines.demo.{module}", *args],
                 stdout=fout,
                 stderr=ferr,
                 env=self.env(env),
@@ -344,7 +344,7 @@ def test_vllm_tree_titles_and_wiped_environments(engines: Engines) -> None:
     assert core.ppid() == eng.proc.pid and worker.ppid() == core.pid
     trackers = eng.children(marked(TRACKER_MARK))
     assert [t.ppid() for t in trackers] == [eng.proc.pid], trackers
-    assert "reconciler.demo.vllm_like serve demo/model" in cmdline(psutil.Process(eng.proc.pid))
+    assert "reconciler.engines.demo.vllm_like serve demo/model" in cmdline(psutil.Process(eng.proc.pid))
     for proc, title in ((core, ENGINE_CORE), (worker, WORKER)):
         assert proc.name() == title  # psutil completes the 15-byte comm from the cmdline
         assert set(raw_environ(proc)) <= {0}, f"{title}: setproctitle must have wiped the environment"

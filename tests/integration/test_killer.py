@@ -13,9 +13,10 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from reconciler import clock, killer
-from reconciler.clock import FakeClock
-from reconciler.facts import Proc
+from reconciler.act import killer
+from reconciler.kit import clock
+from reconciler.kit.clock import FakeClock
+from reconciler.spec.facts import Proc
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """A real engine nobody on this team wrote: llama.cpp's server, through the reconciler and the gate.
 
-The engine is ``python -m reconciler.llamacpp serve`` (llama.cpp's HTTP server, in-process via
-xllamacpp, on CPU) loading tiny random-weight GGUFs written by ``reconciler.demomodel``. Two
+The engine is ``python -m reconciler.engines.llamacpp serve`` (llama.cpp's HTTP server, in-process via
+xllamacpp, on CPU) loading tiny random-weight GGUFs written by ``reconciler.engines.demomodel``. Two
 such "models" share one port, so switching between them is a real switch of real engines.
 """
 
@@ -27,7 +27,7 @@ pytest.importorskip("gguf")
 
 import openai
 
-from reconciler.demomodel import write_tiny_gguf
+from reconciler.engines.demomodel import write_tiny_gguf
 from tests.helpers import (
     DEADLINE_S,
     PY,
@@ -42,7 +42,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.integration
 
-LLAMA_MARK, VLLM_MARK = "reconciler.llamacpp", "reconciler.demo.vllm_like"
+LLAMA_MARK, VLLM_MARK = "reconciler.engines.llamacpp", "reconciler.engines.demo.vllm_like"
 MODELS = {"tiny-a": "tiny-a.gguf", "tiny-b": "tiny-b.gguf"}  # catalog name -> file (its marker)
 # Each sampler pass reads the process table; this gap keeps it from eating a CI core.
 SAMPLE_GAP_S = 0.005
@@ -74,7 +74,7 @@ def llama_engine(path: Path, alias: str, port: int) -> dict[str, Any]:
     """
     return {"kind": "llamacpp", "port": port, "served_name": alias,
             "strays": {"argv": [], "titles": []},
-            "command": ["{python}", "-m", "reconciler.llamacpp", "serve", "--model", str(path),
+            "command": ["{python}", "-m", "reconciler.engines.llamacpp", "serve", "--model", str(path),
                         "--host", "{host}", "--port", "{port}", "--alias", alias, "--ctx-size", "1024"],
             "ready": {"period_s": 0.1}, "liveness": {"period_s": 0.5},
             "restart_backoff": {"initial_s": 0.5, "max_s": 2}}
@@ -309,7 +309,7 @@ def test_once_adopts_a_healthy_server_started_by_hand(stack: GatedStack, models:
     # Started by hand: no instance cookie, its own session; only the command line matches.
     with (stack.root / "by-hand.out").open("wb") as out:
         by_hand = subprocess.Popen(
-            [PY, "-m", "reconciler.llamacpp", "serve", "--model", str(models["tiny-a"]),
+            [PY, "-m", "reconciler.engines.llamacpp", "serve", "--model", str(models["tiny-a"]),
              "--host", "127.0.0.1", "--port", str(port), "--alias", "tiny-a"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -355,7 +355,7 @@ def test_the_real_servers_output_gives_its_boot_stages(stack: GatedStack) -> Non
     """The tiny model loads in milliseconds, faster than a pass: read what llama.cpp itself
     printed (the instance's raw output file) through the parser the follower uses. (The file
     must outlive the first scan after the start: it was deleted there, output and all.)"""
-    from reconciler import progress
+    from reconciler.observe import progress
 
     stack.start()
     stack.toggle("tiny-a")

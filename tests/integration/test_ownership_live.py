@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
-from reconciler import cgroups
+from reconciler.act import cgroups
 from reconciler.loop import namespace_of
 from tests.helpers import PY, Stack, demo_engine, free_port, kill_all, port_bound, port_listening, wait_until
 
@@ -210,7 +210,7 @@ def test_two_installs_side_by_side_never_touch_each_other(tmp_path: Path, mode: 
         vllm["command"][4] = model
         vllm["served_name"] = model
         # Broad on purpose: the other install's engine matches it, and must still be left alone.
-        vllm["strays"] = {"argv": [["{python}", "-m", "reconciler.demo.vllm_like", "serve", model]],
+        vllm["strays"] = {"argv": [["{python}", "-m", "reconciler.engines.demo.vllm_like", "serve", model]],
                           "titles": []}
         return {"gpt-oss": vllm, "gemma2": demo_engine("ollama", free_port())}
 

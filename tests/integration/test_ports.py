@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from reconciler import gather, ports
+from reconciler.observe import gather, ports
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration

@@ -32,8 +32,8 @@ from tests.helpers import (
 pytestmark = pytest.mark.integration
 
 # The engines' main processes by module, their workers by the titles real engines give them.
-VLLM_MARK = ("reconciler.demo.vllm_like", "VLLM::EngineCore", "VLLM::Worker")
-OLLAMA_MARK = ("reconciler.demo.ollama_like", "lib/ollama/llama-server")
+VLLM_MARK = ("reconciler.engines.demo.vllm_like", "VLLM::EngineCore", "VLLM::Worker")
+OLLAMA_MARK = ("reconciler.engines.demo.ollama_like", "lib/ollama/llama-server")
 LINE = re.compile(r"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d\] \[([^\]]+)\] \[(\d+|-)\] (.*)$")
 
 
@@ -163,7 +163,7 @@ def test_a_stray_copy_holding_the_wanted_port_is_cleared(stack: Stack) -> None:
 def test_a_stray_copy_on_another_port_is_reported_not_killed(stack: Stack) -> None:
     """A copy of gpt-oss on its own port gets in nobody's way while gemma2 runs."""
     port = stack.engines["gpt-oss"]["port"]
-    stray = subprocess.Popen([PY, "-m", "reconciler.demo.vllm_like", "serve", "openai/gpt-oss-20b", "--host",
+    stray = subprocess.Popen([PY, "-m", "reconciler.engines.demo.vllm_like", "serve", "openai/gpt-oss-20b", "--host",
                               "127.0.0.1", "--port", str(port), "--boot-seconds", "0.1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -36,8 +36,8 @@ pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 
 
-from reconciler import ports
-from reconciler.demomodel_hf import write_tiny_hf
+from reconciler.engines.demomodel_hf import write_tiny_hf
+from reconciler.observe import ports
 from reconciler.simulate import real_vllm
 from tests.helpers import DEADLINE_S, GatedStack, free_port, http_status, port_bound, wait_until
 
@@ -102,7 +102,7 @@ def vllm_engine(exe: Path, model: Path, port: int) -> dict[str, Any]:
 
 
 def llama_engine(model: Path, port: int) -> dict[str, Any]:
-    head = ["{python}", "-m", "reconciler.llamacpp", "serve", "--model", str(model),
+    head = ["{python}", "-m", "reconciler.engines.llamacpp", "serve", "--model", str(model),
             "--host", "{host}", "--port", "{port}"]
     return {"kind": "llamacpp", "port": port, "served_name": LLAMA_MODEL,
             "command": [*head, "--alias", "{served_name}", "--ctx-size", "1024"],
@@ -165,7 +165,7 @@ def role(argv: list[str], exe: Path) -> str | None:
         return API
     if any("multiprocessing.resource_tracker" in w for w in words[1:4]):
         return TRACKER
-    if "reconciler.llamacpp" in words[:3]:
+    if "reconciler.engines.llamacpp" in words[:3]:
         return LLAMA
     return None
 
@@ -501,7 +501,7 @@ def test_switches_vllm_and_llamacpp_never_overlap(tmp_path: Path, tmp_path_facto
                                                   vllm_exe: Path, hf_model: Path) -> None:
     pytest.importorskip("xllamacpp")
     pytest.importorskip("gguf")
-    from reconciler.demomodel import write_tiny_gguf
+    from reconciler.engines.demomodel import write_tiny_gguf
 
     port = free_port()
     gguf = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")

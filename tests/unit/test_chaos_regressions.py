@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import catalog, schemas, status
-from reconciler.follow import Follower
-from reconciler.lock import StateLock
-from reconciler.logs import ActivityLog
-from reconciler.schemas import InvalidFile
+from reconciler.kit import schemas
+from reconciler.kit.lock import StateLock
+from reconciler.kit.logs import ActivityLog
+from reconciler.kit.schemas import InvalidFile
+from reconciler.observe.follow import Follower
+from reconciler.spec import catalog, status
 
 SECRET = "root:$6$secrethash:19000:0:99999:7:::"
 
@@ -108,7 +109,7 @@ def test_a_removed_state_dir_lock_is_taken_again(tmp_path: Path) -> None:
     assert lock.reassert() is False
     shutil.rmtree(tmp_path / "run")
     assert lock.reassert() is True
-    from reconciler.lock import AlreadyRunning
+    from reconciler.kit.lock import AlreadyRunning
     with pytest.raises(AlreadyRunning):
         StateLock(tmp_path / "run").acquire()
 
@@ -117,7 +118,7 @@ def test_the_log_says_when_it_falls_back_mid_run_and_returns(tmp_path: Path, mon
     # chaos files: the log path became a directory mid-run; the fallback was silent and permanent
     import io
 
-    from reconciler import logs
+    from reconciler.kit import logs
     monkeypatch.setattr(logs, "ROTATE_CHECK_S", 0.0)
     term = io.StringIO()
     log = ActivityLog(tmp_path / "a.log", tmp_path / "run", terminal=term)

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from reconciler import clock
-from reconciler.clock import FakeClock, ScaledClock
+from reconciler.kit import clock
+from reconciler.kit.clock import FakeClock, ScaledClock
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$")
 

@@ -13,8 +13,8 @@ pytest.importorskip("tokenizers")
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from reconciler import demomodel_hf
-from reconciler.demomodel_hf import write_tiny_hf
+from reconciler.engines import demomodel_hf
+from reconciler.engines.demomodel_hf import write_tiny_hf
 
 # "A few MB at most": the whole folder, so a test or CI writes it in a blink.
 MAX_FOLDER_BYTES = 4 * 1024 * 1024

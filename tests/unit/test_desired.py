@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconciler import catalog, desired
-from reconciler.catalog import Catalog
-from reconciler.desired import Desired, UnknownModel
-from reconciler.schemas import InvalidFile
+from reconciler.kit.schemas import InvalidFile
+from reconciler.spec import catalog, desired
+from reconciler.spec.catalog import Catalog
+from reconciler.spec.desired import Desired, UnknownModel
 
 
 @pytest.fixture
@@ -197,7 +197,7 @@ def test_generation_never_falls_below_what_the_reconciler_reported(cat: Catalog)
 
 
 def test_before_this_boot_by_boot_id_else_by_mtime() -> None:
-    from reconciler.desired import Desired, before_this_boot
+    from reconciler.spec.desired import Desired, before_this_boot
 
     booted = 1_000_000.0
     assert before_this_boot(Desired("m", boot_id="old"), "new", booted)
@@ -208,7 +208,7 @@ def test_before_this_boot_by_boot_id_else_by_mtime() -> None:
 
 
 def test_the_writer_records_this_boot(tmp_path: Path) -> None:
-    from reconciler.desired import current_boot_id
+    from reconciler.spec.desired import current_boot_id
 
     cat = catalog.demo(tmp_path)
     desired.write(cat, "gpt-oss")

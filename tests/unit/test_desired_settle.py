@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import clock, desired
-from reconciler.catalog import Identity, demo
-from reconciler.clock import FakeClock
-from reconciler.logs import ActivityLog
+from reconciler.kit import clock
+from reconciler.kit.clock import FakeClock
+from reconciler.kit.logs import ActivityLog
 from reconciler.loop import DESIRED_SETTLE_S, Reconciler
+from reconciler.spec import desired
+from reconciler.spec.catalog import Identity, demo
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import clock, desired
-from reconciler.catalog import Identity, demo
-from reconciler.clock import FakeClock
-from reconciler.logs import ActivityLog
+from reconciler.kit import clock
+from reconciler.kit.clock import FakeClock
+from reconciler.kit.logs import ActivityLog
 from reconciler.loop import FLAP_WINDOW_MAX_S, FLAP_WINDOW_MIN_S, WAKE_SPACING_S, Reconciler
+from reconciler.spec import desired
+from reconciler.spec.catalog import Identity, demo
 
 A, B = "gpt-oss", "gemma2"
 

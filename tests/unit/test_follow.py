@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import follow
-from reconciler.follow import CONTINUES, MAX_LINE_BYTES, Follower
-from reconciler.logs import ActivityLog
-from reconciler.progress import BootProgress
+from reconciler.kit.logs import ActivityLog
+from reconciler.observe import follow
+from reconciler.observe.follow import CONTINUES, MAX_LINE_BYTES, Follower
+from reconciler.observe.progress import BootProgress
 
 LINE = re.compile(r"^\[[^\]]+\] \[(?P<model>[^\]]+)\] \[(?P<pid>[^\]]+)\] (?P<message>.*)$")
 

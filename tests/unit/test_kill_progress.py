@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import clock, killer, status
-from reconciler.catalog import Identity, demo
-from reconciler.clock import FakeClock
-from reconciler.logs import ActivityLog
+from reconciler.act import killer
+from reconciler.kit import clock
+from reconciler.kit.clock import FakeClock
+from reconciler.kit.logs import ActivityLog
 from reconciler.loop import Reconciler
+from reconciler.spec import status
+from reconciler.spec.catalog import Identity, demo
 
 
 @pytest.fixture

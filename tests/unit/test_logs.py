@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import logs
-from reconciler.atomicfile import open_append
-from reconciler.logs import ActivityLog, format_line, sanitize
+from reconciler.kit import logs
+from reconciler.kit.atomicfile import open_append
+from reconciler.kit.logs import ActivityLog, format_line, sanitize
 
 LINE = re.compile(
     r"^\[(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d)\] "

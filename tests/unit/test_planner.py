@@ -13,9 +13,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.catalog import demo
-from reconciler.facts import Cookie, Gpu, GpuProc, Observation, Probe, Proc, Reason, Record
-from reconciler.planner import (
+from reconciler.plan.planner import (
     LISTEN_WATCH_S,
     RESPAWN_LIMIT,
     Action,
@@ -27,15 +25,17 @@ from reconciler.planner import (
     backoff_delay,
     plan,
 )
-from reconciler.status import Phase
+from reconciler.spec.catalog import demo
+from reconciler.spec.facts import Cookie, Gpu, GpuProc, Observation, Probe, Proc, Reason, Record
+from reconciler.spec.status import Phase
 
 NS = "0123456789ab"
 NOW = 1_800_000_000.0
 ENGINES = demo().engines
 VLLM, OLLAMA = ENGINES["gpt-oss"], ENGINES["gemma2"]
-VLLM_ARGV = ("/usr/bin/python3", "-m", "reconciler.demo.vllm_like", "serve", "openai/gpt-oss-20b",
+VLLM_ARGV = ("/usr/bin/python3", "-m", "reconciler.engines.demo.vllm_like", "serve", "openai/gpt-oss-20b",
              "--host", "127.0.0.1", "--port", "18000")
-OLLAMA_ARGV = ("/usr/bin/python3", "-m", "reconciler.demo.ollama_like", "serve", "--host", "127.0.0.1",
+OLLAMA_ARGV = ("/usr/bin/python3", "-m", "reconciler.engines.demo.ollama_like", "serve", "--host", "127.0.0.1",
                "--port", "18434", "--models", "gemma2:9b")
 USER = 1000
 
@@ -304,7 +304,7 @@ def test_warmup_action_names_the_instance() -> None:
 
 
 def test_crash_count_is_forgiven_only_after_a_healthy_stretch() -> None:
-    from reconciler.planner import BACKOFF_RESET_AFTER_S
+    from reconciler.plan.planner import BACKOFF_RESET_AFTER_S
 
     memory = replace(TRACK_A1, restarts=3)
     ready = obs(vllm(10, listens=ON_V), records=(A1,), probe=READY)

@@ -1,4 +1,4 @@
-"""reconciler.probe against tiny real HTTP servers on loopback (threads, real sockets).
+"""reconciler.observe.probe against tiny real HTTP servers on loopback (threads, real sockets).
 
 The case that matters most: Ollama from 0.32.4 holds ``/api/ps`` until a load ends, so a
 JSON check that times out must read as "still loading", never as a failed probe.
@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from reconciler import probe
-from reconciler.catalog import Engine, JsonCheck, ReadyProbe, Warmup
+from reconciler.observe import probe
+from reconciler.spec.catalog import Engine, JsonCheck, ReadyProbe, Warmup
 from tests.helpers import free_port
 
 SERVED = "gemma2:9b"

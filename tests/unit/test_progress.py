@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import progress
-from reconciler.progress import BootProgress
+from reconciler.observe import progress
+from reconciler.observe.progress import BootProgress
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "engine_logs"
 

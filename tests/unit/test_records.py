@@ -6,8 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
-from reconciler.facts import Record
-from reconciler.records import Records
+from reconciler.act.records import Records
+from reconciler.spec.facts import Record
 
 RECORD = Record("gpt-oss", "0a1b2c3d", 1.0, leader_pid=42, leader_create_time=2.0, uid=0)
 

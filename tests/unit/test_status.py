@@ -11,11 +11,13 @@ from typing import Any
 import jsonschema
 import pytest
 
-from reconciler import catalog, planner, report, schemas, status
-from reconciler.facts import Cookie, Failure, Gpu, Observation, Probe, Proc, Reason, Record
-from reconciler.planner import Memory
-from reconciler.progress import BootProgress
-from reconciler.status import (
+from reconciler.kit import schemas
+from reconciler.observe.progress import BootProgress
+from reconciler.plan import planner, report
+from reconciler.plan.planner import Memory
+from reconciler.spec import catalog, status
+from reconciler.spec.facts import Cookie, Failure, Gpu, Observation, Probe, Proc, Reason, Record
+from reconciler.spec.status import (
     BootInfo,
     Condition,
     EngineInfo,
@@ -252,7 +254,7 @@ NOW = 1_800_000_000.0
 def vllm_proc(pid: int, started: float) -> Proc:
     return Proc(pid=pid, ppid=1, create_time=started, pgid=pid, sid=pid,
                 cookie=Cookie(NS, "gpt-oss", "a1", started),
-                cmdline="python -m reconciler.demo.vllm_like serve openai/gpt-oss-20b --port 18000")
+                cmdline="python -m reconciler.engines.demo.vllm_like serve openai/gpt-oss-20b --port 18000")
 
 
 def record_of(pid: int, started: float) -> Record:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler import yamlfile
-from reconciler.schemas import InvalidFile
+from reconciler.kit import yamlfile
+from reconciler.kit.schemas import InvalidFile
 
 
 def write(tmp_path: Path, data: bytes | str, name: str = "f.yaml") -> Path:
@@ -203,7 +203,7 @@ def test_permission_error_is_an_invalid_file(tmp_path: Path, monkeypatch: pytest
     def denied(*_args: object, **_kwargs: object) -> int:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("reconciler.yamlfile.os.open", denied)
+    monkeypatch.setattr("reconciler.kit.yamlfile.os.open", denied)
     with pytest.raises(InvalidFile, match="permission denied"):
         yamlfile.read_yaml(path)
 

@@ -1,0 +1,1 @@
+"""Engines and their models, knowing nothing of the reconciler: stand-ins, llama.cpp, model makers."""

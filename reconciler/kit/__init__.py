@@ -1,0 +1,1 @@
+"""Plumbing every layer may use: the clock seam, atomic files, YAML, schemas, the lock, the log."""

@@ -1,0 +1,1 @@
+"""Read-only looks at the machine: processes, ports, probes, GPU, engine output, file events."""

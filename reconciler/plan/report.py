@@ -1,0 +1,153 @@
+"""Turn one pass (plan, outcome, facts) into the observed-state document and a recap."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from reconciler import __version__
+from reconciler.kit import clock
+from reconciler.observe.progress import BootProgress
+from reconciler.plan.planner import Plan
+from reconciler.spec.catalog import Catalog
+from reconciler.spec.desired import current_boot_id
+from reconciler.spec.facts import Failure, Gpu, Observation, Reason
+from reconciler.spec.status import (
+    BootInfo,
+    Condition,
+    EngineInfo,
+    ErrorInfo,
+    Holder,
+    Phase,
+    Status,
+    StrayInfo,
+    with_revision,
+)
+
+
+@dataclass(frozen=True)
+class PassInput:
+    catalog: Catalog
+    desired_model: str | None
+    desired_generation: int
+    observed_generation: int
+    plan: Plan
+    obs: Observation
+    errors: tuple[Failure, ...]  # most important first
+    last_log_line: str | None
+    recap: dict[str, int]
+    leader_pid: int | None
+    identity: dict[str, str]
+    memory: tuple[int | None, str | None] = (None, None)  # the active engine's bytes, and whence
+    progress: BootProgress | None = None  # what the active engine's output says of its load
+
+
+DESIRED_REASONS = frozenset({Reason.INVALID_DESIRED_STATE, Reason.UNKNOWN_MODEL})
+
+
+def _iso(epoch: float) -> str:
+    return clock.iso(datetime.fromtimestamp(epoch, UTC))
+
+
+def _conditions(p: PassInput, previous: Status | None) -> list[Condition]:
+    verdict = p.plan.verdict
+    desired_bad = next((e for e in p.errors if e.reason in DESIRED_REASONS), None)
+    catalog_bad = next((e.message for e in p.errors if e.reason is Reason.INVALID_CATALOG), None)
+    port_blocked = verdict.phase is Phase.WAITING_PORT
+    converged = not p.plan.actions and verdict.phase in (Phase.IDLE, Phase.READY)
+    rows = [
+        ("DesiredValid", desired_bad is None,
+         desired_bad.reason.value if desired_bad else "Valid",
+         desired_bad.message if desired_bad else "desired_state.yaml parsed and names a catalog entry"),
+        ("CatalogValid", catalog_bad is None, Reason.INVALID_CATALOG.value if catalog_bad else "Valid",
+         catalog_bad or f"using {p.catalog.source}"),
+        ("PortAvailable", not port_blocked, verdict.reason if port_blocked else "Free",
+         verdict.message if port_blocked else "no foreign process holds the engine port"),
+        ("Ready", verdict.phase is Phase.READY, verdict.reason, verdict.message),
+        ("Converged", converged, "Converged" if converged else "Progressing",
+         "observed matches desired" if converged else verdict.message),
+    ]
+    before = {c.type: c for c in previous.conditions} if previous else {}
+    now = clock.iso()
+    out = []
+    for ctype, ok, reason, message in rows:
+        status = "True" if ok else "False"
+        old = before.get(ctype)
+        since = old.last_transition_time if old and old.status == status else now
+        out.append(Condition(ctype, status, reason, message, since))
+    return out
+
+
+def compose(p: PassInput, previous: Status | None, gpu: Gpu) -> Status:
+    plan, obs, catalog = p.plan, p.obs, p.catalog
+    verdict = plan.verdict
+    active = plan.active
+    engine_info = None
+    boot = None
+    if active is not None:
+        engine = catalog.engines.get(active.model)
+        if engine is not None:
+            engine_info = EngineInfo(
+                model=active.model,
+                served_name=engine.served_name,
+                instance=active.instance,
+                pid=p.leader_pid or active.root_pid,
+                pids=active.pids,
+                port=engine.port,
+                url=engine.base_url,
+                started_at=_iso(active.started_at),
+                adopted=active.instance is None,
+                memory_bytes=p.memory[0],
+                memory_source=p.memory[1],
+            )
+            if verdict.phase is Phase.LOADING:
+                boot = BootInfo(
+                    started_at=_iso(active.started_at),
+                    elapsed_s=round(obs.now - active.started_at, 1),
+                    budget_s=engine.boot_timeout_s,
+                    deadline=_iso(active.started_at + engine.boot_timeout_s),
+                    attempt=plan.memory.restarts + 1,
+                    progress=p.progress.to_dict() if p.progress is not None else None,
+                )
+    phase_since = (previous.phase_since if previous and previous.phase == verdict.phase
+                   else clock.iso())
+    last_error = None
+    failure = p.errors[0] if p.errors else (
+        plan.memory.last_failure if verdict.phase is not Phase.READY else None)
+    if failure is not None:
+        same = previous is not None and previous.last_error is not None \
+            and previous.last_error.message == failure.message
+        at = previous.last_error.at if same and previous and previous.last_error else clock.iso()
+        last_error = ErrorInfo(failure.reason.value, failure.message, at)
+    holders = [Holder(h.pid, h.name, h.cmdline[:300], ours=False, uid=h.uid) for h in plan.port_holders]
+    strays = [StrayInfo(s.unit.model, s.unit.pids, sorted(s.unit.uids()),
+                        min(s.unit.procs, key=lambda q: q.pid).cmdline[:300], s.why)
+              for s in plan.spared]
+    backoff = plan.memory.backoff_until
+    status = Status(
+        phase=verdict.phase,
+        phase_since=phase_since,
+        desired_model=p.desired_model,
+        active_model=active.model if active is not None else None,
+        message=verdict.message if not plan.notes else f"{verdict.message} | {plan.notes[-1]}",
+        engine=engine_info,
+        boot=boot,
+        last_log_line=p.last_log_line,
+        conditions=_conditions(p, previous),
+        last_error=last_error,
+        desired_generation=p.desired_generation,
+        observed_generation=p.observed_generation,
+        port_holders=holders,
+        restarts=plan.memory.restarts,
+        next_retry_at=_iso(backoff) if backoff and backoff > obs.now else None,
+        gpu={"observable": gpu.observable, "message": gpu.message,
+             "processes": [{"pid": g.pid, "used_mib": g.used_mib} for g in gpu.processes]},
+        identity=p.identity,
+        strays=strays,
+        recap=p.recap,
+        reconciler={"pid": os.getpid(), "heartbeat": clock.iso(), "version": __version__,
+                    "resync_interval_s": catalog.resync_interval_s, "boot_id": current_boot_id()},
+        config=catalog.source,
+    )
+    return with_revision(status, previous)
