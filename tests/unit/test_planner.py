@@ -86,7 +86,7 @@ STRAY_O = ("gemma2", None)
 
 def shape(action: Action) -> tuple[Any, ...]:
     if isinstance(action, Kill):
-        return ("Kill", sorted(p.pid for p in action.targets), list(action.units))
+        return ("Kill", sorted(p.pid for p in action.targets), list(action.units), action.why)
     if isinstance(action, AwaitPort):
         return ("AwaitPort", action.port)
     if isinstance(action, Start):
@@ -100,7 +100,8 @@ TRACK_B1 = Memory(model="gemma2", tracked="bbbbbbb1")
 CASES: list[tuple[str, str | None, Observation, Memory, Phase, str, list[tuple[Any, ...]]]] = [
     ("idle, nothing running", None, obs(), Memory(), Phase.IDLE, "NoModelSelected", []),
     ("idle kills our leftover", None, obs(vllm(10), records=(A1,)), Memory(), Phase.STOPPING, "Stopping",
-     [("Kill", [10], [KEY_A1])]),
+     [("Kill", [10], [KEY_A1],
+      "gpt-oss instance aaaaaaa1 is not wanted (desired: none)")]),
     ("idle spares a stray: it gets in nobody's way", None, obs(vllm(10, listens=ON_V)), Memory(),
      Phase.IDLE, "NoModelSelected", []),
     ("idle never kills a foreign process", None, obs(foreign(5, 18000)), Memory(), Phase.IDLE,
@@ -108,7 +109,8 @@ CASES: list[tuple[str, str | None, Observation, Memory, Phase, str, list[tuple[A
     ("fresh start", "gpt-oss", obs(), Memory(), Phase.LOADING, "Starting", [("Start", "gpt-oss", 1)]),
     ("switch kills ours, waits for the port, starts", "gemma2", obs(vllm(10, listens=ON_V), records=(A1,)),
      TRACK_A1, Phase.STOPPING, "Switching",
-     [("Kill", [10], [KEY_A1]), ("AwaitPort", 18434), ("Start", "gemma2", 1)]),
+     [("Kill", [10], [KEY_A1],
+      "gpt-oss instance aaaaaaa1 is not wanted (desired: gemma2)"), ("AwaitPort", 18434), ("Start", "gemma2", 1)]),
     ("switch spares a stray of the old model on its own port", "gemma2", obs(vllm(10, listens=ON_V)),
      Memory(), Phase.LOADING, "Starting", [("Start", "gemma2", 1)]),
     ("loading while the port is bound, not listening", "gpt-oss",
@@ -125,17 +127,21 @@ CASES: list[tuple[str, str | None, Observation, Memory, Phase, str, list[tuple[A
      "PortHeldByForeignProcess", []),
     ("a stray not ready on the port is replaced", "gpt-oss",
      obs(vllm(10, listens=ON_V), probe=DOWN, port_free=False), Memory(), Phase.STOPPING, "Switching",
-     [("Kill", [10], [STRAY_V]), ("AwaitPort", 18000), ("Start", "gpt-oss", 1)]),
+     [("Kill", [10], [STRAY_V],
+      "stray gpt-oss is a duplicate of the wanted engine"), ("AwaitPort", 18000), ("Start", "gpt-oss", 1)]),
     ("a stray of another model on the wanted port is killed", "gemma2",
      obs(vllm(10, listens=ON_O), port_free=False), Memory(), Phase.STOPPING, "Switching",
-     [("Kill", [10], [STRAY_V]), ("AwaitPort", 18434), ("Start", "gemma2", 1)]),
+     [("Kill", [10], [STRAY_V],
+      "stray gpt-oss is not wanted (desired: gemma2)"), ("AwaitPort", 18434), ("Start", "gemma2", 1)]),
     ("the tracked duplicate is kept, the other killed", "gpt-oss",
      obs(vllm(10, listens=ON_V), vllm(20), records=(A1, A2), probe=READY), TRACK_A1, Phase.READY, "Ready",
-     [("Kill", [20], [KEY_A2])]),
+     [("Kill", [20], [KEY_A2],
+      "gpt-oss instance aaaaaaa2 is a duplicate of the wanted engine")]),
     ("untracked duplicates: the later record is kept", "gpt-oss",
      obs(vllm(10), vllm(20, started=NOW - 5, listens=ON_V), records=(A1, replace(A2, started_at=NOW - 5,
                                                                                   leader_create_time=NOW - 5)),
-         probe=READY), Memory(), Phase.READY, "Ready", [("Kill", [10], [KEY_A1])]),
+         probe=READY), Memory(), Phase.READY, "Ready", [("Kill", [10], [KEY_A1],
+      "gpt-oss instance aaaaaaa1 is a duplicate of the wanted engine")]),
     ("foreign process on the port: wait, never kill", "gpt-oss", obs(foreign(5, 18000), port_free=False),
      Memory(), Phase.WAITING_PORT, "PortHeldByForeignProcess", []),
     ("busy port with an invisible holder", "gpt-oss", obs(port_free=False), Memory(), Phase.WAITING_PORT,
@@ -144,7 +150,8 @@ CASES: list[tuple[str, str | None, Observation, Memory, Phase, str, list[tuple[A
      Phase.FAILED, "CrashLoopBackOff", []),
     ("orphaned workers of a dead leader are killed, then a restart", "gpt-oss",
      obs(proc(11, ("VLLM::EngineCore",), sid=10, pgid=10), records=(A1,)), TRACK_A1, Phase.FAILED,
-     "EngineExited", [("Kill", [11], [KEY_A1])]),
+     "EngineExited", [("Kill", [11], [KEY_A1],
+      "EngineExited: main process pid 10 is gone; its workers are killed too")]),
     ("a squatter on our port is never READY", "gpt-oss",
      obs(vllm(10), foreign(66, 18000, uid=USER), records=(A1,), probe=DOWN), TRACK_A1, Phase.LOADING,
      "PortSquatted", []),
@@ -153,7 +160,8 @@ CASES: list[tuple[str, str | None, Observation, Memory, Phase, str, list[tuple[A
      Phase.FAILED, "CrashLoopBackOff", []),
     ("boot budget exhausted", "gpt-oss", obs(vllm(10, started=NOW - 3000), records=(rec("aaaaaaa1", "gpt-oss", 10,
                                                                                        NOW - 3000),), probe=DOWN),
-     TRACK_A1, Phase.FAILED, "BootTimeout", [("Kill", [10], [KEY_A1])]),
+     TRACK_A1, Phase.FAILED, "BootTimeout", [("Kill", [10], [KEY_A1],
+      "BootTimeout: not ready after 2700 s boot budget (connection refused)")]),
     ("35-minute boot is still loading", "gpt-oss",
      obs(vllm(10, started=NOW - 2100), records=(rec("aaaaaaa1", "gpt-oss", 10, NOW - 2100),), probe=DOWN),
      TRACK_A1, Phase.LOADING, "Loading", []),
@@ -177,7 +185,8 @@ CASES: list[tuple[str, str | None, Observation, Memory, Phase, str, list[tuple[A
      Phase.DEGRADED, "ProbeFailing", []),
     ("a stray holding GPU memory is killed when a model is wanted", "gemma2",
      obs(vllm(10), gpu=Gpu(True, "ok", (GpuProc(10, 900.0),))), Memory(), Phase.STOPPING, "Switching",
-     [("Kill", [10], [STRAY_V]), ("AwaitPort", 18434), ("Start", "gemma2", 1)]),
+     [("Kill", [10], [STRAY_V],
+      "stray gpt-oss is not wanted (desired: gemma2)"), ("AwaitPort", 18434), ("Start", "gemma2", 1)]),
     ("a zombie is dead, not surplus", "gemma2", obs(vllm(10, zombie=True), records=(A1,)), Memory(),
      Phase.LOADING, "Starting", [("Start", "gemma2", 1)]),
 ]
@@ -230,7 +239,8 @@ def test_kill_takes_the_whole_instance_including_the_escaped_worker() -> None:
     group_member = proc(13, ("helper",), pgid=10, sid=10)
     result = plan("gemma2", ENGINES, obs(parent, core, escaped, group_member, records=(A1,)), Memory(), NS)
     assert [shape(a) for a in result.actions] == [
-        ("Kill", [10, 11, 12, 13], [KEY_A1]), ("AwaitPort", 18434), ("Start", "gemma2", 1)]
+        ("Kill", [10, 11, 12, 13], [KEY_A1], "gpt-oss instance aaaaaaa1 is not wanted (desired: gemma2)"),
+        ("AwaitPort", 18434), ("Start", "gemma2", 1)]
 
 
 def test_backoff_doubles_and_caps() -> None:
@@ -266,7 +276,8 @@ def test_liveness_failures_restart_after_threshold() -> None:
         memory = result.memory
     result = plan("gpt-oss", ENGINES, failing, memory, NS)
     assert (result.verdict.phase, result.verdict.reason) == (Phase.FAILED, "EngineUnresponsive")
-    assert [shape(a) for a in result.actions] == [("Kill", [10], [KEY_A1])]
+    assert [shape(a) for a in result.actions] == [
+        ("Kill", [10], [KEY_A1], "EngineUnresponsive: engine stopped answering after READY: connection refused")]
 
 
 def test_respawning_stray_on_the_port_is_reported_not_killed_forever() -> None:
@@ -275,7 +286,8 @@ def test_respawning_stray_on_the_port_is_reported_not_killed_forever() -> None:
         stray = vllm(50 + round_, listens=ON_O)
         result = plan("gemma2", ENGINES, replace(obs(stray, port_free=False), now=NOW + round_), memory, NS)
         assert [shape(a) for a in result.actions] == [
-            ("Kill", [50 + round_], [STRAY_V]), ("AwaitPort", 18434), ("Start", "gemma2", 1)]
+            ("Kill", [50 + round_], [STRAY_V], "stray gpt-oss is not wanted (desired: gemma2)"),
+            ("AwaitPort", 18434), ("Start", "gemma2", 1)]
         memory = result.memory
     result = plan("gemma2", ENGINES, replace(obs(vllm(60, listens=ON_O), port_free=False), now=NOW + 5),
                   memory, NS)
