@@ -1,4 +1,4 @@
-"""The fault suite at CI size (bench/chaos.py runs the same scenarios at the issue's size).
+"""The fault suite at CI size (scenarios.py; bench/chaos.py runs them at the issue's size).
 
 Each scenario is real processes, real ports and the real process table; each returns its
 figures and a list of problems, and a problem is a defect. Run alone with
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import chaos
+from tests.chaos import scenarios as chaos
 
 pytestmark = pytest.mark.integration
 
