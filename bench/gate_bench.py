@@ -117,16 +117,17 @@ wrk.body = '{body}'
 
 
 def ensure_tools() -> None:
-    """nginx and wrk from Debian; install them when missing (needs root)."""
-    missing = [pkg for pkg, exe in (("nginx", "nginx"), ("wrk", "wrk")) if not shutil.which(exe)
-               and not Path(f"/usr/sbin/{exe}").exists()]
+    """nginx and wrk from Debian; installed when missing (needs root)."""
+    missing = [pkg for pkg in ("nginx", "wrk") if not shutil.which(pkg) and not Path(f"/usr/sbin/{pkg}").exists()]
     if not missing:
         return
     if os.geteuid() != 0:
-        raise SystemExit(f"install {' '.join(missing)} (apt-get install {' '.join(missing)})")
+        raise SystemExit(f"install {' '.join(missing)}: apt-get install {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing],
-                   check=True, env=env)
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    if subprocess.run(cmd, env=env, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, check=True)
+        subprocess.run(cmd, env=env, check=True)
 
 
 def free_port() -> int:
@@ -288,31 +289,36 @@ class Stack:
 
 # --------------------------------------------------------------------------- wrk
 
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+def wrk(url: str, connections: int, seconds: float, script: Path, cpu: str | None,
+        threads: int = 1, timeout: str | None = None) -> dict[str, float]:
+    """One wrk run (pinned to ``cpu`` when given): its parsed figures (``wrk_parse``)."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+            *(["--timeout", timeout] if timeout else []), "--latency", "-s", str(script), url]
+    if cpu:
+        argv = ["taskset", "-c", cpu, *argv]
+    return wrk_parse(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
 
 
-def _ms(text: str) -> float:
-    match = re.match(r"([\d.]+)(us|ms|s)", text)
-    if not match:
-        raise ValueError(text)
-    return float(match.group(1)) * _UNITS[match.group(2)]
+def wrk_parse(out: str) -> dict[str, float]:
+    units = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
+    def ms(text: str) -> float:
+        m = re.match(r"([\d.]+)(us|ms|s)", text)
+        return float(m.group(1)) * units[m.group(2)] if m else float("nan")
 
-def wrk(url: str, connections: int, seconds: float, script: Path, cpu: str) -> dict[str, float]:
-    """One wrk run: requests/s, p50/p99 latency in ms, and the count of non-2xx answers."""
-    argv = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-            "--latency", "-s", str(script), url]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    done = re.search(r"(\d+) requests in ([\d.]+)(ms|s)", out)
+    if not done:
+        raise SystemExit(f"wrk said: {out}")
+    res = {"requests": float(done.group(1)),
+           "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "99"):
         line = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
-        result[f"p{pct}_ms"] = _ms(line.group(1)) if line else float("nan")
+        res[f"p{pct}_ms"] = ms(line.group(1)) if line else float("nan")
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    result["non2xx"] = float(bad.group(1)) if bad else 0.0
+    res["non2xx"] = float(bad.group(1)) if bad else 0.0
     errors = re.search(r"Socket errors:.*", out)
-    if errors:
-        result["socket_errors"] = float(sum(int(n) for n in re.findall(r"\d+", errors.group(0))))
-    return result
+    res["socket_errors"] = float(sum(int(n) for n in re.findall(r"\d+", errors.group(0)))) if errors else 0.0
+    return res
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -520,8 +526,8 @@ def bench_longpoll(stack: Stack, rounds: int) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def workdir(keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="gate-bench-"))
+def workdir(keep: bool, prefix: str = "gate-bench-") -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         yield path
     finally:

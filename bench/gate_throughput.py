@@ -36,17 +36,14 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from gate_bench import Procs, free_port, wait_port  # noqa: E402
+from gate_bench import Procs, ensure_tools, free_port, rotate, spread, wait_port, workdir, wrk  # noqa: E402
 
 from reconciler.kit import clock  # noqa: E402
 from reconciler.spec import status  # noqa: E402
@@ -125,21 +122,9 @@ NGINX_PROXY = """\
 PROXY_COMMON = ("proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; "
                 "proxy_buffering off; proxy_request_buffering off; proxy_cache off; "
                 "proxy_read_timeout 3600s; proxy_send_timeout 3600s;")
+# wrk's own timeout, above a stream's length (100 tokens x 20 ms = 2 s, wrk's default).
+WRK_TIMEOUT = "30s"
 WRK_POST = 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = \'{body}\'\n'
-
-
-def ensure_tools() -> None:
-    """nginx and wrk from Debian; installed when missing (needs root)."""
-    missing = [pkg for pkg in ("nginx", "wrk") if not shutil.which(pkg) and not Path(f"/usr/sbin/{pkg}").exists()]
-    if not missing:
-        return
-    if os.geteuid() != 0:
-        raise SystemExit(f"install {' '.join(missing)}: apt-get install {' '.join(missing)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
-    if subprocess.run(cmd, env=env, check=False).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, check=True)
-        subprocess.run(cmd, env=env, check=True)
 
 
 def nginx_path() -> str:
@@ -156,10 +141,6 @@ def tree_cpu(pid: int) -> float:
                 t = p.cpu_times()
                 total += t.user + t.system
     return total
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def fmt(s: dict[str, float], digits: int = 0) -> str:
@@ -330,24 +311,15 @@ class Bench:
         if script == "stream":
             return self._measure_streams(url, connections, proxy_pid)
         cpu_before = tree_cpu(proxy_pid) if proxy_pid else 0.0
-        count_before = None
         t0 = time.monotonic()
-        result = wrk_run(url, connections, self.seconds, self.scripts[script],
-                         self.load_cpu if load_cpu == "" else load_cpu, threads)
+        result = wrk(url, connections, self.seconds, self.scripts[script],
+                     self.load_cpu if load_cpu == "" else load_cpu, threads, timeout=WRK_TIMEOUT)
         wall = time.monotonic() - t0
         if proxy_pid:
             used = tree_cpu(proxy_pid) - cpu_before
             result["proxy_cpu_s"] = used
             result["proxy_core_use"] = used / wall
             result["cpu_us_per_req"] = used / max(1.0, result["requests"]) * 1e6
-        if count_before is not None:
-            after = self.upstream_count()
-            tokens = after["tokens"] - count_before["tokens"]
-            result["tokens"] = tokens
-            result["tok_s"] = tokens / wall
-            result["upstream_core_use"] = (after["cpu_s"] - count_before["cpu_s"]) / wall
-            if proxy_pid:
-                result["cpu_us_per_token"] = result["proxy_cpu_s"] / max(1.0, tokens) * 1e6
         return result
 
 
@@ -358,7 +330,8 @@ class Bench:
         got: dict[str, float] = {}
 
         def run() -> None:
-            got.update(wrk_run(url, connections, self.seconds + 2 * RAMP_S, self.scripts["stream"], self.load_cpu))
+            got.update(wrk(url, connections, self.seconds + 2 * RAMP_S, self.scripts["stream"], self.load_cpu,
+                           timeout=WRK_TIMEOUT))
 
         thread = threading.Thread(target=run)
         thread.start()
@@ -376,47 +349,7 @@ class Bench:
         return got
 
 
-def wrk_run(url: str, connections: int, seconds: float, script: Path, cpu: str | None,
-            threads: int = 1) -> dict[str, float]:
-    """One wrk run: requests, req/s, p50/p99 ms, non-2xx answers and socket errors."""
-    # --timeout: a stream lasts 100 tokens x 20 ms = 2 s, wrk's default timeout.
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
-            "--latency", "-s", str(script), url]
-    if cpu:
-        argv = ["taskset", "-c", cpu, *argv]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    got = wrk_parse(out)
-    return got
-
-
-def wrk_parse(out: str) -> dict[str, float]:
-    units = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
-
-    def ms(text: str) -> float:
-        m = re.match(r"([\d.]+)(us|ms|s)", text)
-        return float(m.group(1)) * units[m.group(2)] if m else float("nan")
-
-    done = re.search(r"(\d+) requests in ([\d.]+)(ms|s)", out)
-    if not done:
-        raise SystemExit(f"wrk said: {out}")
-    res = {"requests": float(done.group(1)),
-           "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
-    for pct in ("50", "99"):
-        line = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
-        res[f"p{pct}_ms"] = ms(line.group(1)) if line else float("nan")
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    res["non2xx"] = float(bad.group(1)) if bad else 0.0
-    errors = re.search(r"Socket errors:.*", out)
-    res["socket_errors"] = float(sum(int(n) for n in re.findall(r"\d+", errors.group(0)))) if errors else 0.0
-    return res
-
-
 # ---------------------------------------------------------------------------- phases
-
-
-def rotate(items: list[str], k: int) -> list[str]:
-    k %= len(items)
-    return items[k:] + items[:k]
 
 
 def phase_small(b: Bench, rounds: int, candidates: dict[str, int]) -> dict[str, Any]:
@@ -605,16 +538,6 @@ def targets(res: dict[str, Any]) -> list[str]:
     return rows
 
 
-@contextlib.contextmanager
-def workdir(keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="gate-throughput-"))
-    try:
-        yield path
-    finally:
-        if not keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -637,7 +560,7 @@ def main() -> int:
                                        "load_cpu": ns.load_cpu},
                            "settings": {"rounds": ns.rounds, "seconds": ns.seconds, "stream_tokens": STREAM_TOKENS}}
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
-    with workdir(ns.keep) as work:
+    with workdir(ns.keep, "gate-throughput-") as work:
         b = Bench(work, ns.proxy_cpu, ns.load_cpu, ns.seconds)
         try:
             b.start(STREAM_LEVELS[0][1])
