@@ -17,7 +17,7 @@ from pathlib import Path
 
 from reconciler.act import cgroups, killer
 from reconciler.act.executor import Executor, Outcome
-from reconciler.act.spawn import raw_log_path
+from reconciler.act.spawn import Spawned, raw_log_path
 from reconciler.kit import clock
 from reconciler.kit.lock import AlreadyRunning, StateLock
 from reconciler.kit.logs import ActivityLog
@@ -326,11 +326,20 @@ class Reconciler:
             killed = {key for a in the_plan.actions if isinstance(a, Kill) for key in a.units}
             units = tuple(u for u in units_before if (u.model, u.instance) not in killed)
         if outcome.started is not None:
-            cookie = outcome.started.cookie
-            fresh = Unit(cookie.model, cookie.instance, (), cookie.started_at)
-            after = replace(after, active=next(
-                (u for u in units if u.instance == cookie.instance), fresh))
+            started = next((u for u in units if u.instance == outcome.started.cookie.instance), None)
+            if started is None:
+                started = self._started_unit(outcome.started)
+                units = (*units, started)
+            after = replace(after, active=started)
         return PassResult(after, report(after, units), outcome)
+
+    def _started_unit(self, spawned: Spawned) -> Unit:
+        """The engine just spawned, without a scan of the table: its leader and its record
+        (so the state names its pid at once, and its output is followed from the start)."""
+        cookie = spawned.cookie
+        leader = gather.process(spawned.process.pid)
+        return Unit(cookie.model, cookie.instance, (leader,) if leader is not None else (), cookie.started_at,
+                    self.executor.records.written(cookie.instance))
 
     def _remember(self, the_plan: Plan, outcome: Outcome, model: str | None, now: float) -> Memory:
         memory = the_plan.memory

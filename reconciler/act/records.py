@@ -49,6 +49,10 @@ class Records:
         with contextlib.suppress(FileNotFoundError, ValueError):
             os.unlink(self._path(instance))
 
+    def written(self, instance: str) -> Record | None:
+        """The record this process wrote for ``instance``, from memory."""
+        return self._written.get(instance)
+
     def load(self) -> tuple[Record, ...]:
         """Every record: the readable files, and ours whose file went missing (rewritten)."""
         found = {r.instance: r for r in self._read()}

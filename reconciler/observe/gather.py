@@ -166,6 +166,11 @@ def _one(pid: str, boot: float, live: set[tuple[int, float, str]]) -> Proc | Non
                 uid=uid, argv=argv, cgroup=cgroup)
 
 
+def process(pid: int) -> Proc | None:
+    """One process, read as ``processes`` reads each (a just-spawned engine, without a scan)."""
+    return _one(str(pid), psutil.boot_time(), set())
+
+
 def processes() -> tuple[Proc, ...]:
     """Every process, read straight from /proc: stat, cmdline and the owner, ~20 us each.
 

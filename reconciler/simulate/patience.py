@@ -59,7 +59,7 @@ async def _sample_state(sim: Scenario, trace: Trace, done: asyncio.Event, real_s
         phase = str(doc.get("phase"))
         if not trace.phases or trace.phases[-1][1] != phase:
             trace.phases.append((clock.monotonic(), phase))
-        if doc.get("engine"):
+        if doc.get("engine") and doc["engine"].get("pid") is not None:  # null: not seen yet
             trace.pids.add(int(doc["engine"]["pid"]))
         if doc.get("boot"):
             trace.boot_elapsed.append(float(doc["boot"]["elapsed_s"]))
