@@ -194,10 +194,12 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
              "its reason is above); ailayer is not up")
         log.close()
         raise typer.Exit(EXIT_FAILED)
-    typer.echo(_banner(catalog, url, _again(config, demo)), err=True)
-    sdnotify.notify("READY=1", f"STATUS=gate listening on {url}")
+    # Our handlers before READY=1: a SIGTERM right after it (systemctl stop) must run the
+    # clean-up below, not Python's default death.
     stop = threading.Event()
     down_asked = _on_signals(stop, rec.wake)
+    typer.echo(_banner(catalog, url, _again(config, demo)), err=True)
+    sdnotify.notify("READY=1", f"STATUS=gate listening on {url}")
     try:
         rec.run(stop)
     finally:
