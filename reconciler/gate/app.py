@@ -1,8 +1,9 @@
 """The gate's aiohttp application and its entry points: ``serve`` (async) and ``run`` (blocking).
 
-aiohttp's server in front (every route, the dashboard, SSE); to the engine, the llhttp pool of
-reconciler/gate/upstream.py; uvloop; ``gate.workers`` such processes on one port
-(reconciler/gate/workers.py). Chosen by measurement: docs/PERFORMANCE.md, issue 14.
+Every connection starts at the front door (reconciler/gate/fastpath.py), which answers plain
+inference requests itself and hands the rest to aiohttp's server (every route, the dashboard,
+SSE); to the engine, the llhttp pool of reconciler/gate/upstream.py; uvloop; ``gate.workers``
+such processes on one port (reconciler/gate/workers.py). Chosen by measurement: docs/PERFORMANCE.md, issue 14.
 Server settings that must be explicit: ``handler_cancellation=True`` (a client that
 leaves cancels its handler, which closes the engine request), a large backlog, and a
 keep-alive above a fronting proxy's so the proxy, not us, closes idle connections.
@@ -12,22 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import resource
 import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import uvloop
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from reconciler.gate import errors
-from reconciler.gate.clients import MAX_REQUEST_BYTES, HeaderDeadline
+from reconciler.gate.clients import MAX_REQUEST_BYTES
 from reconciler.gate.dashboard import Dashboard
 from reconciler.gate.errors import OLLAMA, OPENAI, Refusal
+from reconciler.gate.fastpath import Door, routes_of
+from reconciler.gate.hosts import HostPolicy, name_of
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.proxy import Proxy
 from reconciler.gate.statefollow import StateFollower
@@ -68,29 +70,19 @@ INFERENCE_ROUTES: tuple[tuple[str, str, str, str | None], ...] = (
 
 Listening = Callable[[list[str]], None]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
-
-
-def _loopback_ip(name: str) -> bool:
-    try:
-        return ipaddress.ip_address(name.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_check(gate: GateConfig) -> Callable[..., Any]:
-    """Answer only to Host names we serve: a page on an attacker's domain that resolves to
-    127.0.0.1 (DNS rebinding) must not reach the gate from a browser on this machine."""
-    allowed = LOOPBACK_NAMES | {gate.host.lower(), f"[{gate.host.lower()}]"} | set(gate.allowed_hosts)
+    """421 for a Host name we do not serve (reconciler/gate/hosts.py)."""
+    policy = HostPolicy(gate)
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        host = (request.host or "").lower()
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if "*" in allowed or name in allowed or _loopback_ip(name):
+        host = request.host or ""
+        if policy.allowed(host):
             return await handler(request)
         return errors.respond(Refusal(421, "host_not_allowed",
-                                      f"this gate does not answer for Host {name[:100]!r}; add it to "
+                                      f"this gate does not answer for Host {name_of(host)[:100]!r}; add it to "
                                       "gate.allowed_hosts in the catalog if it is yours"),
                               errors.family_of(request.path), stale=False)
 
@@ -114,17 +106,25 @@ async def _follow_catalog(source: CatalogSource, proxy: Proxy, toggle: Toggle,
         error = source.error
 
 
-def build_app(catalog: Catalog, heads: HeaderDeadline | None = None) -> web.Application:
-    """All routes, with the state follower and upstream session tied to the app's life.
+class Parts(NamedTuple):
+    """What the front door shares with the app (reconciler/gate/fastpath.py)."""
 
-    ``heads`` marks connections that delivered a request (see clients.HeaderDeadline).
-    """
+    proxy: Proxy
+    follower: StateFollower
+    metrics: GateMetrics
+
+
+PARTS = web.AppKey("parts", Parts)
+
+
+def build_app(catalog: Catalog) -> web.Application:
+    """All routes, with the state follower and upstream session tied to the app's life."""
     gate = catalog.gate
-    middlewares = [_host_check(gate)] if heads is None else [heads.middleware, _host_check(gate)]
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=middlewares)
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_host_check(gate)])
     follower = StateFollower(catalog.observed_path, gate.stale_after_s)
     metrics = GateMetrics()
     proxy = Proxy(catalog, follower, metrics)
+    app[PARTS] = Parts(proxy, follower, metrics)
     status_api = StatusApi(follower, metrics, lambda: proxy.inflight)
     toggle = Toggle(catalog, metrics, follower.stale, lambda: follower.revision)
 
@@ -169,9 +169,9 @@ async def serve(
     ``on_listening`` gets the bound URLs (useful with port 0). ``reuse_port``: one of several
     workers on the port (SO_REUSEPORT; the kernel spreads connections over them).
     """
-    heads = HeaderDeadline(catalog.gate.client_header_timeout_s)
+    app = build_app(catalog)
     runner = web.AppRunner(
-        build_app(catalog, heads),
+        app,
         handler_cancellation=True,
         access_log=None,
         keepalive_timeout=clock.real_seconds(KEEPALIVE_S),
@@ -180,11 +180,14 @@ async def serve(
     await runner.setup()
     server: asyncio.Server | None = None
     try:
-        # Our own listener rather than a TCPSite: each connection's protocol gets the head
-        # deadline that aiohttp's server lacks.
+        # Our own listener rather than a TCPSite: every connection starts at the front door,
+        # which answers the plain inference requests itself and hands the rest to aiohttp.
         assert runner.server is not None
+        proxy, follower, metrics = app[PARTS]
+        door = Door(proxy, follower, metrics, catalog.gate, routes_of(INFERENCE_ROUTES), runner.server,
+                    clock.real_seconds(KEEPALIVE_S))
         server = await asyncio.get_running_loop().create_server(
-            heads.factory(runner.server), catalog.gate.host, catalog.gate.port, backlog=BACKLOG,
+            door.protocol, catalog.gate.host, catalog.gate.port, backlog=BACKLOG,
             reuse_address=True, reuse_port=reuse_port or None)
         urls = [_url(sock.getsockname()) for sock in server.sockets]
         (on_listening or _log_listening)(urls)

@@ -1,8 +1,7 @@
-"""What one client may cost the gate: time to send its request head, silence inside a body,
-and a share of the memory that buffered bodies take.
+"""What one client may cost the gate: silence inside a body, and a share of the memory that
+buffered bodies take (the head deadline is the front door's, reconciler/gate/fastpath.py).
 
-aiohttp's server has no header timeout (a slowloris client holds a connection for good) and
-reads a body whole without a memory bound across requests: eight concurrent 60 MiB bodies
+aiohttp's server reads a body whole without a memory bound across requests: eight concurrent 60 MiB bodies
 took the gate from 238 to 945 MiB. Bodies are read because the gate checks the ``model``
 field; streaming them through unread would lose the 409.
 """
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -33,35 +31,6 @@ OFFLOAD_JSON_BYTES = 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Body = bytes | bytearray  # a request body as read (in place) and passed on
-
-
-class HeaderDeadline:
-    """Closes a connection that has not delivered a request head within the deadline."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self._served: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        """Wrap aiohttp's protocol factory (``runner.server``): each connection gets a timer."""
-        def make() -> asyncio.Protocol:
-            protocol = inner()
-            asyncio.get_running_loop().call_later(clock.real_seconds(self.timeout_s), self._expire, protocol)
-            return protocol
-
-        return make
-
-    def _expire(self, protocol: asyncio.Protocol) -> None:
-        transport = getattr(protocol, "transport", None)
-        if transport is not None and transport not in self._served:
-            transport.close()
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """A request reached us: its connection is past the head deadline."""
-        if request.transport is not None:
-            self._served.add(request.transport)
-        return await handler(request)
 
 
 class BodyBudget:

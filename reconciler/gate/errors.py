@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +27,7 @@ PHASE_HEADER = "X-AILayer-Phase"
 # The observed state's revision: the one counter GET /status?since= compares.
 REVISION_HEADER = "X-AILayer-Revision"
 NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_SPLICE = re.compile(r"[\r\n]")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -78,8 +81,8 @@ def body_of(refusal: Refusal, family: str) -> dict[str, Any]:
     return {"error": error, "ailayer": detail}
 
 
-def respond(refusal: Refusal, family: str, *, stale: bool | None = None) -> web.Response:
-    """The HTTP answer for a refusal; every 503 carries Retry-After."""
+def _headers(refusal: Refusal, stale: bool | None) -> dict[str, str]:
+    """A refusal's own headers; every 503 carries Retry-After."""
     headers = dict(refusal.headers)
     retry = refusal.retry_after_s
     if retry is None and refusal.status == 503:
@@ -88,10 +91,30 @@ def respond(refusal: Refusal, family: str, *, stale: bool | None = None) -> web.
         headers["Retry-After"] = retry_after_header(retry)
     if stale is not None:
         headers[STALE_HEADER] = "true" if stale else "false"
-    text = json.dumps(body_of(refusal, family), separators=(",", ":"))
-    return web.Response(
-        status=refusal.status, text=text, content_type="application/json", headers=headers
-    )
+    return headers
+
+
+def _text(refusal: Refusal, family: str) -> str:
+    return json.dumps(body_of(refusal, family), separators=(",", ":"))
+
+
+def respond(refusal: Refusal, family: str, *, stale: bool | None = None) -> web.Response:
+    """The HTTP answer for a refusal, for an aiohttp handler."""
+    return web.Response(status=refusal.status, text=_text(refusal, family), content_type="application/json",
+                        headers=_headers(refusal, stale))
+
+
+def render(refusal: Refusal, family: str, *, stale: bool | None, date: str, close: bool) -> bytes:
+    """The same answer as ``respond``, as the bytes of a whole HTTP/1.1 response (the front
+    door's, reconciler/gate/fastpath.py). Header values are ours or the catalog's: one with a
+    CR or LF is dropped rather than spliced."""
+    body = _text(refusal, family).encode()
+    lines = [f"HTTP/1.1 {refusal.status} {HTTPStatus(refusal.status).phrase}",
+             "Content-Type: application/json; charset=utf-8", f"Content-Length: {len(body)}", f"Date: {date}"]
+    lines += [f"{k}: {v}" for k, v in _headers(refusal, stale).items() if not _SPLICE.search(k + v)]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
 
 
 def stream_error_chunk(refusal: Refusal, content_type: str) -> bytes | None:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -71,8 +72,18 @@ PINNED_KEEP_ALIVE = -1
 _KEEP_ALIVE = "keep_alive"
 
 
+class Tracked(Protocol):
+    """A proxied request and the engine it went to; ``refusal`` is set when it is aborted,
+    then ``cancel`` ends it (with that refusal as its answer or last stream item)."""
+
+    target: Target
+    refusal: Refusal | None
+
+    def cancel(self) -> object: ...
+
+
 class InFlight:
-    """A proxied request and the engine it went to; ``refusal`` is set when it is aborted."""
+    """A request proxied by an aiohttp handler: cancelling is cancelling its task."""
 
     __slots__ = ("refusal", "target", "task")
 
@@ -80,6 +91,9 @@ class InFlight:
         self.target = target
         self.task = task
         self.refusal: Refusal | None = None
+
+    def cancel(self) -> object:
+        return self.task.cancel()
 
 
 def _headers(pairs: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tuple[str, str]]:
@@ -105,11 +119,18 @@ def _names_served(body: Body, served: str, field: str) -> bool:
     key is nested and the top level names no model, which passes through anyway). Any
     other spelling (spaces, escapes, a second occurrence) falls back to a real parse.
     """
-    key = f'"{field}"'.encode()
+    key, tight, spaced = _spellings(served, field)
     if body.count(key) != 1:
         return False
+    return tight in body or spaced in body
+
+
+@functools.lru_cache(maxsize=64)
+def _spellings(served: str, field: str) -> tuple[bytes, bytes, bytes]:
+    """``"model"``, ``"model":"name"`` and ``"model": "name"``, encoded once per name."""
+    key = f'"{field}"'.encode()
     name = json.dumps(served).encode()
-    return key + b":" + name in body or key + b": " + name in body
+    return key, key + b":" + name, key + b": " + name
 
 
 def pin_keep_alive(body: Body) -> Body:
@@ -167,8 +188,8 @@ class Proxy:
         self.use(catalog)
         self._pool: upstream.Pool | None = None
         self._addresses: dict[str, tuple[str, int]] = {}  # engine base URL -> (host, port)
-        self._inflight: set[InFlight] = set()
-        self._budget = clients.BodyBudget()
+        self._inflight: set[Tracked] = set()
+        self.budget = clients.BodyBudget()
         follower.add_listener(self._on_state)
 
     def use(self, catalog: Catalog) -> None:
@@ -198,6 +219,33 @@ class Proxy:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def pool(self) -> upstream.Pool:
+        assert self._pool is not None, "start() first"
+        return self._pool
+
+    @property
+    def known(self) -> list[str]:
+        return self._known
+
+    def track(self, flight: Tracked) -> None:
+        self._inflight.add(flight)
+
+    def untrack(self, flight: Tracked) -> None:
+        self._inflight.discard(flight)
+
+    def pins_keep_alive(self, route: str, target: Target) -> bool:
+        """Whether this request's body gets ``keep_alive`` pinned (see ``pin_keep_alive``)."""
+        return route in KEEP_ALIVE_ROUTES and target.model in self._ollama
+
+    def address(self, target: Target) -> tuple[str, int]:
+        """(host, port) of an engine URL, parsed once per URL."""
+        address = self._addresses.get(target.url)
+        if address is None:
+            parts = urllib.parse.urlsplit(target.url)
+            address = self._addresses[target.url] = (parts.hostname or "127.0.0.1", parts.port or 80)
+        return address
+
     # ------------------------------------------------------------------ switch
 
     def _on_state(self, old: Snapshot, new: Snapshot) -> None:
@@ -207,7 +255,7 @@ class Proxy:
         for flight in list(self._inflight):
             if flight.target != new.target and flight.refusal is None:
                 flight.refusal = _switch_refusal(flight.target, new)
-                flight.task.cancel()
+                flight.cancel()
 
     # ------------------------------------------------------------------ routes
 
@@ -222,7 +270,7 @@ class Proxy:
                                       family, stale=self._follower.stale())
             verdict = admit(self._follower, self._known)
             if not isinstance(verdict, Refusal):
-                verdict = self._trusted(verdict)
+                verdict = self.trusted(verdict)
             if isinstance(verdict, Refusal):
                 self._metrics.request(route, verdict.code)
                 return errors.respond(verdict, family, stale=self._follower.stale())
@@ -237,7 +285,7 @@ class Proxy:
 
         return handle
 
-    def _trusted(self, target: Target) -> Target | Refusal:
+    def trusted(self, target: Target) -> Target | Refusal:
         """Proxy only to an engine URL the catalog names: the state file says where prompts
         (and clients' Authorization headers) go, and a planted one must not send them elsewhere."""
         engine = self._catalog.engines.get(target.model)
@@ -248,7 +296,7 @@ class Proxy:
                        "catalog does not name; not proxying", UNTRUSTED_RETRY_S,
                        {"model": target.model})
 
-    def _check_model(self, body: Body, target: Target, family: str, field: str) -> Body | Refusal:
+    def check_model(self, body: Body, target: Target, family: str, field: str) -> Body | Refusal:
         """Refuse another model by name (409); map the catalog name to the served name."""
         if _names_served(body, target.served_name, field):
             return body
@@ -331,7 +379,7 @@ class Proxy:
                 self._metrics.streams.labels("client_gone").inc()
                 self._metrics.request(route, "client_gone")
                 return resp
-            refusal = self._upstream_refusal(exc, target)
+            refusal = self.upstream_refusal(exc, target)
             self._metrics.request(route, refusal.code)
             return await self._end_with(request, resp, ctype, refusal, family)
 
@@ -341,12 +389,12 @@ class Proxy:
         """Read the body within the budget, check it, send it; the budget is held (and the
         body kept) only until the engine's answer starts."""
         size = clients.body_size(request)
-        if self._budget.take(size):  # the common case: room at once, no context manager
+        if self.budget.take(size):  # the common case: room at once, no context manager
             try:
                 return await self._checked_send(request, route, family, model_field, target)
             finally:
-                self._budget.give(size)
-        async with self._budget.hold(size) as room:
+                self.budget.give(size)
+        async with self.budget.hold(size) as room:
             if not room:
                 return clients.too_busy()
             return await self._checked_send(request, route, family, model_field, target)
@@ -360,11 +408,11 @@ class Proxy:
             return body
         if model_field is not None and body:
             checked = await clients.off_loop(
-                body, lambda b: self._check_model(b, target, family, model_field))
+                body, lambda b: self.check_model(b, target, family, model_field))
             if isinstance(checked, Refusal):
                 return checked
             body = checked
-        if body and route in KEEP_ALIVE_ROUTES and target.model in self._ollama:
+        if body and self.pins_keep_alive(route, target):
             body = await clients.off_loop(body, pin_keep_alive)
         return await self._send(request, target, body)
 
@@ -377,10 +425,7 @@ class Proxy:
         Only a connection that closed before any byte of an answer is retried.
         """
         assert self._pool is not None
-        address = self._addresses.get(target.url)
-        if address is None:
-            parts = urllib.parse.urlsplit(target.url)
-            address = self._addresses[target.url] = (parts.hostname or "127.0.0.1", parts.port or 80)
+        address = self.address(target)
         headers = _headers(request.headers.items(), DROP_REQUEST)
         for attempt in range(1, SEND_ATTEMPTS + 1):
             try:
@@ -412,7 +457,7 @@ class Proxy:
         return resp
 
     @staticmethod
-    def _upstream_refusal(exc: BaseException, target: Target) -> Refusal:
+    def upstream_refusal(exc: BaseException, target: Target) -> Refusal:
         detail = {"engine_url": target.url, "model": target.model, "error": repr(exc)}
         if isinstance(exc, TimeoutError):
             return Refusal(504, "engine_timeout",

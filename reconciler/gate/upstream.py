@@ -33,6 +33,7 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
 
 import httptools
 
@@ -68,7 +69,17 @@ class BadResponse(UpstreamError):
     """The engine's bytes are not a valid HTTP/1.1 response."""
 
 
-class _Conn(asyncio.Protocol):
+class Sink(Protocol):
+    """Who is told of every event on a connection instead of a waiting coroutine: the front
+    door's callback-driven requests (reconciler/gate/fastpath.py)."""
+
+    def wake(self) -> None: ...
+
+    def engine_paced(self) -> bool:
+        """True while the engine is not being read because the client is slow (no timeout)."""
+
+
+class Connection(asyncio.Protocol):
     """One connection to an engine, with the state of the response being read on it."""
 
     def __init__(self) -> None:
@@ -82,12 +93,11 @@ class _Conn(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        # The read timer is kept from one response to the next (arming one per request was a
+        # measurable part of a small request's cost): when it fires it looks at this response.
         self.status = 0
-        self.reason = ""
-        self.headers: list[tuple[str, str]] = []
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []  # as received; decoded only where needed
         self.head = False  # the final (non-1xx) head is complete
         self.complete = False
         self.keep = False
@@ -97,6 +107,7 @@ class _Conn(asyncio.Protocol):
         self.paused = False
         self.error: UpstreamError | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.sink: Sink | None = None
         self.bodyless = False
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -133,15 +144,15 @@ class _Conn(asyncio.Protocol):
     # ------------------------------------------------------------------ llhttp callbacks
 
     def on_status(self, reason: bytes) -> None:
-        self.reason += reason.decode("latin-1")
+        self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # an interim answer: the final one follows
-            self.headers, self.reason = [], ""
+            self.headers, self.reason = [], b""
             return
         self.status = status
         self.head = True
@@ -166,7 +177,7 @@ class _Conn(asyncio.Protocol):
 
     def _until_close(self) -> bool:
         names = {k.lower() for k, _ in self.headers}
-        return "content-length" not in names and "transfer-encoding" not in names
+        return b"content-length" not in names and b"transfer-encoding" not in names
 
     def _fail(self, error: UpstreamError) -> None:
         self.error = error
@@ -174,6 +185,9 @@ class _Conn(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
+        if self.sink is not None:
+            self.sink.wake()
+            return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -200,8 +214,26 @@ class _Conn(asyncio.Protocol):
         finally:
             self.waiter = None
 
+    def watch(self, sink: Sink, timeout_s: float | None) -> None:
+        """Tell ``sink`` of every event from now on; fail the response after ``timeout_s`` of
+        the engine's silence (not counting while the sink holds the engine back)."""
+        self.sink = sink
+        self.quiet_since = self.loop.time()
+        if timeout_s is not None and self.timer is None:
+            self.timer = self.loop.call_at(self.quiet_since + timeout_s, self._check_quiet, timeout_s)
+
     def _check_quiet(self, timeout_s: float) -> None:
         self.timer = None
+        sink = self.sink
+        if sink is not None:
+            now = self.loop.time()
+            if sink.engine_paced():
+                self.quiet_since = now
+            elif now >= self.quiet_since + timeout_s:
+                self._fail(ReadTimeout(f"the engine was silent for {timeout_s:g} s (gate.read_timeout_s)"))
+                return
+            self.timer = self.loop.call_at(self.quiet_since + timeout_s, self._check_quiet, timeout_s)
+            return
         waiter = self.waiter
         if waiter is None or waiter.done():
             return  # not waiting now: the next wait arms the timer again
@@ -219,14 +251,14 @@ class Response:
     (the engine stops); after a complete keep-alive answer the connection goes back to the pool.
     """
 
-    def __init__(self, pool: Pool, key: tuple[str, int], conn: _Conn, read_s: float | None) -> None:
+    def __init__(self, pool: Pool, key: tuple[str, int], conn: Connection, read_s: float | None) -> None:
         self._pool = pool
         self._key = key
         self._conn = conn
         self._read_s = read_s
         self.status = conn.status
-        self.reason = conn.reason
-        self.headers = conn.headers
+        self.reason = conn.reason.decode("latin-1")
+        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in conn.headers]
 
     def header(self, name: str, default: str = "") -> str:
         low = name.lower()
@@ -284,7 +316,7 @@ class Pool:
         self._connect_s = connect_s
         self._read_s = read_s
         self._keepalive_s = keepalive_s
-        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._idle: dict[tuple[str, int], list[Connection]] = {}
 
     async def request(self, method: str, host: str, port: int, target: str,
                       headers: Iterable[tuple[str, str]], body: bytes | bytearray | memoryview,
@@ -312,7 +344,11 @@ class Pool:
             conn.abort()  # cancelled, timed out or failed: the engine sees the request end
             raise
 
-    def _pooled(self, key: tuple[str, int]) -> _Conn | None:
+    def take(self, key: tuple[str, int]) -> Connection | None:
+        """An idle pooled connection to ``key`` that is still fresh, if any."""
+        return self._pooled(key)
+
+    def _pooled(self, key: tuple[str, int]) -> Connection | None:
         idle = self._idle.get(key)
         oldest = time.monotonic() - self._keepalive_s
         while idle:
@@ -323,21 +359,22 @@ class Pool:
             conn.abort()
         return None
 
-    async def _connect(self, host: str, port: int) -> _Conn:
+    async def connect(self, host: str, port: int) -> Connection:
+        """A new connection (ConnectFailed if nothing accepts it within the connect timeout)."""
+        return await self._connect(host, port)
+
+    async def _connect(self, host: str, port: int) -> Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_s):
-                _, conn = await loop.create_connection(_Conn, host, port)
+                _, conn = await loop.create_connection(Connection, host, port)
         except TimeoutError:
             raise ConnectFailed(f"connecting to {host}:{port} took over {self._connect_s:g} s") from None
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {host}:{port}: {exc}") from exc
         return conn
 
-    def release(self, key: tuple[str, int], conn: _Conn) -> None:
-        if conn.timer is not None:
-            conn.timer.cancel()
-            conn.timer = None
+    def release(self, key: tuple[str, int], conn: Connection) -> None:
         conn.idle_since = time.monotonic()
         idle = self._idle.setdefault(key, [])
         oldest = conn.idle_since - self._keepalive_s

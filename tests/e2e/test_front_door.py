@@ -1,0 +1,207 @@
+"""The gate's front door (reconciler/gate/fastpath.py) on real sockets: plain requests answered
+by it, everything else handed to aiohttp on the same connection, in order, nothing lost.
+
+Raw sockets, because what is tested is the connection itself: several requests on one
+keep-alive connection, pipelined requests, and bytes no HTTP library would send.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Any, BinaryIO
+
+import httpx
+import pytest
+
+from reconciler.gate.fastpath import FAST_BODY_MAX
+from tests.e2e.test_gate import (
+    CONDITION_DEADLINE_S,
+    TOKEN,
+    VLLM_SERVED,
+    DemoEngine,
+    Gate,
+    Processes,
+    chat_body,
+    gate,
+    metric,
+    poll_until,
+    procs,
+    start_gate,
+    vllm,
+)
+
+__all__ = ["gate", "procs", "vllm"]  # fixtures, used by name
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+class _Unclosed:
+    """The connection's one buffered file, which each HTTPResponse may "close" when done."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    def close(self) -> None:
+        pass
+
+
+class _Conn:
+    """One raw keep-alive connection; responses are read in order from one buffered file."""
+
+    def __init__(self, gate: Gate) -> None:
+        host, port = gate.url.removeprefix("http://").rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=CONDITION_DEADLINE_S)
+        self.file: BinaryIO = self.sock.makefile("rb")
+
+    def makefile(self, *_: Any, **__: Any) -> _Unclosed:  # what http.client.HTTPResponse reads from
+        return _Unclosed(self.file)
+
+    def send(self, *requests: bytes) -> None:
+        self.sock.sendall(b"".join(requests))
+
+    def answer(self, method: str = "POST") -> tuple[int, dict[str, str], bytes]:
+        resp = http.client.HTTPResponse(self, method=method)  # type: ignore[arg-type]
+        resp.begin()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def _post(path: str, body: dict[str, Any] | bytes, extra: bytes = b"") -> bytes:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n%s"
+            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), extra, len(data), data))
+
+
+def _get(path: str) -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path.encode()
+
+
+def _ready(gate: Gate, vllm: DemoEngine) -> None:
+    gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+
+
+def _content(body: bytes) -> str:
+    text: str = json.loads(body)["choices"][0]["message"]["content"]
+    return text
+
+
+def test_one_connection_mixes_plain_and_handed_off_requests_in_order(gate: Gate, vllm: DemoEngine) -> None:
+    _ready(gate, vllm)
+    conn = _Conn(gate)
+    try:
+        conn.send(_post("/v1/chat/completions", chat_body(tokens=3)))
+        status, _, body = conn.answer()
+        assert status == 200 and _content(body), body[:200]
+        conn.send(_get("/status"))  # not a plain route: aiohttp answers, on this connection
+        status, headers, body = conn.answer("GET")
+        assert status == 200 and json.loads(body)["phase"] == "READY", body[:200]
+        assert headers["content-type"].startswith("application/json")
+        conn.send(_post("/v1/chat/completions", chat_body(tokens=2)))  # aiohttp's from here on
+        status, _, body = conn.answer()
+        assert status == 200 and _content(body)
+    finally:
+        conn.close()
+
+
+def test_pipelined_requests_are_answered_in_order_across_the_hand_off(gate: Gate, vllm: DemoEngine) -> None:
+    _ready(gate, vllm)
+    before = vllm.stats()["requests_started"]
+    conn = _Conn(gate)
+    try:
+        # Two plain requests, one for aiohttp, one more plain one: all in one write.
+        conn.send(_post("/v1/chat/completions", chat_body(tokens=4)),
+                  _post("/v1/chat/completions", chat_body(model="gemma2")),
+                  _get("/healthz"),
+                  _post("/v1/chat/completions", chat_body(tokens=1)))
+        first, second, third, fourth = conn.answer(), conn.answer(), conn.answer("GET"), conn.answer()
+    finally:
+        conn.close()
+    assert first[0] == 200 and _content(first[2])
+    assert second[0] == 409 and json.loads(second[2])["error"]["code"] == "model_not_active"
+    assert third[0] == 200 and json.loads(third[2])["ok"] is True, third[2][:200]
+    assert fourth[0] == 200 and _content(fourth[2])
+    assert vllm.stats()["requests_started"] == before + 2, "the 409 never reached the engine"
+
+
+@pytest.mark.parametrize("size", [FAST_BODY_MAX - 1024, FAST_BODY_MAX + 1024], ids=["plain", "large"])
+def test_bodies_on_both_sides_of_the_plain_limit_reach_the_engine_whole(gate: Gate, vllm: DemoEngine,
+                                                                        size: int) -> None:
+    _ready(gate, vllm)
+    body = chat_body(tokens=2)
+    body["messages"] = [{"role": "user", "content": "x" * size}]
+    with gate.client() as client:
+        resp = client.post("/v1/chat/completions", json=body)
+    direct = httpx.post(vllm.url + "/v1/chat/completions", json={**body, "model": VLLM_SERVED},
+                        timeout=CONDITION_DEADLINE_S)
+    assert resp.status_code == 200 == direct.status_code, resp.text[:300]
+    got, sent = resp.json()["usage"]["prompt_tokens"], direct.json()["usage"]["prompt_tokens"]
+    assert got == sent > 0, "the engine saw the same prompt through the gate as directly"
+
+
+def test_a_chunked_request_body_is_re_chunked_for_aiohttp_and_reaches_the_engine(
+        gate: Gate, vllm: DemoEngine) -> None:
+    _ready(gate, vllm)
+    data = json.dumps(chat_body(tokens=2)).encode()
+    with gate.client() as client:
+        resp = client.post("/v1/chat/completions", content=iter([data[:10], data[10:]]),
+                           headers={"Content-Type": "application/json"})
+    assert resp.request.headers.get("transfer-encoding") == "chunked"
+    assert resp.status_code == 200 and _content(resp.content), resp.text[:300]
+
+
+def test_bytes_that_are_not_http_get_400_and_the_connection_is_closed(gate: Gate) -> None:
+    gate.state.idle()
+    conn = _Conn(gate)
+    try:
+        conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")  # both framings: a smuggling attempt
+        status, headers, _ = conn.answer()
+        assert status == 400 and headers["connection"] == "close"
+        assert conn.sock.recv(1) == b"", "the connection is closed after the 400"
+    finally:
+        conn.close()
+
+
+def test_a_428_from_the_front_door_matches_aiohttps_and_counts(gate: Gate) -> None:
+    gate.state.idle()
+    conn = _Conn(gate)
+    try:
+        conn.send(_post("/v1/chat/completions", chat_body()), _post("/v1/chat/completions", chat_body()))
+        plain = [conn.answer(), conn.answer()]  # the second from the cached rendering
+        conn.send(_get("/healthz"), _post("/v1/chat/completions", chat_body()))
+        conn.answer("GET")
+        handed = conn.answer()  # now aiohttp's
+    finally:
+        conn.close()
+    for status, headers, body in [*plain, handed]:
+        assert status == 428 and json.loads(body)["error"]["code"] == "no_model_selected"
+        assert headers["content-type"] == "application/json; charset=utf-8"
+        assert headers["x-ailayer-state-stale"] == "false" and "date" in headers
+    assert plain[0][2] == plain[1][2] == handed[2], "the same answer on either path"
+    counted = metric(gate, 'ailayer_gate_requests_total{outcome="no_model_selected",route="/v1/chat/completions"}')
+    assert counted == 3
+
+
+def test_a_stalled_large_body_gets_408_from_aiohttps_path_too(procs: Processes, tmp_path: Any,
+                                                               vllm: DemoEngine) -> None:
+    gate = start_gate(procs, tmp_path, token=TOKEN, client_body_idle_s=1)
+    _ready(gate, vllm)
+    conn = _Conn(gate)
+    try:
+        conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n{\"model\": " % (FAST_BODY_MAX * 2))
+        status, _, body = conn.answer()
+    finally:
+        conn.close()
+    assert status == 408 and b"client_body_idle_s" in body
+    assert httpx.get(gate.url + "/healthz", timeout=CONDITION_DEADLINE_S).status_code == 200
