@@ -85,6 +85,7 @@ class Door:
     def __init__(self, proxy: Proxy, follower: StateFollower, metrics: GateMetrics, gate: GateConfig,
                  routes: dict[tuple[bytes, bytes], Route], aio: AioFactory, keepalive_s: float) -> None:
         self.proxy = proxy
+        self.pool = proxy.pool  # started with the app, before any connection
         self.follower = follower
         self.metrics = metrics
         self.routes = routes
@@ -99,7 +100,8 @@ class Door:
         self._date_at = 0
         self._date = ""
         self._idle: dict[tuple[str, bool], tuple[Snapshot, list[str], bytes]] = {}
-        self._ready: tuple[Snapshot, list[str], Target] | None = None
+        self._ready: tuple[Snapshot, list[str], Target, float] | None = None
+        self._loop = asyncio.get_running_loop()
         self._hosts_ok: dict[bytes, bool] = {}
 
     def host_ok(self, host: bytes) -> bool:
@@ -135,8 +137,8 @@ class Door:
         snap = follower.snapshot
         known = self.proxy.known
         ready = self._ready
-        if ready is not None and ready[0] is snap and ready[1] is known and not follower.stale():
-            return ready[2]  # judged already for this snapshot and catalog
+        if ready is not None and ready[0] is snap and ready[1] is known and self._loop.time() < ready[3]:
+            return ready[2]  # judged already for this snapshot and catalog, and still fresh
         if snap.phase == Phase.IDLE:
             cached = self._idle.get((family, close))
             if cached is not None and cached[0] is snap and cached[1] is known and not follower.stale():
@@ -145,7 +147,10 @@ class Door:
         if not isinstance(verdict, Refusal):
             verdict = self.proxy.trusted(verdict)
         if not isinstance(verdict, Refusal):
-            self._ready = (snap, known, verdict)
+            # Fresh until the heartbeat this snapshot carries turns stale (a new heartbeat is a
+            # new snapshot): one comparison per request instead of reading the clock's age.
+            left = clock.real_seconds(follower.stale_after_s - follower.heartbeat_age())
+            self._ready = (snap, known, verdict, self._loop.time() + left)
             return verdict
         rendered = errors.render(verdict, family, stale=follower.stale(), date=_DATE_MARK, close=close)
         if verdict.code == NO_MODEL:
@@ -499,7 +504,7 @@ class Flight:
     # ------------------------------------------------------------------ the engine's side
 
     def send(self, fresh: bool) -> None:
-        conn = None if fresh else self.front.door.proxy.pool.take(self.address)
+        conn = None if fresh else self.front.door.pool.take(self.address)
         if conn is None:
             self.connecting = self.front.loop.create_task(self._connect(self.address))
             return
@@ -507,7 +512,7 @@ class Flight:
 
     async def _connect(self, address: tuple[str, int]) -> None:
         try:
-            conn = await self.front.door.proxy.pool.connect(*address)
+            conn = await self.front.door.pool.connect(*address)
         except upstream.ConnectFailed as exc:
             self.connecting = None
             if not self.done:
@@ -550,9 +555,6 @@ class Flight:
             self._begin(conn)
         shape = self.shape
         if shape.whole:
-            if conn.chunks:
-                self.parts.extend(conn.chunks)
-                self._drained(conn)
             if conn.complete or conn.bodyless:
                 self._reply_whole()
             return
@@ -566,6 +568,18 @@ class Flight:
             if shape.chunked:
                 self.front.write(_CHUNKED_END)
             self._finish("proxied", "completed")
+
+    def take(self, body: bytes) -> bool:
+        """The engine's body as it is parsed: kept for a whole answer, relayed at once in a
+        stream unless the client is slow (then left on the connection, which pauses reading)."""
+        if self.shape.whole:
+            self.parts.append(body)
+            return True
+        conn = self.conn
+        if self.front.paused or (conn is not None and conn.chunks):
+            return False
+        self.front.write(b"%x\r\n%s\r\n" % (len(body), body) if self.shape.chunked else body)
+        return True
 
     @staticmethod
     def _drained(conn: upstream.Connection) -> None:
@@ -660,7 +674,7 @@ class Flight:
             self.conn = None
             conn.sink = None
             if conn.complete and conn.keep and conn.error is None and not conn.closed and not conn.chunks:
-                door.proxy.pool.release(self.address, conn)
+                door.pool.release(self.address, conn)
             else:
                 conn.abort()
         door.proxy.untrack(self)

@@ -75,6 +75,10 @@ class Sink(Protocol):
 
     def wake(self) -> None: ...
 
+    def take(self, body: bytes) -> bool:
+        """A piece of the body as it is parsed: True if taken (relayed or kept), False to
+        leave it buffered on the connection until the next ``wake``."""
+
     def engine_paced(self) -> bool:
         """True while the engine is not being read because the client is slow (no timeout)."""
 
@@ -90,6 +94,7 @@ class Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.quiet_since = 0.0  # the last data, or the start of the current wait if later
         self.timer: asyncio.TimerHandle | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
         self._reset()
 
     def _reset(self) -> None:
@@ -102,7 +107,7 @@ class Connection(asyncio.Protocol):
         self.complete = False
         self.keep = False
         self.answered = False  # any byte of the answer arrived
-        self.chunks: collections.deque[bytes] = collections.deque()
+        self.chunks.clear()
         self.buffered = 0
         self.paused = False
         self.error: UpstreamError | None = None
@@ -159,6 +164,9 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None and sink.take(body):
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
