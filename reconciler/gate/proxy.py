@@ -1,5 +1,10 @@
 """The reverse proxy to the active engine: unbuffered, uncapped, cancellable.
 
+Plain inference requests are proxied by the front door (reconciler/gate/fastpath.py) with
+this module's rules (``trusted``, ``check_model``, ``pin_keep_alive``, ``upstream_refusal``,
+the switch cancellation); the handlers here serve every other request on those routes
+(chunked or large bodies, HTTP/1.0, Expect, ...) through aiohttp.
+
 Settings that matter and why (issue 3, item 7; issue 14):
 * one connection pool (reconciler/gate/upstream.py, llhttp's parser: a third of aiohttp's
   client's CPU per request) with no connection cap and a keep-alive shorter than the engine's

@@ -6,7 +6,9 @@ this pool at 52 µs per request against 159 µs with aiohttp's client (docs/PERF
 the table). The response is parsed by httptools, the binding of llhttp (Node.js's parser, the
 one aiohttp's own C parser is built on); nothing here parses HTTP by hand. The request head is
 written here: the method and target come from aiohttp's parser, the headers are the client's
-minus hop-by-hop ones (checked for CR/LF anyway), the length is ours.
+minus hop-by-hop ones (checked for CR/LF anyway), the length is ours. The front door
+(reconciler/gate/fastpath.py) uses the same connections without a coroutine: it becomes the
+connection's ``Sink`` and is called back on each event.
 
 What it keeps from the aiohttp client it replaces:
 * **backpressure**: at most ``HIGH_WATER`` bytes of a response are buffered; past it the
