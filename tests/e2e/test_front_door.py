@@ -7,9 +7,12 @@ keep-alive connection, pipelined requests, and bytes no HTTP library would send.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
+import threading
+import time
 from typing import Any, BinaryIO
 
 import httpx
@@ -18,6 +21,7 @@ import pytest
 from reconciler.gate.fastpath import FAST_BODY_MAX
 from tests.e2e.test_gate import (
     CONDITION_DEADLINE_S,
+    OLLAMA_SERVED,
     TOKEN,
     VLLM_SERVED,
     DemoEngine,
@@ -205,3 +209,89 @@ def test_a_stalled_large_body_gets_408_from_aiohttps_path_too(procs: Processes, 
         conn.close()
     assert status == 408 and b"client_body_idle_s" in body
     assert httpx.get(gate.url + "/healthz", timeout=CONDITION_DEADLINE_S).status_code == 200
+
+
+def _engine_at(procs: Processes, tmp_path: Any) -> DemoEngine:
+    """The catalog's Ollama port, where the test itself decides what (if anything) listens."""
+    return DemoEngine(f"http://127.0.0.1:{procs.port_for('ollama')}", tmp_path / "none.log")
+
+
+def test_an_engine_that_refuses_the_connection_is_502_with_retry_after(gate: Gate, procs: Processes,
+                                                                       tmp_path: Any) -> None:
+    gate.state.ready(_engine_at(procs, tmp_path), "gemma2", OLLAMA_SERVED)
+    with gate.client() as client:
+        poll_until(lambda: client.get("/status").json()["phase"] == "READY", "READY")
+        resp = client.post("/v1/chat/completions", json=chat_body(model="gemma2"))
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "engine_unreachable", resp.text[:300]
+    assert int(resp.headers["retry-after"]) >= 1
+
+
+def test_an_engine_silent_past_the_read_timeout_is_504(procs: Processes, tmp_path: Any) -> None:
+    gate = start_gate(procs, tmp_path, token=TOKEN, read_timeout_s=1)
+    silent = socket.create_server(("127.0.0.1", procs.port_for("ollama")))  # accepts, never answers
+    try:
+        gate.state.ready(_engine_at(procs, tmp_path), "gemma2", OLLAMA_SERVED)
+        with gate.client() as client:
+            poll_until(lambda: client.get("/status").json()["phase"] == "READY", "READY")
+            resp = client.post("/v1/chat/completions", json=chat_body(model="gemma2"))
+        assert resp.status_code == 504 and resp.json()["error"]["code"] == "engine_timeout", resp.text[:300]
+        assert "1 s" in resp.json()["error"]["message"]
+    finally:
+        silent.close()
+
+
+# A stream far larger than every buffer on the way (two sockets' kernel buffers, the gate's
+# 64 KiB read-ahead): only backpressure keeps the engine from sending all of it to an idle client.
+FLOOD_BYTES = 128 << 20
+FLOOD_PIECE = 1 << 16
+BUFFERS_BOUND = 48 << 20
+
+
+class _Flood(threading.Thread):
+    """An engine that streams FLOOD_BYTES as fast as its socket takes them, counting."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.server = socket.create_server(("127.0.0.1", port))
+        self.sent = 0
+
+    def run(self) -> None:
+        conn, _ = self.server.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Content-Length: %d\r\n\r\n" % FLOOD_BYTES)
+            piece = b"x" * FLOOD_PIECE
+            with contextlib.suppress(OSError):
+                while self.sent < FLOOD_BYTES:
+                    conn.sendall(piece)
+                    self.sent += len(piece)
+
+
+def test_a_client_that_stops_reading_holds_the_engine_back_and_loses_nothing(
+        gate: Gate, procs: Processes, tmp_path: Any) -> None:
+    flood = _Flood(procs.port_for("ollama"))
+    flood.start()
+    try:
+        gate.state.ready(_engine_at(procs, tmp_path), "gemma2", OLLAMA_SERVED)
+        with gate.client() as client:
+            poll_until(lambda: client.get("/status").json()["phase"] == "READY", "READY")
+        conn = _Conn(gate)
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        conn.send(_post("/v1/chat/completions", chat_body(model="gemma2")))
+        last = [-1, time.monotonic()]
+
+        def stalled() -> bool:
+            if flood.sent != last[0]:
+                last[:] = [flood.sent, time.monotonic()]
+            return flood.sent > 0 and time.monotonic() - last[1] > 0.5
+
+        poll_until(stalled, "the engine to be held back by the idle client")
+        assert flood.sent < BUFFERS_BOUND, f"{flood.sent >> 20} MiB left the engine for a client reading nothing"
+        status, _, body = conn.answer()  # now read it all
+        conn.close()
+        assert status == 200 and len(body) == FLOOD_BYTES == flood.sent
+    finally:
+        flood.server.close()
