@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import enum
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -59,7 +60,15 @@ FAST_BODY_MAX = 1 << 16
 # What the client's headers mean to the plain path; any other header is sent on as it came.
 # Hop-by-hop ones and those we set are dropped; Transfer-Encoding, Expect, Upgrade or a
 # Connection option beyond keep-alive/close send the request to aiohttp.
-_LENGTH, _HOST, _CONNECTION, _DROP, _NOT_PLAIN = "length", "host", "connection", "drop", "not plain"
+class _Header(enum.Enum):
+    LENGTH = enum.auto()
+    HOST = enum.auto()
+    CONNECTION = enum.auto()
+    DROP = enum.auto()
+    NOT_PLAIN = enum.auto()
+
+
+_LENGTH, _HOST, _CONNECTION, _DROP, _NOT_PLAIN = _Header
 _REQUEST_HEADERS = {
     b"content-length": _LENGTH, b"host": _HOST, b"connection": _CONNECTION,
     **dict.fromkeys((b"keep-alive", b"te", b"trailer", b"proxy-connection", b"proxy-authorization",
@@ -69,14 +78,14 @@ _REQUEST_HEADERS = {
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 _DROP_STREAMED = frozenset(k.lower().encode() for k in NO_BUFFERING)
 _CHUNKED_END = b"0\r\n\r\n"
-
-
-def _plain_connection(value: bytes) -> bool:
-    return {t.strip().lower() for t in value.split(b",")} <= _PLAIN_CONNECTION
 _BODYLESS = frozenset({204, 304})
 
 Route = tuple[str, str, str | None]  # (metrics label, family, JSON field naming the model)
 AioFactory = Callable[[], asyncio.Protocol]
+
+
+def _plain_connection(value: bytes) -> bool:
+    return {t.strip().lower() for t in value.split(b",")} <= _PLAIN_CONNECTION
 
 
 class Door:
