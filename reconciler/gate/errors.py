@@ -38,6 +38,7 @@ _TYPES = {
     413: "invalid_request_error",
     422: "invalid_request_error",
     428: "invalid_request_error",
+    431: "invalid_request_error",
     502: "server_error",
     503: "service_unavailable",
     504: "timeout_error",

@@ -57,6 +57,10 @@ log = logging.getLogger("ailayer.gate")
 # Request bodies up to this size take the plain path (chat prompts are a few KiB); larger ones
 # go to aiohttp's path, which reads them in place under the shared body budget.
 FAST_BODY_MAX = 1 << 16
+# A request head (request line and headers) may not grow past this while it arrives: llhttp
+# and httptools buffer an unfinished head without a bound, and aiohttp (which refused lines
+# over 8,190 bytes) sees a head only once it is complete. 431, then the connection is closed.
+MAX_HEAD_BYTES = 1 << 16
 # What the client's headers mean to the plain path; any other header is sent on as it came.
 # Hop-by-hop ones and those we set are dropped; Transfer-Encoding, Expect, Upgrade or a
 # Connection option beyond keep-alive/close send the request to aiohttp.
@@ -210,6 +214,9 @@ class Front(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.served = False  # a request head arrived: the head deadline is met
+        self.in_head = True  # the bytes now arriving are a request head
+        self.head_bytes = 0  # of the head being received
+        self.chunk_body = 0  # body bytes parsed from the current read
         self.started = self.last = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.paused = False  # the client's socket is not taking our writes
@@ -228,6 +235,7 @@ class Front(asyncio.Protocol):
         if self.raw:
             self._to_aio(data)
             return
+        self.chunk_body = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -239,6 +247,12 @@ class Front(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._bad_request(exc)
         else:
+            if self.in_head:
+                # Overcounts by at most the end of the previous head, when one read carried it too.
+                self.head_bytes += len(data) - self.chunk_body
+                if self.head_bytes > MAX_HEAD_BYTES:
+                    self._head_too_large()
+                    return
             if self.req is not None and self.timer is not None and self.aio is None \
                     and self.timer.when() > self.last + self.door.body_idle_s:
                 self._arm(self.last + self.door.body_idle_s)  # a body that did not come whole
@@ -291,6 +305,8 @@ class Front(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.served = True
+        self.in_head = False
+        self.head_bytes = 0
         if self.aio is None:
             self.req = self._plain()
             if self.req is not None:
@@ -309,6 +325,7 @@ class Front(asyncio.Protocol):
         self._to_aio(b"".join(head))
 
     def on_body(self, body: bytes) -> None:
+        self.chunk_body += len(body)
         req = self.req
         if req is not None:
             req.body.append(body)
@@ -318,6 +335,7 @@ class Front(asyncio.Protocol):
             self._to_aio(body)
 
     def on_message_complete(self) -> None:
+        self.in_head = True
         req = self.req
         if req is None:
             if self.chunked:
@@ -401,8 +419,14 @@ class Front(asyncio.Protocol):
 
     def _bad_request(self, exc: Exception) -> None:
         """llhttp refused the bytes: 400 and close (aiohttp would answer the same)."""
-        if self.aio is None and self.flight is None and self.transport is not None:
-            refusal = Refusal(400, "bad_request", f"malformed HTTP request: {str(exc)[:100]}")
+        self._close_with(Refusal(400, "bad_request", f"malformed HTTP request: {str(exc)[:100]}"))
+
+    def _head_too_large(self) -> None:
+        self._close_with(Refusal(431, "head_too_large", f"request heads are limited to {MAX_HEAD_BYTES >> 10} KiB"))
+
+    def _close_with(self, refusal: Refusal) -> None:
+        """Answer and close; if answers are still owed on the connection, only close."""
+        if self.aio is None and self.flight is None and not self.queue and self.transport is not None:
             self.write(self.door.refusal(refusal, errors.OPENAI, close=True))
             self.transport.close()
         else:

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import httpx
 import pytest
 
-from reconciler.gate.fastpath import FAST_BODY_MAX
+from reconciler.gate.fastpath import FAST_BODY_MAX, MAX_HEAD_BYTES
 from tests.e2e.test_gate import (
     CONDITION_DEADLINE_S,
     OLLAMA_SERVED,
@@ -174,6 +174,23 @@ def test_bytes_that_are_not_http_get_400_and_the_connection_is_closed(gate: Gate
         assert conn.sock.recv(1) == b"", "the connection is closed after the 400"
     finally:
         conn.close()
+
+
+def test_a_head_that_never_ends_is_cut_at_the_limit_not_buffered(gate: Gate) -> None:
+    gate.state.idle()
+    conn = _Conn(gate)
+    try:
+        start = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
+        # One byte over, and nothing more: the gate reads every byte before it closes, so its
+        # close sends no reset that could discard the answer.
+        conn.send(start + b"y" * (MAX_HEAD_BYTES + 1 - len(start)))
+        status, headers, body = conn.answer()
+        assert status == 431 and json.loads(body)["error"]["code"] == "head_too_large"
+        assert headers["connection"] == "close"
+    finally:
+        conn.close()
+    with gate.client() as client:
+        assert client.post("/v1/chat/completions", json=chat_body(), headers={"X-Big": "y" * 4000}).status_code == 428
 
 
 def test_a_428_from_the_front_door_matches_aiohttps_and_counts(gate: Gate) -> None:
