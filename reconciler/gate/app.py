@@ -179,6 +179,7 @@ async def serve(
     )
     await runner.setup()
     server: asyncio.Server | None = None
+    door: Door | None = None
     try:
         # Our own listener rather than a TCPSite: every connection starts at the front door,
         # which answers the plain inference requests itself and hands the rest to aiohttp.
@@ -195,6 +196,8 @@ async def serve(
     finally:
         if server is not None:
             server.close()
+        if door is not None:
+            await door.close(clock.real_seconds(SHUTDOWN_GRACE_S))
         await runner.cleanup()
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import email.utils
 import enum
 import logging
@@ -116,6 +117,29 @@ class Door:
         self._ready: tuple[Snapshot, list[str], Target, float] | None = None
         self._loop = asyncio.get_running_loop()
         self._hosts_ok: dict[bytes, bool] = {}
+        self.fronts: set[Front] = set()  # open connections not handed to aiohttp
+        self.flights = 0  # plain requests being answered
+        self.closing = False
+        self._quiet: asyncio.Event | None = None
+
+    async def close(self, grace_s: float) -> None:
+        """Stop: idle connections close now, each busy one after its answer; what is still
+        running after ``grace_s`` is cut (aiohttp's connections are closed by its own cleanup)."""
+        self.closing = True
+        for front in list(self.fronts):
+            front.close_if_idle()
+        if self.flights:
+            self._quiet = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace_s):
+                    await self._quiet.wait()
+        for front in list(self.fronts):
+            front.abort()
+
+    def flight_ended(self) -> None:
+        self.flights -= 1
+        if not self.flights and self._quiet is not None:
+            self._quiet.set()
 
     def host_ok(self, host: bytes) -> bool:
         """``HostPolicy.allowed`` for a raw Host value, remembered per value."""
@@ -227,6 +251,7 @@ class Front(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
+        self.door.fronts.add(self)
         self.started = self.last = self.loop.time()
         self.timer = self.loop.call_at(self.started + self.door.head_s, self._tick)
 
@@ -243,7 +268,7 @@ class Front(asyncio.Protocol):
             self._to_aio(data[exc.args[0]:])
         except httptools.HttpParserCallbackError:
             log.exception("gate: a request broke the front door; connection closed")
-            self._abort()
+            self.abort()
         except httptools.HttpParserError as exc:
             self._bad_request(exc)
         else:
@@ -266,6 +291,7 @@ class Front(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.door.fronts.discard(self)
         if self.timer is not None:
             self.timer.cancel()
         if self.flight is not None:
@@ -313,6 +339,7 @@ class Front(asyncio.Protocol):
                 return
             self.aio = self.door.aio()
             self.aio.connection_made(self.transport)  # type: ignore[arg-type]  # aiohttp's own timers from here
+            self.door.fronts.discard(self)  # aiohttp's now, stopped by its cleanup
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
@@ -399,7 +426,7 @@ class Front(asyncio.Protocol):
         """The flight's answer is written whole."""
         self.flight = None
         self.last = self.loop.time()  # keep-alive idleness counts from the answer's end
-        if close or self.closed:
+        if close or self.closed or self.door.closing:
             self.queue.clear()
             if self.transport is not None:
                 self.transport.close()
@@ -430,9 +457,13 @@ class Front(asyncio.Protocol):
             self.write(self.door.refusal(refusal, errors.OPENAI, close=True))
             self.transport.close()
         else:
-            self._abort()
+            self.abort()
 
-    def _abort(self) -> None:
+    def close_if_idle(self) -> None:
+        if self.flight is None and not self.queue and self.req is None and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
 
@@ -487,6 +518,7 @@ class Flight:
         self.req = req
         self.target = target
         self.address = front.door.proxy.address(target)
+        front.door.flights += 1
         self.body = body
         self.refusal: Refusal | None = None  # set by the proxy when a switch ends this request
         self.conn: upstream.Connection | None = None
@@ -680,7 +712,7 @@ class Flight:
             return
         # A fixed-length body or an unknown format cannot carry an error: cut the connection
         # so the client sees a truncated response, never a plausible one.
-        front._abort()
+        front.abort()
         self._finish(refusal.code, refusal.code, quiet=True)
 
     def _drop_conn(self) -> None:
@@ -701,6 +733,7 @@ class Flight:
         """Count the answer, give the engine connection back (or close it), next request."""
         self.done = True
         door = self.front.door
+        door.flight_ended()
         self._give_budget()
         conn = self.conn
         if conn is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import signal
 import socket
 import threading
 import time
@@ -32,6 +33,7 @@ from tests.e2e.test_gate import (
     metric,
     poll_until,
     procs,
+    sse_events,
     start_gate,
     vllm,
 )
@@ -312,3 +314,37 @@ def test_a_client_that_stops_reading_holds_the_engine_back_and_loses_nothing(
         assert status == 200 and len(body) == FLOOD_BYTES == flood.sent
     finally:
         flood.server.close()
+
+
+# The gate's SHUTDOWN_GRACE_S, twice (plain requests, then aiohttp's), plus a loaded box's margin.
+STOP_DEADLINE_S = 8.0
+
+
+def test_a_stopping_gate_finishes_a_running_stream_and_takes_no_new_connections(
+        gate: Gate, vllm: DemoEngine, procs: Processes) -> None:
+    _ready(gate, vllm)
+    proc = next(p for p in procs.started if "reconciler.gate" in p.args)  # type: ignore[operator]
+    tokens = 20  # 0.6 s of stream: within the grace
+    with gate.client() as client, client.stream(
+            "POST", "/v1/chat/completions", json=chat_body(stream=True, tokens=tokens)) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        poll_until(lambda: _refused(gate), "the gate to stop taking connections")
+        rest = [(0.0, first), *((0.0, line) for line in lines)]
+    content = [e for _, e in sse_events(rest) if e.get("choices") and e["choices"][0]["delta"].get("content")]
+    assert len(content) == tokens, "the running stream was finished, not cut"
+    assert any(line == "data: [DONE]" for _, line in rest), "the stream ended as the engine ended it"
+    proc.wait(timeout=STOP_DEADLINE_S)
+    assert time.monotonic() - started < STOP_DEADLINE_S
+
+
+def _refused(gate: Gate) -> bool:
+    host, port = gate.url.removeprefix("http://").rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return True
+    return False
