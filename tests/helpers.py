@@ -304,6 +304,25 @@ class GatedStack(Stack):
                                          env={**os.environ, **self.env}, cwd=self.root)
         wait_until("gate listening", lambda: http_status(self.gate_url + "/healthz") is not None)
 
+    def wait_phase(self, phase: str, model: str | None = None, timeout: float = DEADLINE_S,
+                   ) -> dict[str, Any]:
+        """The phase in the state file, and, with the gate running, in the gate too: it follows
+        the file a few milliseconds behind the write, and a request right after it could meet
+        the state before."""
+        doc = super().wait_phase(phase, model, timeout)
+        if self.gate is not None and self.gate.poll() is None:
+            wait_until(f"the gate to read revision {doc['revision']}",
+                       lambda: self.gate_revision() >= doc["revision"], timeout)
+        return doc
+
+    def gate_revision(self) -> int:
+        """The revision of the state the gate has read (-1 when it does not answer)."""
+        try:
+            with urllib.request.urlopen(self.gate_url + "/status", timeout=PROBE_TIMEOUT_S) as response:
+                return int(json.loads(response.read()).get("revision") or 0)
+        except (OSError, ValueError):
+            return -1
+
     def stop_gate(self) -> None:
         if self.gate is not None and self.gate.poll() is None:
             self.gate.send_signal(signal.SIGTERM)

@@ -188,10 +188,14 @@ def test_toggle_loads_then_serves_real_completions_through_the_gate(stack: Gated
 
     def watch_gate() -> None:
         while not done.is_set():
-            phase = stack.status().get("phase")
-            gate = http_status(gate_url, body)
-            if stack.status().get("phase") == phase:  # the state did not move during the request
-                seen.append((phase, gate[0] if gate else None, gate[1].get("Retry-After") if gate else None))
+            state = stack.status()
+            # Only a state the gate has read (it follows the file milliseconds behind) and that
+            # did not move during the request says what the gate should have answered.
+            if stack.gate_revision() == state.get("revision"):
+                gate = http_status(gate_url, body)
+                if stack.status().get("revision") == state.get("revision"):
+                    seen.append((state.get("phase"), gate[0] if gate else None,
+                                 gate[1].get("Retry-After") if gate else None))
             done.wait(SAMPLE_GAP_S)
 
     def watch_health() -> None:

@@ -323,8 +323,10 @@ def watch_boot(stack: VllmStack, port: int,
         shown = (doc.get("boot") or {}).get("progress")
         if shown and (not progress or progress[-1] != shown):
             progress.append(shown)
+        if stack.gate_revision() != doc.get("revision"):
+            continue  # the gate follows the file milliseconds behind: it has not read this state yet
         gate = http_status(stack.gate_url + "/v1/chat/completions", body)
-        if stack.status().get("phase") != phase:
+        if stack.status().get("revision") != doc.get("revision"):
             continue  # the state moved during the request: the answer belongs to neither phase
         # The plain-bind probe runs only once vLLM holds the port, so it can never take it first.
         bound = pid is not None and bound_not_listening(port, pid)
