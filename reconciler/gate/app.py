@@ -125,7 +125,7 @@ def build_app(catalog: Catalog) -> web.Application:
     metrics = GateMetrics()
     proxy = Proxy(catalog, follower, metrics)
     app[PARTS] = Parts(proxy, follower, metrics)
-    status_api = StatusApi(follower, metrics, lambda: proxy.inflight)
+    status_api = StatusApi(follower, metrics, lambda: proxy.inflight, lambda: proxy.budget.free)
     toggle = Toggle(catalog, metrics, follower.stale, lambda: follower.revision)
 
     for method, path, family, field in INFERENCE_ROUTES:

@@ -245,6 +245,7 @@ class Front(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.paused = False  # the client's socket is not taking our writes
         self.held = False  # we stopped reading the client's socket (pipelined requests)
+        self.last_request = False  # a request said Connection: close; what follows is not read
         self.closed = False
 
     # ------------------------------------------------------------------ asyncio.Protocol
@@ -257,6 +258,8 @@ class Front(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last = self.loop.time()
+        if self.last_request:
+            return
         if self.raw:
             self._to_aio(data)
             return
@@ -270,7 +273,8 @@ class Front(asyncio.Protocol):
             log.exception("gate: a request broke the front door; connection closed")
             self.abort()
         except httptools.HttpParserError as exc:
-            self._bad_request(exc)
+            if not self.last_request:  # llhttp refuses bytes after a close; they are ignored
+                self._bad_request(exc)
         else:
             if self.in_head:
                 # Overcounts by at most the end of the previous head, when one read carried it too.
@@ -296,9 +300,7 @@ class Front(asyncio.Protocol):
             self.timer.cancel()
         if self.flight is not None:
             self.flight.client_gone()
-        for req in self.queue:
-            self.door.proxy.budget.give(req.size)
-        self.queue.clear()
+        self.drop_queue()
         if self.req is not None:
             self.door.proxy.budget.give(self.req.size)
             self.req = None
@@ -367,9 +369,10 @@ class Front(asyncio.Protocol):
         if req is None:
             if self.chunked:
                 self._to_aio(_CHUNKED_END)
+            self.last_request = not self.parser.should_keep_alive() and not self.parser.should_upgrade()
             return
         self.req = None
-        req.close = not self.parser.should_keep_alive()
+        req.close = self.last_request = not self.parser.should_keep_alive()
         self.queue.append(req)
         if self.flight is None:
             self._next()
@@ -427,11 +430,17 @@ class Front(asyncio.Protocol):
         self.flight = None
         self.last = self.loop.time()  # keep-alive idleness counts from the answer's end
         if close or self.closed or self.door.closing:
-            self.queue.clear()
+            self.drop_queue()
             if self.transport is not None:
                 self.transport.close()
             return
         self._next()
+
+    def drop_queue(self) -> None:
+        """Forget the requests not yet answered (the connection closes), and their budget."""
+        for req in self.queue:
+            self.door.proxy.budget.give(req.size)
+        self.queue.clear()
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -563,7 +572,7 @@ class Flight:
     @staticmethod
     def _after_answer(front: Front, close: bool) -> None:
         if close and front.transport is not None:
-            front.queue.clear()
+            front.drop_queue()
             front.transport.close()
 
     # ------------------------------------------------------------------ the engine's side

@@ -81,11 +81,13 @@ class StatusApi:
     """Handlers that only read the followed state."""
 
     def __init__(
-        self, follower: StateFollower, metrics: GateMetrics, inflight: Callable[[], int]
+        self, follower: StateFollower, metrics: GateMetrics, inflight: Callable[[], int],
+        budget_free: Callable[[], int],
     ) -> None:
         self._follower = follower
         self._metrics = metrics
         self._inflight = inflight
+        self._budget_free = budget_free
 
     def _bad(self, message: str) -> web.Response:
         refusal = Refusal(400, "bad_query", message)
@@ -160,5 +162,7 @@ class StatusApi:
             "phase": follower.snapshot.phase,
             "revision": follower.revision,
             "inflight": self._inflight(),
+            # Request-body bytes this worker could still hold (clients.BODY_BUDGET_BYTES when idle).
+            "body_budget_free_bytes": self._budget_free(),
         }
         return web.json_response(body, headers=state_headers(follower))

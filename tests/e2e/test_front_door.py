@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 import httpx
 import pytest
 
+from reconciler.gate.clients import BODY_BUDGET_BYTES
 from reconciler.gate.fastpath import FAST_BODY_MAX, MAX_HEAD_BYTES
 from tests.e2e.test_gate import (
     CONDITION_DEADLINE_S,
@@ -137,6 +138,31 @@ def test_pipelined_requests_are_answered_in_order_across_the_hand_off(gate: Gate
     assert third[0] == 200 and json.loads(third[2])["ok"] is True, third[2][:200]
     assert fourth[0] == 200 and _content(fourth[2])
     assert vllm.stats()["requests_started"] == before + 2, "the 409 never reached the engine"
+
+
+def test_a_request_pipelined_behind_a_close_is_not_read_and_the_first_is_answered(
+        gate: Gate, vllm: DemoEngine) -> None:
+    _ready(gate, vllm)
+    conn = _Conn(gate)
+    try:
+        conn.send(_post("/v1/chat/completions", chat_body(tokens=1), extra=b"Connection: close\r\n"),
+                  _post("/v1/chat/completions", chat_body(tokens=1)))
+        status, headers, _ = conn.answer()
+        assert status == 200 and headers["connection"] == "close"
+        assert conn.sock.recv(1) == b"", "closed after the answer; the pipelined one is not served"
+    finally:
+        conn.close()
+    with gate.client() as client:
+        poll_until(lambda: client.get("/healthz").json()["body_budget_free_bytes"] == BODY_BUDGET_BYTES,
+                   "no body budget held for the request that was not served")
+    conn = _Conn(gate)  # the same on aiohttp's side of the front door
+    try:
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", _get("/healthz"))
+        status, headers, body = conn.answer("GET")
+        assert status == 200 and json.loads(body)["ok"] is True
+        assert conn.sock.recv(1) == b""
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("size", [FAST_BODY_MAX - 1024, FAST_BODY_MAX + 1024], ids=["plain", "large"])
