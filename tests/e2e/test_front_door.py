@@ -97,6 +97,12 @@ def _ready(gate: Gate, vllm: DemoEngine) -> None:
         poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
 
 
+def _idle(gate: Gate) -> None:
+    gate.state.idle()
+    with gate.client() as client:
+        poll_until(lambda: client.get("/status").json()["phase"] == "IDLE", "the gate to read IDLE")
+
+
 def _content(body: bytes) -> str:
     text: str = json.loads(body)["choices"][0]["message"]["content"]
     return text
@@ -192,7 +198,7 @@ def test_a_chunked_request_body_is_re_chunked_for_aiohttp_and_reaches_the_engine
 
 
 def test_bytes_that_are_not_http_get_400_and_the_connection_is_closed(gate: Gate) -> None:
-    gate.state.idle()
+    _idle(gate)
     conn = _Conn(gate)
     try:
         conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
@@ -205,7 +211,7 @@ def test_bytes_that_are_not_http_get_400_and_the_connection_is_closed(gate: Gate
 
 
 def test_a_head_that_never_ends_is_cut_at_the_limit_not_buffered(gate: Gate) -> None:
-    gate.state.idle()
+    _idle(gate)
     conn = _Conn(gate)
     try:
         start = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
@@ -222,7 +228,7 @@ def test_a_head_that_never_ends_is_cut_at_the_limit_not_buffered(gate: Gate) -> 
 
 
 def test_a_428_from_the_front_door_matches_aiohttps_and_counts(gate: Gate) -> None:
-    gate.state.idle()
+    _idle(gate)
     conn = _Conn(gate)
     try:
         conn.send(_post("/v1/chat/completions", chat_body()), _post("/v1/chat/completions", chat_body()))
