@@ -548,18 +548,12 @@ class Flight:
         verdict = door.admitted(req.family, req.close)
         body = b"".join(req.body) if len(req.body) != 1 else req.body[0]
         if not isinstance(verdict, Target):
-            proxy.budget.give(req.size)
-            door.metrics.request(req.route, verdict[0])
-            front.write(verdict[1])
-            cls._after_answer(front, req.close)
+            cls._answer(front, req, *verdict)
             return None
         if req.field is not None and body:
             checked = proxy.check_model(body, verdict, req.family, req.field)
             if isinstance(checked, Refusal):
-                proxy.budget.give(req.size)
-                door.metrics.request(req.route, checked.code)
-                front.write(door.refusal(checked, req.family, req.close))
-                cls._after_answer(front, req.close)
+                cls._answer(front, req, checked.code, door.refusal(checked, req.family, req.close))
                 return None
             body = bytes(checked)
         if body and proxy.pins_keep_alive(req.route, verdict):
@@ -570,8 +564,12 @@ class Flight:
         return None if flight.done else flight
 
     @staticmethod
-    def _after_answer(front: Front, close: bool) -> None:
-        if close and front.transport is not None:
+    def _answer(front: Front, req: Request, code: str, answer: bytes) -> None:
+        """The gate's own answer instead of the engine's (the request never left)."""
+        front.door.proxy.budget.give(req.size)
+        front.door.metrics.request(req.route, code)
+        front.write(answer)
+        if req.close and front.transport is not None:
             front.drop_queue()
             front.transport.close()
 
