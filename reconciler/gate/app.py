@@ -3,7 +3,8 @@
 Every connection starts at the front door (reconciler/gate/fastpath.py), which answers plain
 inference requests itself and hands the rest to aiohttp's server (every route, the dashboard,
 SSE); to the engine, the llhttp pool of reconciler/gate/upstream.py; uvloop; ``gate.workers``
-such processes on one port (reconciler/gate/workers.py). Chosen by measurement: docs/PERFORMANCE.md, issue 14.
+such processes on one port (reconciler/gate/workers.py). Chosen by measurement:
+docs/PERFORMANCE.md, issue 14.
 Server settings that must be explicit: ``handler_cancellation=True`` (a client that
 leaves cancels its handler, which closes the engine request), a large backlog, and a
 keep-alive above a fronting proxy's so the proxy, not us, closes idle connections.

@@ -1,8 +1,8 @@
 """What one client may cost the gate: silence inside a body, and a share of the memory that
 buffered bodies take (the head deadline is the front door's, reconciler/gate/fastpath.py).
 
-aiohttp's server reads a body whole without a memory bound across requests: eight concurrent 60 MiB bodies
-took the gate from 238 to 945 MiB. Bodies are read because the gate checks the ``model``
+aiohttp's server reads a body whole without a memory bound across requests: eight
+concurrent 60 MiB bodies took the gate from 238 to 945 MiB. Bodies are read because the gate checks the ``model``
 field; streaming them through unread would lose the 409.
 """
 
@@ -127,8 +127,7 @@ async def read_body(request: web.Request, idle_s: float) -> Body | Refusal:
             async with asyncio.timeout(clock.real_seconds(idle_s)):
                 chunk = await request.content.readany()
         except TimeoutError:
-            return Refusal(408, "body_timeout", f"the request body stalled for {idle_s:g} s "
-                           "(gate.client_body_idle_s)")
+            return body_stalled(idle_s)
         if not chunk:
             view.release()
             return body
@@ -142,6 +141,10 @@ async def read_body(request: web.Request, idle_s: float) -> Body | Refusal:
             body[total:] = chunk
             view = memoryview(body)
         total = end
+
+
+def body_stalled(idle_s: float) -> Refusal:
+    return Refusal(408, "body_timeout", f"the request body stalled for {idle_s:g} s (gate.client_body_idle_s)")
 
 
 def _too_large() -> Refusal:

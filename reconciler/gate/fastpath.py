@@ -44,8 +44,9 @@ import httptools
 
 from reconciler.gate import errors, upstream
 from reconciler.gate.admission import admit
+from reconciler.gate.clients import body_stalled
 from reconciler.gate.errors import NO_BUFFERING, Refusal
-from reconciler.gate.hosts import MEMO_MAX, HostPolicy
+from reconciler.gate.hosts import HostPolicy
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.proxy import DROP_RESPONSE, SEND_ATTEMPTS, STREAM_TYPES, WHOLE_BODY_MAX, Proxy, pin_keep_alive
 from reconciler.gate.statefollow import Snapshot, StateFollower, Target
@@ -107,7 +108,7 @@ class Door:
         self.hosts = HostPolicy(gate)
         self.head_s = clock.real_seconds(gate.client_header_timeout_s)
         self.body_idle_s = clock.real_seconds(gate.client_body_idle_s)
-        self.body_idle_text = f"{gate.client_body_idle_s:g}"
+        self.body_idle_clock_s = gate.client_body_idle_s  # as configured, for the 408's text
         read = gate.read_timeout_s
         self.read_s = None if read is None else clock.real_seconds(read)
         self.keepalive_s = keepalive_s
@@ -116,7 +117,6 @@ class Door:
         self._idle: dict[tuple[str, bool], tuple[Snapshot, list[str], bytes]] = {}
         self._ready: tuple[Snapshot, list[str], Target, float] | None = None
         self._loop = asyncio.get_running_loop()
-        self._hosts_ok: dict[bytes, bool] = {}
         self.fronts: set[Front] = set()  # open connections not handed to aiohttp
         self.flights = 0  # plain requests being answered
         self.closing = False
@@ -140,15 +140,6 @@ class Door:
         self.flights -= 1
         if not self.flights and self._quiet is not None:
             self._quiet.set()
-
-    def host_ok(self, host: bytes) -> bool:
-        """``HostPolicy.allowed`` for a raw Host value, remembered per value."""
-        known = self._hosts_ok.get(host)
-        if known is None:
-            known = self.hosts.allowed(host.decode("latin-1"))
-            if len(self._hosts_ok) < MEMO_MAX:
-                self._hosts_ok[host] = known
-        return known
 
     def protocol(self) -> Front:
         return Front(self)
@@ -406,7 +397,7 @@ class Front(asyncio.Protocol):
                 host = value
             elif what is _NOT_PLAIN or (what is _CONNECTION and not _plain_connection(value)):
                 return None
-        if host is None or size > FAST_BODY_MAX or not self.door.host_ok(host):
+        if host is None or size > FAST_BODY_MAX or not self.door.hosts.allowed(host):
             return None
         if not self.door.proxy.budget.take(size):
             return None  # aiohttp's path waits for room, then answers 503
@@ -496,8 +487,7 @@ class Front(asyncio.Protocol):
         if self.req is not None:
             due = self.last + door.body_idle_s
             if now >= due:
-                refusal = Refusal(408, "body_timeout", f"the request body stalled for {door.body_idle_text} s "
-                                  "(gate.client_body_idle_s)")
+                refusal = body_stalled(door.body_idle_clock_s)
                 door.metrics.request(self.req.route, refusal.code)
                 self.write(door.refusal(refusal, self.req.family, close=True))
                 self.transport.close()
@@ -633,8 +623,7 @@ class Flight:
         if self.front.paused:
             return  # the engine waits on the client (its socket stops being read past HIGH_WATER)
         if conn.chunks:
-            data = conn.chunks.popleft() if len(conn.chunks) == 1 else b"".join(conn.chunks)
-            self._drained(conn)
+            data = conn.drain()
             self.front.write(b"%x\r\n%s\r\n" % (len(data), data) if shape.chunked else data)
         if conn.complete or conn.bodyless:
             if shape.chunked:
@@ -652,14 +641,6 @@ class Flight:
             return False
         self.front.write(b"%x\r\n%s\r\n" % (len(body), body) if self.shape.chunked else body)
         return True
-
-    @staticmethod
-    def _drained(conn: upstream.Connection) -> None:
-        conn.chunks.clear()
-        conn.buffered = 0
-        if conn.paused and conn.transport is not None:
-            conn.paused = False
-            conn.transport.resume_reading()
 
     def _begin(self, conn: upstream.Connection) -> None:
         """The engine's head: free the body budget, choose how the body is relayed."""
@@ -746,10 +727,7 @@ class Flight:
         if conn is not None:
             self.conn = None
             conn.sink = None
-            if conn.complete and conn.keep and conn.error is None and not conn.closed and not conn.chunks:
-                door.pool.release(self.address, conn)
-            else:
-                conn.abort()
+            door.pool.give_back(self.address, conn)
         door.proxy.untrack(self)
         door.metrics.request(self.req.route, outcome)
         if self.replied and self.shape.streaming:

@@ -31,17 +31,18 @@ def name_of(host: str) -> str:
 
 
 class HostPolicy:
-    """``allowed(host)`` for a Host header value, memoised."""
+    """``allowed(host)`` for a Host header value (aiohttp's str or the front door's raw bytes),
+    memoised."""
 
     def __init__(self, gate: GateConfig) -> None:
         self._allowed = LOOPBACK_NAMES | {gate.host.lower(), f"[{gate.host.lower()}]"} | set(gate.allowed_hosts)
-        self._memo: dict[str, bool] = {}
+        self._memo: dict[str | bytes, bool] = {}
 
-    def allowed(self, host: str) -> bool:
+    def allowed(self, host: str | bytes) -> bool:
         known = self._memo.get(host)
         if known is not None:
             return known
-        name = name_of(host)
+        name = name_of(host.decode("latin-1") if isinstance(host, bytes) else host)
         answer = "*" in self._allowed or name in self._allowed or _loopback_ip(name)
         if len(self._memo) < MEMO_MAX:
             self._memo[host] = answer

@@ -189,6 +189,16 @@ class Connection(asyncio.Protocol):
         names = {k.lower() for k, _ in self.headers}
         return b"content-length" not in names and b"transfer-encoding" not in names
 
+    def drain(self) -> bytes:
+        """All the body buffered so far, as one piece; reading resumes if it had paused."""
+        chunk = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return chunk
+
     def _fail(self, error: UpstreamError) -> None:
         self.error = error
         self.abort()
@@ -289,13 +299,7 @@ class Response:
         conn = self._conn
         while True:
             if conn.chunks:
-                chunk = conn.chunks.popleft() if len(conn.chunks) == 1 else b"".join(conn.chunks)
-                conn.chunks.clear()
-                conn.buffered = 0
-                if conn.paused and conn.transport is not None:
-                    conn.paused = False
-                    conn.transport.resume_reading()
-                yield chunk
+                yield conn.drain()
                 continue
             if conn.complete or conn.bodyless:
                 return
@@ -311,12 +315,7 @@ class Response:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        conn = self._conn
-        if (conn.complete or conn.bodyless) and conn.keep and conn.error is None and not conn.closed \
-                and not conn.chunks:
-            self._pool.release(self._key, conn)
-        else:
-            conn.abort()
+        self._pool.give_back(self._key, self._conn)
 
 
 class Pool:
@@ -333,9 +332,9 @@ class Pool:
                       fresh: bool = False) -> Response:
         """Send one request and wait for the answer's head. ``fresh``: not on a pooled connection."""
         key = (host, port)
-        conn = None if fresh else self._pooled(key)
+        conn = None if fresh else self.take(key)
         if conn is None:
-            conn = await self._connect(host, port)
+            conn = await self.connect(host, port)
         try:
             assert conn.transport is not None
             head = _head(method, host, port, target, headers, body)
@@ -356,9 +355,6 @@ class Pool:
 
     def take(self, key: tuple[str, int]) -> Connection | None:
         """An idle pooled connection to ``key`` that is still fresh, if any."""
-        return self._pooled(key)
-
-    def _pooled(self, key: tuple[str, int]) -> Connection | None:
         idle = self._idle.get(key)
         oldest = time.monotonic() - self._keepalive_s
         while idle:
@@ -371,9 +367,6 @@ class Pool:
 
     async def connect(self, host: str, port: int) -> Connection:
         """A new connection (ConnectFailed if nothing accepts it within the connect timeout)."""
-        return await self._connect(host, port)
-
-    async def _connect(self, host: str, port: int) -> Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_s):
@@ -384,7 +377,16 @@ class Pool:
             raise ConnectFailed(f"cannot connect to {host}:{port}: {exc}") from exc
         return conn
 
-    def release(self, key: tuple[str, int], conn: Connection) -> None:
+    def give_back(self, key: tuple[str, int], conn: Connection) -> None:
+        """A connection done with: pooled again after a complete keep-alive answer whose body
+        was all read, closed otherwise (the engine sees a request given up end)."""
+        if (conn.complete or conn.bodyless) and conn.keep and conn.error is None and not conn.closed \
+                and not conn.chunks:
+            self._release(key, conn)
+        else:
+            conn.abort()
+
+    def _release(self, key: tuple[str, int], conn: Connection) -> None:
         conn.idle_since = time.monotonic()
         idle = self._idle.setdefault(key, [])
         oldest = conn.idle_since - self._keepalive_s
