@@ -12,10 +12,24 @@ from pathlib import Path
 import pytest
 
 from reconciler.act import cgroups
+from reconciler.gate import compiled
 from tests.helpers import SESSION_CGROUP_ENV, TEST_RUN_ENV, kill_all, ours_since
 
 os.environ.setdefault(TEST_RUN_ENV, uuid.uuid4().hex)
 SESSION_PREFIX = "ailayer-tests-"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Test the request path that runs: never a compiled build of an older source (it shadows
+    the .py), and in CI the compiled one (what the figures in docs/PERFORMANCE.md measure)."""
+    late = compiled.stale()
+    if late:
+        raise pytest.UsageError(f"compiled modules older than their source: {', '.join(late)}; "
+                                "run .venv/bin/pip install -e . again")
+    missing = set(compiled.MODULES) - set(compiled.compiled())
+    if os.environ.get("CI") == "true" and missing:
+        raise pytest.UsageError(f"CI tests the compiled request path, but these run interpreted: "
+                                f"{', '.join(sorted(missing))} (no C compiler at install?)")
 
 
 def _enter_session_cgroup() -> Path | None:

@@ -25,7 +25,7 @@ import uvloop
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from reconciler.gate import errors
+from reconciler.gate import compiled, errors
 from reconciler.gate.clients import MAX_REQUEST_BYTES
 from reconciler.gate.dashboard import Dashboard
 from reconciler.gate.errors import OLLAMA, OPENAI, Refusal
@@ -237,6 +237,7 @@ def run(
     """
 
     raise_fd_limit()
+    log.info("gate: %s", compiled.describe())
 
     async def main() -> None:
         done = asyncio.Event()

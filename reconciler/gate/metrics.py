@@ -12,9 +12,8 @@ summed: every worker follows the same state file, so each one's own value is the
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -61,12 +60,30 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
         return None
 
 
+class _BeforeScrape:
+    """Publishes counts kept outside prometheus-client (the front door's) before a scrape reads
+    the registry; registered first, so it runs before the counters are collected."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Callable[[], None]] = []
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for hook in self.hooks:
+            hook()
+        return iter(())
+
+
 class GateMetrics:
     """What the issue asks for: phase, switches, boots, restarts, requests, streams."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._before_scrape = _BeforeScrape()
+        r.register(self._before_scrape)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self.phase = Enum("ailayer_phase", "The reconciler's phase as the gate last read it",
@@ -84,6 +101,10 @@ class GateMetrics:
                                "Engine boot time, spawn to READY, as seen by the gate",
                                buckets=BOOT_BUCKETS, registry=r)
         shared = os.environ.get(MULTIPROC_ENV)
+        # One process: counts may wait in the front door until a scrape (``before_scrape``),
+        # which this process answers itself. Several workers: any worker answers the scrape
+        # from the shared files, so every count is written at once.
+        self.batched = not shared
         # Several workers: the traffic metrics go to the shared files only, and are exposed summed.
         t = None if shared else r
         if shared:
@@ -103,16 +124,24 @@ class GateMetrics:
         self.waiters = Gauge("ailayer_gate_watchers",
                              "Long-poll and /events clients waiting for a change", registry=t,
                              multiprocess_mode="livesum")
-        self._children: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[str, str], Counter] = {}
         self._boot_started: str | None = None
 
     def request(self, route: str, outcome: str) -> None:
-        """Count one answer; the labelled child is cached because this is on the hot path."""
+        """Count one answer."""
+        self.counter(route, outcome).inc()
+
+    def before_scrape(self, hook: Callable[[], None]) -> None:
+        self._before_scrape.hooks.append(hook)
+
+    def counter(self, route: str, outcome: str) -> Counter:
+        """The requests counter of one (route, outcome), made once: this is on the hot path
+        (the front door keeps these children itself)."""
         key = (route, outcome)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = self.requests.labels(route, outcome)
-        child.inc()
+        return child
 
     def watch(self, follower: StateFollower) -> None:
         self.stale.set_function(lambda: 1.0 if follower.stale() else 0.0)

@@ -14,7 +14,7 @@ Settings that matter and why (issue 3, item 7; issue 14):
 * no decompression and no body parsing, except reading the ``model`` field of a JSON
   request to refuse a mismatch (409) or map a catalog name to the served name, and
   pinning ``keep_alive`` on Ollama's model-loading routes (``pin_keep_alive``);
-* streams are copied chunk by chunk as they arrive (``Response.chunks``), with
+* streams are copied chunk by chunk as they arrive (``Response.chunk``), with
   ``X-Accel-Buffering: no`` so a fronting nginx does not buffer them either;
 * a request whose engine stops being the active one (a switch began) is cancelled and
   ends with an error the client's library understands, so nothing hangs on a dying engine.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import urllib.parse
@@ -37,6 +36,7 @@ from multidict import CIMultiDict
 
 from reconciler.gate import clients, errors, upstream
 from reconciler.gate.admission import SELECT_HINT, admit
+from reconciler.gate.bodies import names_served, pin_keep_alive
 from reconciler.gate.clients import Body
 from reconciler.gate.errors import OLLAMA, Refusal
 from reconciler.gate.metrics import GateMetrics
@@ -72,9 +72,6 @@ DROP_RESPONSE = HOP_BY_HOP | {"content-length", "date", "server"}
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
 # Ollama's routes whose request loads the model and sets how long it stays (keep_alive).
 KEEP_ALIVE_ROUTES = frozenset({"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"})
-# Forever: only the reconciler unloads a model, by stopping its engine.
-PINNED_KEEP_ALIVE = -1
-_KEEP_ALIVE = "keep_alive"
 
 
 class Tracked(Protocol):
@@ -116,60 +113,6 @@ def _headers(pairs: Iterable[tuple[str, str]], drop: frozenset[str]) -> list[tup
     return out
 
 
-def _names_served(body: Body, served: str, field: str) -> bool:
-    """Without parsing: does the body's only ``field`` key name the served model?
-
-    Sound because a JSON string cannot contain ``"model"`` unescaped: if that byte
-    sequence occurs once, it is the one key, and it is followed by the served name (or the
-    key is nested and the top level names no model, which passes through anyway). Any
-    other spelling (spaces, escapes, a second occurrence) falls back to a real parse.
-    """
-    key, tight, spaced = _spellings(served, field)
-    if body.count(key) != 1:
-        return False
-    return tight in body or spaced in body
-
-
-@functools.lru_cache(maxsize=64)
-def _spellings(served: str, field: str) -> tuple[bytes, bytes, bytes]:
-    """``"model"``, ``"model":"name"`` and ``"model": "name"``, encoded once per name."""
-    key = f'"{field}"'.encode()
-    name = json.dumps(served).encode()
-    return key, key + b":" + name, key + b": " + name
-
-
-def pin_keep_alive(body: Body) -> Body:
-    """``body`` with ``keep_alive`` set to -1, whatever the client asked.
-
-    A client's keep_alive overrides the engine's OLLAMA_KEEP_ALIVE, so without this a
-    ``keep_alive: 0`` would unload the model behind the reconciler's back, which would then
-    report READY for an engine with nothing loaded. Replaced rather than removed: an adopted
-    ``ollama serve`` may run with another OLLAMA_KEEP_ALIVE than the one the kind sets.
-
-    Ollama decodes with Go's encoding/json, which matches keys case-insensitively (Unicode
-    folding included) and after unescaping, so ``"KEEP_ALIVE"`` or ``"keep\u005falive"``
-    would count too. A plain-ASCII body without escapes whose lowered bytes never spell the
-    key has no such key: it gets one inserted without parsing. Anything else is parsed,
-    every spelling of the key dropped and the pinned one set. Not a JSON object: unchanged
-    (the engine answers its own 400).
-    """
-    if body.isascii() and b"\\u" not in body and _KEEP_ALIVE.encode() not in body.lower():
-        head = body.lstrip()
-        if not head.startswith(b"{"):
-            return body
-        rest = head[1:].lstrip()
-        pinned = f'{{"{_KEEP_ALIVE}":{PINNED_KEEP_ALIVE}'.encode()
-        return pinned + (b"" if rest.startswith(b"}") else b",") + rest
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return body
-    if not isinstance(doc, dict):
-        return body
-    kept = {k: v for k, v in doc.items() if k.casefold() != _KEEP_ALIVE}
-    return json.dumps({**kept, _KEEP_ALIVE: PINNED_KEEP_ALIVE}, separators=(",", ":")).encode()
-
-
 def _switch_refusal(old: Target, new: Snapshot) -> Refusal:
     data = new.data or {}
     now = new.target.model if new.target else data.get("desired_model")
@@ -193,7 +136,7 @@ class Proxy:
         self.use(catalog)
         self._pool: upstream.Pool | None = None
         self._addresses: dict[str, tuple[str, int]] = {}  # engine base URL -> (host, port)
-        self._inflight: set[Tracked] = set()
+        self.flights: set[Tracked] = set()  # the front door adds and removes its own directly
         self.budget = clients.BodyBudget()
         follower.add_listener(self._on_state)
 
@@ -201,7 +144,7 @@ class Proxy:
         """Serve this catalog's engines from now on (the file changed). Timeouts stay those the
         upstream session was made with."""
         self._catalog = catalog
-        self._known = catalog.names()
+        self.known = catalog.names()  # a new list when the catalog changes (caches compare identity)
         self._by_served = {e.served_name: name for name, e in catalog.engines.items()}
         self._ollama = frozenset(name for name, e in catalog.engines.items() if e.kind == "ollama")
 
@@ -222,26 +165,19 @@ class Proxy:
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        return len(self.flights)
 
     @property
     def pool(self) -> upstream.Pool:
         assert self._pool is not None, "start() first"
         return self._pool
 
-    @property
-    def known(self) -> list[str]:
-        return self._known
-
-    def track(self, flight: Tracked) -> None:
-        self._inflight.add(flight)
-
-    def untrack(self, flight: Tracked) -> None:
-        self._inflight.discard(flight)
-
     def pins_keep_alive(self, route: str, target: Target) -> bool:
         """Whether this request's body gets ``keep_alive`` pinned (see ``pin_keep_alive``)."""
-        return route in KEEP_ALIVE_ROUTES and target.model in self._ollama
+        return route in KEEP_ALIVE_ROUTES and self.ollama(target)
+
+    def ollama(self, target: Target) -> bool:
+        return target.model in self._ollama
 
     def address(self, target: Target) -> tuple[str, int]:
         """(host, port) of an engine URL, parsed once per URL."""
@@ -257,7 +193,7 @@ class Proxy:
         """A new valid state that no longer routes to a request's engine ends that request."""
         if new.data is None:
             return  # the file vanished: we know nothing new about the engine, keep going
-        for flight in list(self._inflight):
+        for flight in list(self.flights):
             if flight.target != new.target and flight.refusal is None:
                 flight.refusal = _switch_refusal(flight.target, new)
                 flight.cancel()
@@ -273,7 +209,7 @@ class Proxy:
                 return errors.respond(Refusal(400, "bad_path", "a path with '.' or '..' segments is not "
                                               "forwarded: the engine could read it as another route"),
                                       family, stale=self._follower.stale())
-            verdict = admit(self._follower, self._known)
+            verdict = admit(self._follower, self.known)
             if not isinstance(verdict, Refusal):
                 verdict = self.trusted(verdict)
             if isinstance(verdict, Refusal):
@@ -282,11 +218,11 @@ class Proxy:
             task = asyncio.current_task()
             assert task is not None
             flight = InFlight(verdict, task)
-            self._inflight.add(flight)
+            self.flights.add(flight)
             try:
                 return await self._proxy(request, route, family, model_field, flight)
             finally:
-                self._inflight.discard(flight)
+                self.flights.discard(flight)
 
         return handle
 
@@ -303,7 +239,7 @@ class Proxy:
 
     def check_model(self, body: Body, target: Target, family: str, field: str) -> Body | Refusal:
         """Refuse another model by name (409); map the catalog name to the served name."""
-        if _names_served(body, target.served_name, field):
+        if names_served(body, target.served_name, field):
             return body
         try:
             doc = json.loads(body)
@@ -332,9 +268,9 @@ class Proxy:
             message += (f"run `ailayer toggle {catalog_name}` or POST /toggle "
                         f'{{"model": "{catalog_name}"}} to switch')
         else:
-            message += f"{name!r} is not in the catalog either (known: {', '.join(self._known)})"
+            message += f"{name!r} is not in the catalog either (known: {', '.join(self.known)})"
         detail = {"requested_model": name, "active_model": target.model,
-                  "served_name": target.served_name, "known_models": self._known,
+                  "served_name": target.served_name, "known_models": self.known,
                   "how_to_select": SELECT_HINT}
         return Refusal(409, "model_not_active", message, None, detail,
                        {"X-AILayer-Active-Model": target.model})
@@ -450,7 +386,7 @@ class Proxy:
         if streaming:
             metrics.streams_active.inc()
         try:
-            async for chunk in up.chunks():
+            while (chunk := await up.chunk()) is not None:
                 await resp.write(chunk)
             await resp.write_eof()
         finally:
@@ -464,7 +400,7 @@ class Proxy:
     @staticmethod
     def upstream_refusal(exc: BaseException, target: Target) -> Refusal:
         detail = {"engine_url": target.url, "model": target.model, "error": repr(exc)}
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, TimeoutError | upstream.ReadTimeout):
             return Refusal(504, "engine_timeout",
                            f"engine for {target.model!r} at {target.url} went silent: {exc!r}",
                            None, detail)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import httptools
@@ -63,8 +63,9 @@ class Disconnected(UpstreamError):
         self.answered = answered  # False: closed before any byte of an answer (safe to resend)
 
 
-class ReadTimeout(UpstreamError, TimeoutError):
-    """The engine was silent for longer than the read timeout."""
+class ReadTimeout(UpstreamError):
+    """The engine was silent for longer than the read timeout (not a TimeoutError: a compiled
+    class derives from one built-in exception at most)."""
 
 
 class BadResponse(UpstreamError):
@@ -94,6 +95,8 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.loop = asyncio.get_running_loop()
+        self.now: Callable[[], float] = self.loop.time  # bound once: called on every read
+        self.send: Callable[[bytes], object] | None = None  # the transport's write, bound once
         self.quiet_since = 0.0  # the last data, or the start of the current wait if later
         self.timer: asyncio.TimerHandle | None = None
         self.chunks: collections.deque[bytes] = collections.deque()
@@ -120,11 +123,13 @@ class Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
+        stream: asyncio.Transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport subclass
+        self.transport = stream
+        self.send = stream.write
 
     def data_received(self, data: bytes) -> None:
         self.answered = True
-        self.quiet_since = self.loop.time()
+        self.quiet_since = self.now()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -238,7 +243,7 @@ class Connection(asyncio.Protocol):
         """Tell ``sink`` of every event from now on; fail the response after ``timeout_s`` of
         the engine's silence (not counting while the sink holds the engine back)."""
         self.sink = sink
-        self.quiet_since = self.loop.time()
+        self.quiet_since = self.now()
         if timeout_s is not None and self.timer is None:
             self.timer = self.loop.call_at(self.quiet_since + timeout_s, self._check_quiet, timeout_s)
 
@@ -294,21 +299,23 @@ class Response:
         raw = self.header("Content-Length")
         return int(raw) if raw.isdigit() else None  # llhttp refused any other form
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body, in pieces as they arrive (all that is buffered at once)."""
+    async def chunk(self) -> bytes | None:
+        """The next piece of the body (all that is buffered at once); None at its end. A method,
+        not an async generator: the compiled module has none (mypyc does not implement them)."""
         conn = self._conn
         while True:
             if conn.chunks:
-                yield conn.drain()
-                continue
+                return conn.drain()
             if conn.complete or conn.bodyless:
-                return
+                return None
             if conn.error is not None:
                 raise conn.error
             await conn.wait(self._read_s)
 
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.chunks()]
+        parts = []
+        while (piece := await self.chunk()) is not None:
+            parts.append(piece)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def __aenter__(self) -> Response:

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from reconciler.engines.demo.common import free_port
-from reconciler.gate.proxy import pin_keep_alive
+from reconciler.gate.bodies import pin_keep_alive
 from reconciler.kit import clock
 from reconciler.kit.atomicfile import write_atomic
 from reconciler.spec import status

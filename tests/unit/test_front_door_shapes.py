@@ -4,20 +4,11 @@ pinned from a fixture table: which headers the client gets, the framing, whole o
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import cast
-
 import pytest
 
-from reconciler.gate import upstream
 from reconciler.gate.fastpath import _new_shape, routes_of
 
 Headers = list[tuple[bytes, bytes]]
-
-
-def _conn(status: int, headers: Headers, reason: bytes = b"OK", bodyless: bool = False) -> upstream.Connection:
-    return cast(upstream.Connection, SimpleNamespace(status=status, reason=reason, headers=headers,
-                                                     bodyless=bodyless))
 
 
 JSON = [(b"Content-Type", b"application/json"), (b"Content-Length", b"2")]
@@ -58,13 +49,13 @@ CASES: list[tuple[str, int, Headers, bool, tuple[bool, bool, bool], bytes]] = [
 def test_the_answer_is_relayed_as_pinned(why: str, status: int, headers: Headers, bodyless: bool,
                                          flags: tuple[bool, bool, bool], head: bytes) -> None:
     reason = b"Nope" if status == 400 else b"OK"
-    shape = _new_shape(_conn(status, headers, reason, bodyless))
+    shape = _new_shape(status, reason, bodyless, tuple(headers))
     assert (shape.whole, shape.chunked, shape.streaming) == flags, why
     assert shape.head == head, why
 
 
 def test_an_empty_reason_gets_the_standard_phrase() -> None:
-    assert _new_shape(_conn(404, JSON, reason=b"")).head.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert _new_shape(404, b"", False, tuple(JSON)).head.startswith(b"HTTP/1.1 404 Not Found\r\n")
 
 
 def test_only_routes_of_fixed_path_take_the_plain_path() -> None:
