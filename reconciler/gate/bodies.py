@@ -29,7 +29,9 @@ def names_served(body: Body, served: str, field: str) -> bool:
     key, tight, spaced = _spellings(served, field)
     if body.count(key) != 1:
         return False
-    return tight in body or spaced in body
+    # find, not `in`: bytes.__contains__ first tries its argument as an int and formats (then
+    # clears) a TypeError each time, a measurable part of a small request (3.11).
+    return body.find(tight) >= 0 or body.find(spaced) >= 0
 
 
 def _spellings(served: str, field: str) -> tuple[bytes, bytes, bytes]:
@@ -59,7 +61,7 @@ def pin_keep_alive(body: Body) -> Body:
     every spelling of the key dropped and the pinned one set. Not a JSON object: unchanged
     (the engine answers its own 400).
     """
-    if body.isascii() and b"\\u" not in body and _KEEP_ALIVE.encode() not in body.lower():
+    if body.isascii() and body.find(b"\\u") < 0 and body.lower().find(_KEEP_ALIVE.encode()) < 0:
         head = body.lstrip()
         if not head.startswith(b"{"):
             return body

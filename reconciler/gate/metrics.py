@@ -101,10 +101,6 @@ class GateMetrics:
                                "Engine boot time, spawn to READY, as seen by the gate",
                                buckets=BOOT_BUCKETS, registry=r)
         shared = os.environ.get(MULTIPROC_ENV)
-        # One process: counts may wait in the front door until a scrape (``before_scrape``),
-        # which this process answers itself. Several workers: any worker answers the scrape
-        # from the shared files, so every count is written at once.
-        self.batched = not shared
         # Several workers: the traffic metrics go to the shared files only, and are exposed summed.
         t = None if shared else r
         if shared:
@@ -132,11 +128,11 @@ class GateMetrics:
         self.counter(route, outcome).inc()
 
     def before_scrape(self, hook: Callable[[], None]) -> None:
+        """``hook`` runs before this process answers a scrape."""
         self._before_scrape.hooks.append(hook)
 
     def counter(self, route: str, outcome: str) -> Counter:
-        """The requests counter of one (route, outcome), made once: this is on the hot path
-        (the front door keeps these children itself)."""
+        """The requests counter of one (route, outcome), made once: this is on the hot path."""
         key = (route, outcome)
         child = self._children.get(key)
         if child is None:

@@ -34,7 +34,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from reconciler.gate import clients, errors, upstream
+from reconciler.gate import budget, clients, errors, upstream
 from reconciler.gate.admission import SELECT_HINT, admit
 from reconciler.gate.bodies import names_served, pin_keep_alive
 from reconciler.gate.clients import Body
@@ -137,7 +137,7 @@ class Proxy:
         self._pool: upstream.Pool | None = None
         self._addresses: dict[str, tuple[str, int]] = {}  # engine base URL -> (host, port)
         self.flights: set[Tracked] = set()  # the front door adds and removes its own directly
-        self.budget = clients.BodyBudget()
+        self.budget = budget.BodyBudget()
         follower.add_listener(self._on_state)
 
     def use(self, catalog: Catalog) -> None:
@@ -337,7 +337,7 @@ class Proxy:
                 self.budget.give(size)
         async with self.budget.hold(size) as room:
             if not room:
-                return clients.too_busy()
+                return budget.too_busy()
             return await self._checked_send(request, route, family, model_field, target)
 
     async def _checked_send(

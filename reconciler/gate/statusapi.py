@@ -162,7 +162,7 @@ class StatusApi:
             "phase": follower.snapshot.phase,
             "revision": follower.revision,
             "inflight": self._inflight(),
-            # Request-body bytes this worker could still hold (clients.BODY_BUDGET_BYTES when idle).
+            # Request-body bytes this worker could still hold (budget.BODY_BUDGET_BYTES when idle).
             "body_budget_free_bytes": self._budget_free(),
         }
         return web.json_response(body, headers=state_headers(follower))

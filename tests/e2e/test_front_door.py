@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import httpx
 import pytest
 
-from reconciler.gate.clients import BODY_BUDGET_BYTES
+from reconciler.gate.budget import BODY_BUDGET_BYTES
 from reconciler.gate.fastpath import FAST_BODY_MAX, MAX_HEAD_BYTES
 from tests.e2e.test_gate import (
     CONDITION_DEADLINE_S,

@@ -63,6 +63,10 @@ def _answering_pids(url: str, want: int) -> set[int]:
     return seen
 
 
+def _metrics(gate: Gate) -> str:
+    return httpx.get(gate.url + "/metrics", timeout=CONDITION_DEADLINE_S).text
+
+
 def _requests_total(text: str, route: str) -> float:
     return sum(float(v) for v in re.findall(
         rf'^ailayer_gate_requests_total\{{outcome="[^"]+",route="{re.escape(route)}"\}} (\S+)$', text, re.M))
@@ -88,6 +92,9 @@ def test_metrics_are_summed_across_workers(procs: Processes, gate2: Gate) -> Non
     sent = 40
     for _ in range(sent):
         assert httpx.get(gate2.url + "/v1/models", timeout=CONDITION_DEADLINE_S).status_code == 428
+    # A worker publishes its counts before it reads again, microseconds after its answer: the
+    # other worker's scrape may just precede that.
+    poll_until(lambda: _requests_total(_metrics(gate2), "/v1/models") == sent, f"{sent} requests counted")
     for _ in range(6):  # whichever worker answers /metrics, it counts every worker's requests
         text = httpx.get(gate2.url + "/metrics", timeout=CONDITION_DEADLINE_S).text
         assert _requests_total(text, "/v1/models") == sent
@@ -101,6 +108,7 @@ def test_a_killed_worker_is_replaced_and_its_counts_kept(procs: Processes, gate2
     _answering_pids(gate2.url, WORKERS)
     for _ in range(10):
         httpx.get(gate2.url + "/v1/models", timeout=CONDITION_DEADLINE_S)
+    poll_until(lambda: _requests_total(_metrics(gate2), "/v1/models") == 10, "10 requests counted")
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
     after = _all_workers(sup, without=victim)

@@ -7,12 +7,13 @@ import threading
 
 import pytest
 
+from reconciler.gate import budget as body_budget
 from reconciler.gate import clients
 
 
 def test_bodies_over_the_budget_wait_for_room_and_then_proceed() -> None:
     async def scenario() -> list[str]:
-        budget, order = clients.BodyBudget(limit=100), []
+        budget, order = body_budget.BodyBudget(limit=100), []
 
         async def upload(name: str, size: int, hold_s: float) -> None:
             async with budget.hold(size) as room:
@@ -31,10 +32,10 @@ def test_bodies_over_the_budget_wait_for_room_and_then_proceed() -> None:
 
 
 def test_a_body_that_finds_no_room_in_time_is_told_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(clients, "BODY_BUDGET_WAIT_S", 0.05)
+    monkeypatch.setattr(body_budget, "BODY_BUDGET_WAIT_S", 0.05)
 
     async def scenario() -> bool:
-        budget = clients.BodyBudget(limit=100)
+        budget = body_budget.BodyBudget(limit=100)
         async with budget.hold(100), budget.hold(1) as room:
             return room
 
@@ -43,7 +44,7 @@ def test_a_body_that_finds_no_room_in_time_is_told_so(monkeypatch: pytest.Monkey
 
 def test_a_body_larger_than_the_budget_reserves_all_of_it_rather_than_waiting_forever() -> None:
     async def scenario() -> bool:
-        async with clients.BodyBudget(limit=100).hold(10_000) as room:
+        async with body_budget.BodyBudget(limit=100).hold(10_000) as room:
             return room
 
     assert asyncio.run(scenario()) is True
