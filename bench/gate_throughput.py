@@ -24,7 +24,9 @@ Measured: wrk at 1 connection (p50/p99 latency) and 64 (req/s) for small request
 path (the gate with nothing selected) against nginx's static ``return 428``; streams at two
 levels (tokens/s at the client side = tokens the upstream wrote during the run, and CPU per
 token); with ``--workers 2``, the gate's throughput with 2 workers on both cores against one
-worker on one core. ``--candidate NAME=ARGV`` adds a proxy to compare (argv with ``{port}``,
+worker on one core (on a machine with cores to spare, ``--proxy-cpu 0 --workers-cpu 0,1
+--load-cpu 2-7`` keeps wrk and the upstreams off the gate's cores). ``--candidate NAME=ARGV``
+adds a proxy to compare (argv with ``{port}``,
 ``{upstream}``, ``{catalog}`` (a gate catalog listening on that port) and ``{python}``),
 measured like the gate on small requests.
 """
@@ -448,20 +450,24 @@ def phase_streams(b: Bench, rounds: int) -> dict[str, Any]:
     return out
 
 
-def phase_workers(b: Bench, rounds: int, workers: int) -> dict[str, Any]:
-    """One worker on one core vs ``workers`` on all cores; wrk and the upstream float in both."""
+def phase_workers(b: Bench, rounds: int, workers: int, workers_cpu: str | None) -> dict[str, Any]:
+    """One worker on one core vs ``workers`` on ``workers_cpu``. Without ``workers_cpu`` (a
+    2-core box) the N workers and wrk float over all cores; with it (a machine with cores to
+    spare) wrk stays on the load cores, so the gate's cores are its own."""
     b.ready("small")
     for name in list(b.gates):
         b.stop_gate(name)
     raw: dict[str, dict[str, list[float]]] = {"1 worker": {}, f"{workers} workers": {}}
-    setups: dict[str, tuple[int, str | None]] = {"1 worker": (1, b.proxy_cpu), f"{workers} workers": (workers, None)}
+    setups: dict[str, tuple[int, str | None]] = {"1 worker": (1, b.proxy_cpu),
+                                                 f"{workers} workers": (workers, workers_cpu)}
+    load_cpu = None if workers_cpu is None else b.load_cpu
     for r in range(rounds):
         for name in rotate(list(setups), r):
             count, cpu = setups[name]
             b.start_gate("scale", count, cpu)
             b.ready("small")
             got = b.measure(f"http://127.0.0.1:{b.gates['scale']}/v1/chat/completions", SMALL_CONNECTIONS,
-                            "small", b.pids["scale"], threads=workers, load_cpu=None)
+                            "small", b.pids["scale"], threads=workers, load_cpu=load_cpu)
             b.stop_gate("scale")
             for k in ("rps", "cpu_us_per_req", "proxy_core_use"):
                 raw[name].setdefault(k, []).append(got[k])
@@ -545,6 +551,9 @@ def main() -> int:
     parser.add_argument("--proxy-cpu", default="0")
     parser.add_argument("--load-cpu", default="1", help="upstreams and wrk")
     parser.add_argument("--workers", type=int, default=2, help="gate workers for the scaling run (0: skip it)")
+    parser.add_argument("--workers-cpu", default=None,
+                        help="cores of the scaling run's N workers, e.g. 0,1 with --load-cpu 2-7 on a machine "
+                             "with cores to spare (default: all cores, shared with wrk)")
     parser.add_argument("--only", nargs="*", default=None, help="subset: small 428 streams workers")
     parser.add_argument("--candidate", action="append", default=[], metavar="NAME=ARGV",
                         help="another proxy for the small-request table; ARGV with {port} and {upstream}")
@@ -586,7 +595,7 @@ def main() -> int:
                 res["streams"] = phase_streams(b, ns.rounds)
             if "workers" in only and ns.workers > 1:
                 print("workers:", flush=True)
-                res["workers"] = phase_workers(b, ns.rounds, ns.workers)
+                res["workers"] = phase_workers(b, ns.rounds, ns.workers, ns.workers_cpu)
         finally:
             b._stop.set()
             b.procs.stop()

@@ -269,7 +269,12 @@ class Front(asyncio.Protocol):
         self.door = door
         self.loop = asyncio.get_running_loop()
         self.now = door.now
-        self.parser = httptools.HttpRequestParser(self)
+        parser = self.parser = httptools.HttpRequestParser(self)
+        # The parser's methods each request calls, bound once (as the transport's write).
+        self.feed: Callable[[bytes], None] = parser.feed_data
+        self.method: Callable[[], bytes] = parser.get_method
+        self.version: Callable[[], str] = parser.get_http_version
+        self.keep_alive: Callable[[], bool] = parser.should_keep_alive
         self.transport: asyncio.Transport | None = None
         self.send: Callable[[bytes], object] | None = None  # the transport's write, bound once
         self.aio: asyncio.Protocol | None = None  # aiohttp's, once a request was not plain
@@ -311,7 +316,7 @@ class Front(asyncio.Protocol):
             return
         self.chunk_body = 0
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserUpgrade as exc:
             self.raw = True
             self._to_aio(data[exc.args[0]:])
@@ -418,7 +423,7 @@ class Front(asyncio.Protocol):
             self.last_request = not self.parser.should_keep_alive() and not self.parser.should_upgrade()
             return
         self.req = None
-        req.close = self.last_request = not self.parser.should_keep_alive()
+        req.close = self.last_request = not self.keep_alive()
         self.queue.append(req)
         if self.flight is None:
             self._next()
@@ -430,10 +435,9 @@ class Front(asyncio.Protocol):
 
     def _plain(self) -> Request | None:
         """The request if it takes the plain path (its body budget reserved), else None."""
-        parser = self.parser
-        if parser.get_http_version() != "1.1":
+        if self.version() != "1.1":
             return None
-        method, url = parser.get_method(), self.url
+        method, url = self.method(), self.url
         query = url.find(b"?")
         path = url if query < 0 else url[:query]
         route = self.door.routes.get((method, path))

@@ -91,7 +91,11 @@ class Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        parser = self.parser = httptools.HttpResponseParser(self)
+        # The parser's methods each response calls, bound once (as the transport's write).
+        self.feed: Callable[[bytes], None] = parser.feed_data
+        self.status_code: Callable[[], int] = parser.get_status_code
+        self.keep_alive: Callable[[], bool] = parser.should_keep_alive
         self.closed = False
         self.idle_since = 0.0
         self.loop = asyncio.get_running_loop()
@@ -131,7 +135,7 @@ class Connection(asyncio.Protocol):
         self.answered = True
         self.quiet_since = self.now()
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserUpgrade:
             self._fail(BadResponse("the engine switched protocols; not proxied"))
         except httptools.HttpParserError as exc:
@@ -162,7 +166,7 @@ class Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        status = self.status_code()
         if 100 <= status < 200:  # an interim answer: the final one follows
             self.headers, self.reason = [], b""
             return
@@ -185,7 +189,7 @@ class Connection(asyncio.Protocol):
         if not self.head:
             return  # the end of a 1xx
         self.complete = True
-        self.keep = self.parser.should_keep_alive()
+        self.keep = self.keep_alive()
         self._wake()
 
     # ------------------------------------------------------------------ helpers
