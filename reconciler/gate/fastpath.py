@@ -5,7 +5,8 @@ request cost ~110 µs of CPU against nginx's ~11, and ~60 µs of that was aiohtt
 machinery (a task, a request object, a response object per request). The hot routes are
 served here instead, without a coroutine per request: httptools (llhttp, Node's parser)
 parses the client's request, the upstream pool's connection (reconciler/gate/upstream.py)
-parses the engine's answer, and callbacks move the bytes between them.
+parses the engine's answer, and callbacks move the bytes between them. This module is compiled
+with mypyc at install (reconciler/gate/compiled.py).
 
 A request takes this path only when it is plain: HTTP/1.1, an inference route of fixed
 path (``INFERENCE_ROUTES``), a Host we serve, a Content-Length body of at most
@@ -137,7 +138,7 @@ class Door:
         self._pending: dict[tuple[str, str], int] = {}
         self._publish: asyncio.TimerHandle | None = None
         metrics.before_scrape(self.flush_counts)
-        self._engine: tuple[Target, tuple[str, int], bytes, bool] | None = None
+        self._engine: Engine | None = None
         self.fronts: set[Front] = set()  # open connections not handed to aiohttp
         self.flights = 0  # plain requests being answered
         self.closing = False
@@ -174,6 +175,7 @@ class Door:
         self._pending[key] = self._pending.get(key, 0) + 1
 
     def flush_counts(self) -> None:
+        """Add the counts kept since the last call to the prometheus counter."""
         if self._publish is not None:
             self._publish.cancel()
             self._publish = None
@@ -182,14 +184,13 @@ class Door:
             self.metrics.counter(route, outcome).inc(n)
         pending.clear()
 
-    def engine(self, target: Target) -> tuple[Target, tuple[str, int], bytes, bool]:
-        """(target, the engine's (host, port), our Host header line for it, whether it is an
-        Ollama whose keep_alive is pinned), made once per target."""
+    def engine(self, target: Target) -> Engine:
+        """What sending to ``target`` needs, made once per target."""
         known = self._engine
-        if known is None or known[0] is not target:
+        if known is None or known.target is not target:
             host, port = self.proxy.address(target)
             line = b"Host: %s:%d\r\n" % (host.encode(), port)
-            known = self._engine = (target, (host, port), line, self.proxy.ollama(target))
+            known = self._engine = Engine(target, (host, port), line, self.proxy.ollama(target))
         return known
 
     def date(self) -> str:
@@ -235,6 +236,15 @@ class Door:
 
     def _dated(self, rendered: bytes) -> bytes:
         return rendered.replace(_DATE_MARK_BYTES, self.date().encode(), 1)
+
+
+class Engine(NamedTuple):
+    """The active engine as the plain path sends to it."""
+
+    target: Target
+    address: tuple[str, int]
+    host_line: bytes  # our Host header, CRLF included
+    ollama: bool  # its keep_alive is pinned on KEEP_ALIVE_ROUTES
 
 
 NO_MODEL = "no_model_selected"
@@ -575,7 +585,8 @@ class Flight:
         self.front = front
         self.req = req
         self.target = target
-        _, self.address, self.host_line, _ = front.door.engine(target)
+        engine = front.door.engine(target)
+        self.address, self.host_line = engine.address, engine.host_line
         front.door.flights += 1
         self.body = body
         self.refusal: Refusal | None = None  # set by the proxy when a switch ends this request
@@ -606,7 +617,7 @@ class Flight:
                 cls._answer(front, req, checked.code, door.refusal(checked, req.family, req.close))
                 return None
             body = bytes(checked)
-        if body and req.route in KEEP_ALIVE_ROUTES and door.engine(verdict)[3]:
+        if body and req.route in KEEP_ALIVE_ROUTES and door.engine(verdict).ollama:
             body = bytes(pin_keep_alive(body))
         flight = cls(front, req, verdict, body)
         door.tracked.add(flight)
