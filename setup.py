@@ -45,11 +45,11 @@ def extensions() -> list[object]:
     # package's dependencies (their types are Any there, as they are in the C code anyway),
     # so the project's strict mypy settings (tests run them) are not the build's, and a fresh
     # cache keeps a developer's .mypy_cache from making one build differ from another.
-    scratch = Path(tempfile.mkdtemp(prefix="ailayer-mypyc-"))
-    config = scratch / "mypy.ini"
-    config.write_text("[mypy]\nignore_missing_imports = True\n", encoding="utf-8")
-    flags = ["--config-file", str(config), "--cache-dir", str(scratch / "cache")]
-    exts = mypycify([*flags, *sources], opt_level="3")
+    with tempfile.TemporaryDirectory(prefix="ailayer-mypyc-") as scratch:
+        config = Path(scratch) / "mypy.ini"
+        config.write_text("[mypy]\nignore_missing_imports = True\n", encoding="utf-8")
+        flags = ["--config-file", str(config), "--cache-dir", str(Path(scratch) / "cache")]
+        exts = mypycify([*flags, *sources], opt_level="3")  # the C sources are written by now
     for ext in exts:
         ext.optional = True  # no C compiler: warn and stay interpreted
     return exts
