@@ -66,6 +66,8 @@ class Hold:
 
     async def __aenter__(self) -> bool:
         budget, size = self.budget, self.size
+        # Room at once (nobody queued): no lock, no timer. Nothing awaits between the check and
+        # the take, so it is atomic on the event loop.
         if not budget.take(size):
             budget.waiting += 1
             try:
@@ -76,8 +78,6 @@ class Hold:
                 return False
             finally:
                 budget.waiting -= 1
-        # Room at once (nobody queued): no lock, no timer. Nothing awaits between the check and
-        # the take, so it is atomic on the event loop.
         self.held = True
         return True
 

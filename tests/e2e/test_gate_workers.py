@@ -92,8 +92,8 @@ def test_metrics_are_summed_across_workers(procs: Processes, gate2: Gate) -> Non
     sent = 40
     for _ in range(sent):
         assert httpx.get(gate2.url + "/v1/models", timeout=CONDITION_DEADLINE_S).status_code == 428
-    # A worker publishes its counts before it reads again, microseconds after its answer: the
-    # other worker's scrape may just precede that.
+    # A worker publishes its front door's counts before it answers a scrape itself, and for the
+    # other worker's scrapes within fastpath.COUNTS_PUBLISH_S of its answer.
     poll_until(lambda: _requests_total(_metrics(gate2), "/v1/models") == sent, f"{sent} requests counted")
     for _ in range(6):  # whichever worker answers /metrics, it counts every worker's requests
         text = httpx.get(gate2.url + "/metrics", timeout=CONDITION_DEADLINE_S).text
