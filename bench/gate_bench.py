@@ -52,8 +52,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from reconciler.domain import status  # noqa: E402
 from reconciler.kit import clock  # noqa: E402
-from reconciler.spec import status  # noqa: E402
+from reconciler.kit.freeport import free_port  # noqa: E402
+from reconciler.store import state_file  # noqa: E402
 
 SERVED = "openai/gpt-oss-20b"
 # A big model streams ~20-100 tokens/s; 20 ms per token sits in that range.
@@ -130,10 +132,6 @@ def ensure_tools() -> None:
         subprocess.run(cmd, env=env, check=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, what: str) -> None:
@@ -247,7 +245,7 @@ class Stack:
                 phase=phase, phase_since=now, desired_model="gpt-oss", active_model=None,
                 message="bench", revision=self.revision,
                 reconciler={"pid": os.getpid(), "heartbeat": now}, **fields)
-            status.write(self.state_path, self._status)
+            state_file.write(self.state_path, self._status)
 
     def _heartbeat(self) -> None:
         """Rewrite the state with a fresh heartbeat, as the reconciler does every resync."""
@@ -256,7 +254,7 @@ class Stack:
                 if self._status is not None:
                     beat = {"pid": os.getpid(), "heartbeat": clock.iso()}
                     self._status = dataclasses.replace(self._status, reconciler=beat)
-                    status.write(self.state_path, self._status)
+                    state_file.write(self.state_path, self._status)
 
     def ready(self, wait: bool = True) -> None:
         info = status.EngineInfo(model="gpt-oss", served_name=SERVED, instance="bench", pid=None,

@@ -58,8 +58,9 @@ sys.path.insert(0, str(ROOT))
 
 from gate_bench import Procs, ensure_tools, free_port, rotate, spread, wait_port, workdir, wrk  # noqa: E402
 
+from reconciler.domain import status  # noqa: E402
 from reconciler.kit import clock  # noqa: E402
-from reconciler.spec import status  # noqa: E402
+from reconciler.store import state_file  # noqa: E402
 
 SMALL_CONNECTIONS = 64
 # (streams, ms between tokens): a realistic load, and one near the gate's ceiling.
@@ -263,7 +264,7 @@ class Bench:
             self._state = status.Status(phase=phase, phase_since=now, desired_model=fields.pop("desired", None),
                                         active_model=None, message="bench", revision=self.revision,
                                         reconciler={"pid": os.getpid(), "heartbeat": now}, **fields)
-            status.write(self.state_path, self._state)
+            state_file.write(self.state_path, self._state)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -271,7 +272,7 @@ class Bench:
                 if self._state is not None:
                     beat = {"pid": os.getpid(), "heartbeat": clock.iso()}
                     self._state = dataclasses.replace(self._state, reconciler=beat)
-                    status.write(self.state_path, self._state)
+                    state_file.write(self.state_path, self._state)
 
     def ready(self, model: str) -> None:
         port = self.ports["small_up" if model == "small" else "stream_up"]

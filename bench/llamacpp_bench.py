@@ -6,7 +6,7 @@ Needs the extra: ``pip install -e '.[llamacpp]'``. Two tiny GGUFs (``reconciler.
 share one port under a real reconciler and a real gate, with the example catalog's settings
 (default probe periods), so the numbers are what a user of ``examples/llamacpp.yaml`` sees.
 
-* Switch time: ``reconciler.spec.desired.write`` returned (the toggle is in place) → the observed
+* Switch time: ``reconciler.store.desired_file.write`` returned (the toggle is in place) → the observed
   state says READY on the other model. It covers killing the old llama.cpp process and
   proving it and its port gone, spawning the launcher (Python + xllamacpp import), llama.cpp's
   load, and readiness probing.
@@ -33,9 +33,10 @@ from typing import Any
 
 import yaml
 
+from reconciler.domain.catalog import load_file
 from reconciler.engines.demomodel import write_tiny_gguf
-from reconciler.spec import desired
-from reconciler.spec.catalog import load_file
+from reconciler.kit.freeport import free_port
+from reconciler.store import desired_file
 
 PY = sys.executable
 POLL_S = 0.002
@@ -52,10 +53,6 @@ OUTLIER_S = 3.0
 OUTLIER_LINES = 25
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_catalog(root: Path) -> tuple[Path, int, int]:
@@ -95,7 +92,7 @@ def wait_phase(root: Path, model: str | None) -> float:
 
 
 def toggle(config: Path, model: str | None) -> None:
-    desired.write(load_file(config, "--config"), model, requested_by="llamacpp_bench")
+    desired_file.write(load_file(config, "--config"), model, requested_by="llamacpp_bench")
 
 
 class Retry(Exception):

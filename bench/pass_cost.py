@@ -23,11 +23,11 @@ from pathlib import Path
 import psutil
 import yaml
 
+from reconciler.domain.catalog import Identity, load_file
 from reconciler.kit.logs import ActivityLog
 from reconciler.loop import Reconciler
 from reconciler.observe import gather
 from reconciler.simulate.harness import demo_engines
-from reconciler.spec.catalog import Identity, load_file
 
 PSUTIL_ATTRS = ["pid", "ppid", "name", "cmdline", "create_time", "status", "uids"]
 SETTLE_S = 1.0  # for the sleepers to have exec'd

@@ -31,9 +31,9 @@ from typing import Any
 import psutil
 import yaml
 
+from reconciler.domain.catalog import load_file
 from reconciler.simulate.harness import demo_engines
-from reconciler.spec import desired
-from reconciler.spec.catalog import load_file
+from reconciler.store import desired_file
 
 PY = sys.executable
 POLL_S = 0.002
@@ -129,7 +129,7 @@ def started_at(log: Path, after: float) -> float | None:
 
 def toggle(config: Path, model: str | None) -> None:
     """The reference writer, in-process: what is timed starts when the file is in place."""
-    desired.write(load_file(config, "--config"), model, requested_by="switch_bench")
+    desired_file.write(load_file(config, "--config"), model, requested_by="switch_bench")
 
 
 def cost(proc: psutil.Process, seconds: float) -> dict[str, float]:

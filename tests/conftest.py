@@ -13,6 +13,8 @@ import pytest
 
 from reconciler.act import cgroups
 from reconciler.gate import compiled
+from reconciler.kit import clock
+from reconciler.kit.clock import FakeClock
 from tests.helpers import SESSION_CGROUP_ENV, TEST_RUN_ENV, kill_all, ours_since
 
 os.environ.setdefault(TEST_RUN_ENV, uuid.uuid4().hex)
@@ -81,3 +83,11 @@ def no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
     described = [f"{p.pid} {' '.join(p.cmdline())}" for p in left if p.is_running()]
     kill_all(left)
     assert not left, f"test left processes behind: {described}"
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The one time seam on a clock that moves only when told (or by the sleeps it is asked for)."""
+    fake = FakeClock()
+    monkeypatch.setattr(clock, "clock", fake)
+    return fake

@@ -33,10 +33,6 @@ DEADLINE_S = 30.0
 PROBE_TIMEOUT_S = 1.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def port_bound(port: int) -> bool:

@@ -16,12 +16,12 @@ from reconciler.act import cgroups, killer
 from reconciler.act.cgroups import Mode
 from reconciler.act.records import Records
 from reconciler.act.spawn import Spawned, new_cookie, spawn
+from reconciler.domain.catalog import Engine
+from reconciler.domain.facts import Failure, Proc, Reason, Record
 from reconciler.kit import clock
 from reconciler.kit.logs import ActivityLog
 from reconciler.observe import ports, probe
 from reconciler.plan.planner import Action, AwaitPort, Kill, Start, Warmup
-from reconciler.spec.catalog import Engine
-from reconciler.spec.facts import Failure, Proc, Reason, Record
 
 # After SIGKILL the kernel releases a listening socket at once, but a foreign process can
 # be slower; wait this long inside one pass before handing back to the loop (which keeps

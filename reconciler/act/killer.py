@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from reconciler.domain.facts import Proc
 from reconciler.kit import clock
-from reconciler.spec.facts import Proc
 
 # SIGKILL cannot be caught, but a process in uninterruptible sleep (a GPU driver freeing
 # tens of GB of VRAM) dies only when the kernel call returns; give it this long per round.

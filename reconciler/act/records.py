@@ -16,8 +16,8 @@ import stat
 from dataclasses import asdict
 from pathlib import Path
 
+from reconciler.domain.facts import Record
 from reconciler.kit.atomicfile import ensure_dir, write_atomic
-from reconciler.spec.facts import Record
 
 RECORD_MODE = 0o600
 _INSTANCE_ID = re.compile(r"[0-9a-f]{8}")

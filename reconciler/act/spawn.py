@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.act import cgroups
+from reconciler.domain.catalog import Engine
+from reconciler.domain.facts import COOKIE_ENV, Cookie
 from reconciler.kit.atomicfile import ensure_dir, open_append
-from reconciler.spec.catalog import Engine
-from reconciler.spec.facts import COOKIE_ENV, Cookie
 
 
 @dataclass(frozen=True)

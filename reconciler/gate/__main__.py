@@ -14,10 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+from reconciler.domain import catalog as catalog_mod
 from reconciler.gate.app import run
 from reconciler.gate.workers import serve_gate
 from reconciler.kit.schemas import InvalidFile
-from reconciler.spec import catalog as catalog_mod
 
 log = logging.getLogger("ailayer.gate")
 

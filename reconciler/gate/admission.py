@@ -11,10 +11,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from reconciler.domain.status import Phase
 from reconciler.gate.errors import Refusal
 from reconciler.gate.statefollow import StateFollower, Target
 from reconciler.kit import clock
-from reconciler.spec.status import Phase
 
 # How soon a client should retry while a model converges or loads. Short, because a boot
 # can finish at any moment; a UI should long-poll /status instead of retrying anyway.

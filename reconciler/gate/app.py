@@ -25,6 +25,7 @@ import uvloop
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from reconciler.domain.catalog import Catalog, CatalogSource, GateConfig
 from reconciler.gate import compiled, errors
 from reconciler.gate.clients import MAX_REQUEST_BYTES
 from reconciler.gate.dashboard import Dashboard
@@ -37,7 +38,6 @@ from reconciler.gate.statefollow import StateFollower
 from reconciler.gate.statusapi import StatusApi
 from reconciler.gate.toggle import Toggle
 from reconciler.kit import clock
-from reconciler.spec.catalog import Catalog, CatalogSource, GateConfig
 
 log = logging.getLogger("ailayer.gate")
 

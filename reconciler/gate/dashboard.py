@@ -25,13 +25,13 @@ from typing import Any
 from aiohttp import web
 
 from reconciler import __version__
+from reconciler.domain.catalog import Catalog
 from reconciler.gate import errors
 from reconciler.gate.logtail import LogTail
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.statefollow import StateFollower
 from reconciler.gate.switches import SwitchLog
 from reconciler.kit import clock
-from reconciler.spec.catalog import Catalog
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")

@@ -43,6 +43,8 @@ from typing import NamedTuple
 
 import httptools
 
+from reconciler.domain.catalog import GateConfig
+from reconciler.domain.status import Phase
 from reconciler.gate import errors, upstream
 from reconciler.gate.admission import admit
 from reconciler.gate.bodies import names_served, pin_keep_alive
@@ -60,8 +62,6 @@ from reconciler.gate.proxy import (
 )
 from reconciler.gate.statefollow import Snapshot, StateFollower, Target
 from reconciler.kit import clock
-from reconciler.spec.catalog import GateConfig
-from reconciler.spec.status import Phase
 
 log = logging.getLogger("ailayer.gate")
 

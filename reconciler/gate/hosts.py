@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from reconciler.spec.catalog import GateConfig
+from reconciler.domain.catalog import GateConfig
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 # Answers remembered per Host value; a client sending endless distinct names only costs

@@ -27,8 +27,8 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from reconciler.domain.status import Phase
 from reconciler.gate.statefollow import Snapshot, StateFollower
-from reconciler.spec.status import Phase
 
 # Boots run from seconds (a warm small model) to 45 minutes (a big one on a slow disk).
 BOOT_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, float("inf"))

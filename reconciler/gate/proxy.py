@@ -34,6 +34,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from reconciler.domain.catalog import Catalog
 from reconciler.gate import budget, clients, errors, upstream
 from reconciler.gate.admission import SELECT_HINT, admit
 from reconciler.gate.bodies import names_served, pin_keep_alive
@@ -42,7 +43,6 @@ from reconciler.gate.errors import OLLAMA, Refusal
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.statefollow import Snapshot, StateFollower, Target
 from reconciler.kit import clock
-from reconciler.spec.catalog import Catalog
 
 log = logging.getLogger("ailayer.gate")
 

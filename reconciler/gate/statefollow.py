@@ -36,9 +36,10 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from reconciler.domain import status
 from reconciler.kit import clock
 from reconciler.kit.atomicfile import ensure_dir
-from reconciler.spec import status
+from reconciler.store import state_file
 
 log = logging.getLogger("ailayer.gate")
 
@@ -230,7 +231,7 @@ class StateFollower:
 
     def _reload(self, *, first: bool) -> None:
         try:
-            data = status.read_raw(self.path)
+            data = state_file.read_raw(self.path)
         except FileNotFoundError:
             self.read_error = None
             self._apply(MISSING, first)

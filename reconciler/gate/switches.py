@@ -12,9 +12,9 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from reconciler.domain.status import Phase
 from reconciler.gate.statefollow import Snapshot, StateFollower
 from reconciler.kit import clock
-from reconciler.spec.status import Phase
 
 KEEP = 20
 

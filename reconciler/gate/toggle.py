@@ -14,13 +14,14 @@ from typing import Any
 
 from aiohttp import web
 
+from reconciler.domain import desired
+from reconciler.domain.catalog import DEFAULT_TOKEN_ENV as TOKEN_ENV
+from reconciler.domain.catalog import Catalog
 from reconciler.gate import errors
 from reconciler.gate.errors import Refusal
 from reconciler.gate.metrics import GateMetrics
 from reconciler.kit.schemas import InvalidFile
-from reconciler.spec import desired
-from reconciler.spec.catalog import DEFAULT_TOKEN_ENV as TOKEN_ENV
-from reconciler.spec.catalog import Catalog
+from reconciler.store import desired_file
 
 # {"model": "..."} is tiny; anything bigger is not a toggle.
 MAX_BODY_BYTES = 4096
@@ -71,7 +72,7 @@ class Toggle:
         model, who = parsed
         requested_by = f"{who or 'gate'} via http from {request.remote}"
         try:
-            wish = await asyncio.to_thread(desired.write, self._catalog, model, requested_by)
+            wish = await asyncio.to_thread(desired_file.write, self._catalog, model, requested_by)
         except desired.UnknownModel as exc:
             return self._refuse(Refusal(
                 422, "unknown_model",

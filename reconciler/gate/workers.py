@@ -46,10 +46,10 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from reconciler.domain.catalog import Catalog, GateConfig
 from reconciler.gate.app import Listening, _url, run
 from reconciler.gate.metrics import MULTIPROC_ENV
 from reconciler.kit import clock
-from reconciler.spec.catalog import Catalog, GateConfig
 
 log = logging.getLogger("ailayer.gate")
 

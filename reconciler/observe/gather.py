@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import psutil
 
+from reconciler.domain.facts import COOKIE_ENV, Cookie, Proc
 from reconciler.observe import ports
-from reconciler.spec.facts import COOKIE_ENV, Cookie, Proc
 
 # A process's environ is fixed once it has exec'd; cache it by (pid, create_time, cmdline)
 # so a pass costs one /proc read per *new* process. The cmdline is in the key because a

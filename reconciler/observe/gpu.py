@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reconciler.spec.facts import Gpu, GpuProc
+from reconciler.domain.facts import Gpu, GpuProc
 
 _nvml: Any = None
 _init_error: str | None = None

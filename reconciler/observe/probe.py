@@ -8,8 +8,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from reconciler.spec.catalog import Engine
-from reconciler.spec.facts import Probe
+from reconciler.domain.catalog import Engine
+from reconciler.domain.facts import Probe
 
 # What a dead, slow or hostile engine can make a request raise. http.client's own errors
 # (IncompleteRead, BadStatusLine, LineTooLong) are neither OSError nor ValueError, and one

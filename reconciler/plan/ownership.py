@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from reconciler.spec.catalog import Engine
-from reconciler.spec.facts import Observation, Proc, Record
+from reconciler.domain.catalog import Engine
+from reconciler.domain.facts import Observation, Proc, Record
 
 # A child's create time can read a few ms before its parent's (clock ticks of 10 ms).
 CREATE_TIME_SLACK_S = 0.05

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from reconciler.domain.catalog import Engine
+from reconciler.domain.facts import Failure, Observation, Proc, Reason
+from reconciler.domain.status import Phase
 from reconciler.plan.ownership import Unit, View, classify
-from reconciler.spec.catalog import Engine
-from reconciler.spec.facts import Failure, Observation, Proc, Reason
-from reconciler.spec.status import Phase
 
 # A stray that comes back this many times within the window is being restarted by
 # something else (systemd's Restart=always): we stop killing it and say so.

@@ -7,13 +7,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from reconciler import __version__
-from reconciler.kit import clock
-from reconciler.observe.progress import BootProgress
-from reconciler.plan.planner import Plan
-from reconciler.spec.catalog import Catalog
-from reconciler.spec.desired import current_boot_id
-from reconciler.spec.facts import Failure, Gpu, Observation, Reason
-from reconciler.spec.status import (
+from reconciler.domain.catalog import Catalog
+from reconciler.domain.facts import Failure, Gpu, Observation, Reason
+from reconciler.domain.status import (
     BootInfo,
     Condition,
     EngineInfo,
@@ -24,6 +20,10 @@ from reconciler.spec.status import (
     StrayInfo,
     with_revision,
 )
+from reconciler.kit import clock
+from reconciler.kit.bootid import current_boot_id
+from reconciler.observe.progress import BootProgress
+from reconciler.plan.planner import Plan
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,10 +27,11 @@ from typing import Any, TypeVar
 import psutil
 import yaml
 
+from reconciler.domain.catalog import Catalog, load_file
 from reconciler.kit import clock
 from reconciler.kit.clock import TIME_SCALE_ENV
-from reconciler.spec import desired
-from reconciler.spec.catalog import Catalog, load_file
+from reconciler.kit.freeport import free_port
+from reconciler.store import desired_file
 
 T = TypeVar("T")
 MARKER_ENV = "AILAYER_SIMULATION"
@@ -44,10 +44,6 @@ POLL_S = 0.02
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http(method: str, url: str, body: Any = None, timeout_s: float = 30.0,
@@ -176,7 +172,7 @@ class Scenario:
 
     def toggle(self, model: str | None) -> None:
         assert self.catalog is not None
-        desired.write(self.catalog, model, requested_by="ailayer simulate")
+        desired_file.write(self.catalog, model, requested_by="ailayer simulate")
 
     def status(self) -> dict[str, Any]:
         assert self.catalog is not None

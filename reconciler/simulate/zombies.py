@@ -19,9 +19,10 @@ from typing import Any
 
 import psutil
 
+from reconciler.kit.freeport import free_port
 from reconciler.observe import gpu
 from reconciler.simulate import real_vllm
-from reconciler.simulate.harness import Scenario, demo_engines, free_port
+from reconciler.simulate.harness import Scenario, demo_engines
 from reconciler.simulate.report import Report
 
 VLLM, OLLAMA = "reconciler.engines.demo.vllm_like", "reconciler.engines.demo.ollama_like"

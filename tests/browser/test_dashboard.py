@@ -23,8 +23,9 @@ import yaml
 from aiohttp import ClientSession, web
 from selenium.webdriver.common.by import By
 
+from reconciler.kit.freeport import free_port
 from tests.browser import chrome
-from tests.helpers import GatedStack, demo_engine, free_port, http_status, wait_until
+from tests.helpers import GatedStack, demo_engine, http_status, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

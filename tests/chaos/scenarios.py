@@ -56,14 +56,16 @@ if str(REPO) not in sys.path:
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
+from reconciler.domain import desired as desired_mod  # noqa: E402
+from reconciler.domain.catalog import DEFAULT_RESYNC_INTERVAL_S, from_document, load_file  # noqa: E402
+from reconciler.domain.facts import COOKIE_ENV  # noqa: E402
 from reconciler.kit import yamlfile  # noqa: E402
 from reconciler.kit.atomicfile import write_atomic  # noqa: E402
+from reconciler.kit.freeport import free_port  # noqa: E402
 from reconciler.kit.schemas import InvalidFile  # noqa: E402
 from reconciler.loop import namespace_of  # noqa: E402
-from reconciler.spec import desired as desired_mod  # noqa: E402
-from reconciler.spec.catalog import DEFAULT_RESYNC_INTERVAL_S, from_document, load_file  # noqa: E402
-from reconciler.spec.facts import COOKIE_ENV  # noqa: E402
-from tests.helpers import PY, TEST_RUN_ENV, Stack, demo_engine, free_port  # noqa: E402
+from reconciler.store import desired_file  # noqa: E402
+from tests.helpers import PY, TEST_RUN_ENV, Stack, demo_engine  # noqa: E402
 from tests.helpers import wait_until as wait_for  # noqa: E402
 
 # The issue's sampling interval for the process table.
@@ -165,7 +167,7 @@ def write_catalog_atomic(stack: Stack) -> None:
 
 def toggle(stack: Stack, model: str | None) -> int:
     """The reference writer, in process: a CLI start costs ~0.3 s, longer than many gaps here."""
-    wish = desired_mod.write(load_file(stack.config, "--config"), model, "chaos")
+    wish = desired_file.write(load_file(stack.config, "--config"), model, "chaos")
     assert wish.generation is not None
     return wish.generation
 
@@ -430,7 +432,7 @@ def burst(seconds: int) -> Result:
         cpu0, t0, writes, last = sum(proc.cpu_times()[:2]), time.monotonic(), 0, VLLM
         while time.monotonic() - t0 < seconds:
             last = VLLM if writes % 2 else OLLAMA
-            generation = desired_mod.write(config, last, "chaos").generation or 0
+            generation = desired_file.write(config, last, "chaos").generation or 0
             writes += 1
         cpu = sum(proc.cpu_times()[:2]) - cpu0
         try:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, Stack, demo_engine, free_port
+from reconciler.kit.freeport import free_port
+from tests.helpers import REPO, Stack, demo_engine
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DEADLINE_S, PY, REPO, Stack, demo_engine, free_port, wait_until
+from reconciler.kit.freeport import free_port
+from tests.helpers import DEADLINE_S, PY, REPO, Stack, demo_engine, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -32,12 +32,13 @@ import psutil
 import pytest
 import yaml
 
-from reconciler.engines.demo.common import free_port
+from reconciler.domain import status
+from reconciler.domain.status import Phase
 from reconciler.gate.bodies import pin_keep_alive
 from reconciler.kit import clock
 from reconciler.kit.atomicfile import write_atomic
-from reconciler.spec import status
-from reconciler.spec.status import Phase
+from reconciler.kit.freeport import free_port
+from reconciler.store import state_file
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
@@ -206,7 +207,7 @@ class FakeReconciler:
             "reconciler": {"pid": os.getpid(), "heartbeat": now},
         }  # fmt: skip
         base.update(fields)
-        status.write(self.path, status.Status(**base))
+        state_file.write(self.path, status.Status(**base))
         return self.revision
 
     def idle(self) -> int:

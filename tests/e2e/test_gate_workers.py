@@ -19,6 +19,7 @@ import psutil
 import pytest
 import yaml
 
+from reconciler.kit.freeport import free_port
 from tests.e2e.test_gate import (
     CONDITION_DEADLINE_S,
     Gate,
@@ -27,7 +28,7 @@ from tests.e2e.test_gate import (
     procs,  # noqa: F401 (the fixture)
     start_gate,
 )
-from tests.helpers import demo_engine, free_port
+from tests.helpers import demo_engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

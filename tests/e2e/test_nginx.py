@@ -26,7 +26,8 @@ import psutil
 import pytest
 
 from reconciler.gate.statusapi import EVENTS_HEARTBEAT_S, MAX_WAIT_S
-from tests.helpers import DEADLINE_S, PY, REPO, Stack, demo_engine, free_port, port_listening, wait_until
+from reconciler.kit.freeport import free_port
+from tests.helpers import DEADLINE_S, PY, REPO, Stack, demo_engine, port_listening, wait_until
 
 pytestmark = pytest.mark.e2e
 

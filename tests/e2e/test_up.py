@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import demo_engine, free_port, wait_until
+from reconciler.kit.freeport import free_port
+from tests.helpers import demo_engine, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -39,7 +39,8 @@ import pytest
 
 from reconciler.engines.demo.common import demo_text
 from reconciler.kit import clock
-from tests.helpers import free_port, wait_until
+from reconciler.kit.freeport import free_port
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from reconciler.domain.catalog import from_document
 from reconciler.kit.logs import ROTATE_CHECK_S, ActivityLog
-from reconciler.spec.catalog import from_document
 from tests.helpers import DEADLINE_S, PY, REPO, wait_until
 
 DEPLOY = REPO / "deploy"

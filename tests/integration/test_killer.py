@@ -14,9 +14,9 @@ import psutil
 import pytest
 
 from reconciler.act import killer
+from reconciler.domain.facts import Proc
 from reconciler.kit import clock
 from reconciler.kit.clock import FakeClock
-from reconciler.spec.facts import Proc
 
 
 @pytest.fixture(autouse=True)

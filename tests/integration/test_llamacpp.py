@@ -28,6 +28,7 @@ pytest.importorskip("gguf")
 import openai
 
 from reconciler.engines.demomodel import write_tiny_gguf
+from reconciler.kit.freeport import free_port
 from tests.helpers import (
     DEADLINE_S,
     PY,
@@ -35,7 +36,6 @@ from tests.helpers import (
     GatedStack,
     demo_engine,
     engine_procs,
-    free_port,
     http_status,
     wait_until,
 )

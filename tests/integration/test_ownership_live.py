@@ -27,8 +27,9 @@ import psutil
 import pytest
 
 from reconciler.act import cgroups
+from reconciler.kit.freeport import free_port
 from reconciler.loop import namespace_of
-from tests.helpers import PY, Stack, demo_engine, free_port, kill_all, port_bound, port_listening, wait_until
+from tests.helpers import PY, Stack, demo_engine, kill_all, port_bound, port_listening, wait_until
 
 pytestmark = pytest.mark.integration
 

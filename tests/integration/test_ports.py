@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from reconciler.kit.freeport import free_port
 from reconciler.observe import gather, ports
-from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -16,12 +16,12 @@ from typing import Any
 import psutil
 import pytest
 
+from reconciler.kit.freeport import free_port
 from tests.helpers import (
     PY,
     Stack,
     demo_engine,
     engine_procs,
-    free_port,
     kill_all,
     port_bound,
     port_listening,

@@ -37,9 +37,10 @@ pytest.importorskip("tokenizers")
 
 
 from reconciler.engines.demomodel_hf import write_tiny_hf
+from reconciler.kit.freeport import free_port
 from reconciler.observe import ports
 from reconciler.simulate import real_vllm
-from tests.helpers import DEADLINE_S, GatedStack, free_port, http_status, port_bound, wait_until
+from tests.helpers import DEADLINE_S, GatedStack, http_status, port_bound, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
+from reconciler.domain import catalog
+from reconciler.domain.catalog import Engine
 from reconciler.kit import schemas
 from reconciler.kit.schemas import InvalidFile
-from reconciler.spec import catalog
-from reconciler.spec.catalog import Engine
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted([*REPO.glob("examples/*.yaml"), *REPO.glob("examples/*.yml")])

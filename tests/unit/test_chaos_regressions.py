@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.domain import catalog, status
 from reconciler.kit import schemas
 from reconciler.kit.lock import StateLock
 from reconciler.kit.logs import ActivityLog
 from reconciler.kit.schemas import InvalidFile
 from reconciler.observe.follow import Follower
-from reconciler.spec import catalog, status
+from reconciler.store import state_file
 
 SECRET = "root:$6$secrethash:19000:0:99999:7:::"
 
@@ -62,7 +63,7 @@ def test_state_dir_is_not_world_writable_under_umask_000(tmp_path: Path) -> None
     old = os.umask(0)
     try:
         StateLock(state).acquire()  # the handle closes with the object
-        status.write(state / "sub" / "observed_state.json",
+        state_file.write(state / "sub" / "observed_state.json",
                      status.Status(status.Phase.IDLE, "now", None, None, "idle"))
         log = ActivityLog(tmp_path / "nowhere" / "x" / "a.log", state, terminal=None)
         log.event("hello")

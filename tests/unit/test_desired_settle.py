@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.domain.catalog import Identity, demo
 from reconciler.kit import clock
 from reconciler.kit.clock import FakeClock
 from reconciler.kit.logs import ActivityLog
 from reconciler.loop import DESIRED_SETTLE_S, Reconciler
-from reconciler.spec import desired
-from reconciler.spec.catalog import Identity, demo
+from reconciler.store import desired_file
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_every_absence_waits_its_own_full_second(rec: Reconciler) -> None:
     fake = clock.clock
     assert isinstance(fake, FakeClock)
     path = rec.catalog.desired_path
-    desired.write(rec.catalog, "gpt-oss")
+    desired_file.write(rec.catalog, "gpt-oss")
     assert wanted(rec) == "gpt-oss"
     path.unlink()
     assert wanted(rec) == "gpt-oss"  # settling
@@ -51,9 +51,9 @@ def test_every_absence_waits_its_own_full_second(rec: Reconciler) -> None:
 
 
 def test_explicit_null_acts_at_once(rec: Reconciler) -> None:
-    desired.write(rec.catalog, "gpt-oss")
+    desired_file.write(rec.catalog, "gpt-oss")
     assert wanted(rec) == "gpt-oss"
-    desired.write(rec.catalog, None)
+    desired_file.write(rec.catalog, None)
     assert wanted(rec) is None
 
 

@@ -12,11 +12,11 @@ import pytest
 
 from reconciler.act.cgroups import Mode
 from reconciler.act.executor import PORT_RELEASE_WAIT_S, Executor
+from reconciler.domain.facts import Reason
 from reconciler.kit import clock
 from reconciler.kit.clock import FakeClock
 from reconciler.kit.logs import ActivityLog
 from reconciler.plan.planner import AwaitPort
-from reconciler.spec.facts import Reason
 
 
 @pytest.fixture

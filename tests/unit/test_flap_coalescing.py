@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.domain.catalog import Identity, demo
 from reconciler.kit import clock
 from reconciler.kit.clock import FakeClock
 from reconciler.kit.logs import ActivityLog
 from reconciler.loop import FLAP_WINDOW_MAX_S, FLAP_WINDOW_MIN_S, WAKE_SPACING_S, Reconciler
-from reconciler.spec import desired
-from reconciler.spec.catalog import Identity, demo
+from reconciler.store import desired_file
 
 A, B = "gpt-oss", "gemma2"
 
@@ -39,7 +39,7 @@ def taken(rec: Reconciler, fake: FakeClock, writes: int, every: float,
     start = fake.monotonic()
     out: list[tuple[float, str | None]] = []
     for i in range(writes):
-        desired.write(rec.catalog, (A, B)[i % 2])
+        desired_file.write(rec.catalog, (A, B)[i % 2])
         fake.advance(every)
         if (i + 1) % per_pass:
             continue
@@ -63,7 +63,7 @@ def test_five_seconds_of_flapping_cost_a_handful_of_changes(rec: Reconciler, fak
 
 def test_a_held_back_change_asks_for_a_pass_when_the_window_ends(rec: Reconciler, fake: FakeClock) -> None:
     taken(rec, fake, 2, 0.001)  # A, then B taken at once: one toggle since A
-    desired.write(rec.catalog, A)
+    desired_file.write(rec.catalog, A)
     assert rec._read_desired([]).model == B, "A came within the window of B"
     assert rec.recheck_in is not None and rec.recheck_in == pytest.approx(FLAP_WINDOW_MIN_S, abs=0.002)
     fake.advance(rec.recheck_in)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from reconciler.act import killer
+from reconciler.domain.catalog import Identity, demo
 from reconciler.kit import clock
 from reconciler.kit.clock import FakeClock
 from reconciler.kit.logs import ActivityLog
 from reconciler.loop import Reconciler
-from reconciler.spec import status
-from reconciler.spec.catalog import Identity, demo
+from reconciler.store import state_file
 
 
 @pytest.fixture
@@ -46,10 +46,10 @@ def test_kill_progress_refreshes_the_heartbeat_and_says_what_lives(fake: FakeClo
     rec = Reconciler(catalog, ActivityLog(catalog.log_file, catalog.state_dir))
     first = rec.step()
     assert first.status is not None
-    before = status.read_raw(catalog.observed_path)
+    before = state_file.read_raw(catalog.observed_path)
     fake.advance(30)
     rec._kill_progress((4242, 4243), 30.0)
-    after = status.read_raw(catalog.observed_path)
+    after = state_file.read_raw(catalog.observed_path)
     assert after["reconciler"]["heartbeat"] > before["reconciler"]["heartbeat"]
     assert "2 process(es) still alive 30 s after SIGKILL (pids 4242, 4243)" in after["message"]
     assert after["revision"] == before["revision"] + 1 and after["phase"] == before["phase"]

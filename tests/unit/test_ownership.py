@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.domain import catalog
+from reconciler.domain.facts import Cookie, Observation, Proc, Record
 from reconciler.plan.ownership import View, argv_matches, classify, title_matches
-from reconciler.spec import catalog
-from reconciler.spec.facts import Cookie, Observation, Proc, Record
 
 NS = "0123456789ab"
 OTHER_NS = "ba9876543210"

@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 
+from reconciler.domain.catalog import demo
+from reconciler.domain.facts import Cookie, Gpu, GpuProc, Observation, Probe, Proc, Reason, Record
+from reconciler.domain.status import Phase
 from reconciler.plan.planner import (
     LISTEN_WATCH_S,
     RESPAWN_LIMIT,
@@ -25,9 +28,6 @@ from reconciler.plan.planner import (
     backoff_delay,
     plan,
 )
-from reconciler.spec.catalog import demo
-from reconciler.spec.facts import Cookie, Gpu, GpuProc, Observation, Probe, Proc, Reason, Record
-from reconciler.spec.status import Phase
 
 NS = "0123456789ab"
 NOW = 1_800_000_000.0

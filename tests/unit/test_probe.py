@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from reconciler.domain.catalog import Engine, JsonCheck, ReadyProbe, Warmup
+from reconciler.kit.freeport import free_port
 from reconciler.observe import probe
-from reconciler.spec.catalog import Engine, JsonCheck, ReadyProbe, Warmup
-from tests.helpers import free_port
 
 SERVED = "gemma2:9b"
 # The probe's own timeout in these tests: short, so a blocked request ends quickly.

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from reconciler.act.records import Records
-from reconciler.spec.facts import Record
+from reconciler.domain.facts import Record
 
 RECORD = Record("gpt-oss", "0a1b2c3d", 1.0, leader_pid=42, leader_create_time=2.0, uid=0)
 

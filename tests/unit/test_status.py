@@ -11,13 +11,9 @@ from typing import Any
 import jsonschema
 import pytest
 
-from reconciler.kit import schemas
-from reconciler.observe.progress import BootProgress
-from reconciler.plan import planner, report
-from reconciler.plan.planner import Memory
-from reconciler.spec import catalog, status
-from reconciler.spec.facts import Cookie, Failure, Gpu, Observation, Probe, Proc, Reason, Record
-from reconciler.spec.status import (
+from reconciler.domain import catalog, status
+from reconciler.domain.facts import Cookie, Failure, Gpu, Observation, Probe, Proc, Reason, Record
+from reconciler.domain.status import (
     BootInfo,
     Condition,
     EngineInfo,
@@ -27,6 +23,11 @@ from reconciler.spec.status import (
     Status,
     with_revision,
 )
+from reconciler.kit import schemas
+from reconciler.observe.progress import BootProgress
+from reconciler.plan import planner, report
+from reconciler.plan.planner import Memory
+from reconciler.store import state_file
 
 T0 = "2026-01-01T10:00:00.000+00:00"
 T1 = "2026-01-01T10:00:05.123+00:00"
@@ -215,8 +216,8 @@ def test_round_trip_through_json_and_from_dict(make: Any) -> None:
 
 def test_round_trip_through_the_file(tmp_path: Path) -> None:
     path = tmp_path / "run" / "observed_state.json"
-    status.write(path, loading())
-    raw = status.read_raw(path)
+    state_file.write(path, loading())
+    raw = state_file.read_raw(path)
     validate(raw)
     assert status.from_dict(raw) == loading()
     assert sorted(p.name for p in path.parent.iterdir()) == ["observed_state.json"]
@@ -226,10 +227,10 @@ def test_read_raw_refuses_what_is_not_an_observed_state(tmp_path: Path) -> None:
     path = tmp_path / "observed_state.json"
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="not an observed-state document"):
-        status.read_raw(path)
+        state_file.read_raw(path)
     path.write_text("{broken")
     with pytest.raises(ValueError):
-        status.read_raw(path)
+        state_file.read_raw(path)
 
 
 def test_from_dict_fills_defaults_for_a_minimal_document() -> None:

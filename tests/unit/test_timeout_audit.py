@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.spec.catalog import DEFAULT_BOOT_TIMEOUT_S, load_file
+from reconciler.domain.catalog import DEFAULT_BOOT_TIMEOUT_S, load_file
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "reconciler"
@@ -67,8 +67,8 @@ def documented() -> dict[str, tuple[float, bool, bool]]:
 
 def test_the_audit_finds_the_known_timeouts() -> None:
     found = constants()
-    assert found["reconciler.spec.catalog.DEFAULT_BOOT_TIMEOUT_S"] == 2700
-    assert "reconciler.spec.catalog.DEFAULT_PROBE_TIMEOUT_S" in found
+    assert found["reconciler.domain.catalog.DEFAULT_BOOT_TIMEOUT_S"] == 2700
+    assert "reconciler.domain.catalog.DEFAULT_PROBE_TIMEOUT_S" in found
     assert len(found) > 20
 
 

@@ -177,12 +177,6 @@ def engine_options(parser: argparse.ArgumentParser, ns: argparse.Namespace, host
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel considers free right now (bind to 0, read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --------------------------------------------------------------------------- worker side

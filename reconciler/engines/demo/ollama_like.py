@@ -54,7 +54,6 @@ from reconciler.engines.demo.common import (
     emit,
     engine_options,
     first_set,
-    free_port,
     generate_all,
     hang_middleware,
     int_field,
@@ -70,6 +69,7 @@ from reconciler.engines.demo.common import (
     text_of,
 )
 from reconciler.kit import clock
+from reconciler.kit.freeport import free_port
 
 MODULE = "reconciler.engines.demo.ollama_like"
 DEFAULT_HOST = "127.0.0.1"

@@ -10,10 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
-
-from reconciler.kit.atomicfile import ensure_dir, write_atomic
 
 SCHEMA_VERSION = 1
 
@@ -191,20 +188,6 @@ def with_revision(new: Status, previous: Status | None) -> Status:
         return replace(new, revision=1)
     same = previous.significant() == new.significant()
     return replace(new, revision=previous.revision + (0 if same else 1))
-
-
-def write(path: Path, status: Status) -> None:
-    ensure_dir(path.parent)
-    write_atomic(path, status.to_json(), durable=False)  # rewritten every pass
-
-
-def read_raw(path: Path) -> dict[str, Any]:
-    """The file as a dict (for the gate and the CLI); raises OSError/ValueError on trouble."""
-    with path.open(encoding="utf-8") as handle:
-        data = json.load(handle)
-    if not isinstance(data, dict) or "phase" not in data:
-        raise ValueError(f"{path}: not an observed-state document")
-    return data
 
 
 def from_dict(data: dict[str, Any]) -> Status:
