@@ -27,7 +27,7 @@ from reconciler.kit.bootid import current_boot_id
 from reconciler.kit.lock import AlreadyRunning, StateLock
 from reconciler.kit.logs import ActivityLog
 from reconciler.kit.schemas import InvalidFile
-from reconciler.observe import gather, gpu, ports, probe
+from reconciler.observe import follow, gather, gpu, ports, probe
 from reconciler.observe.follow import Follower
 from reconciler.observe.progress import BootProgress
 from reconciler.plan.ownership import Unit, View, classify
@@ -265,6 +265,7 @@ class Reconciler:
         engines = self.catalog.engines
         self.log.level = self.catalog.log_level
         self.follower.keep_probe_lines = self.catalog.log_probe_lines or self.log.debug
+        self.follower.limits, self.log.max_bytes = self.catalog.log_limits, self.catalog.log_limits.file_max_bytes
         for path, (model, pid) in live.items():
             engine = engines.get(model)
             self.follower.track(path, model, pid, engine.kind if engine else "generic",
@@ -273,7 +274,7 @@ class Reconciler:
         # right after a start can miss the new instance, and its output was then lost.
         recorded = {raw_log_path(self.state_dir, r.model, r.instance) for r in self.executor.records.load()}
         self.follower.retain(set(live) | recorded)
-        self.follower.poll(wait=False)
+        self.follower.poll(wait=False, budget=follow.READ_CHUNK)
         for path, (model, pid) in live.items():
             if model == active:
                 last, leader = self.follower.last_line(path), pid

@@ -58,6 +58,13 @@ DEFAULT_CLIENT_BODY_IDLE_S = 30.0
 # The reconciler writes a heartbeat every resync; three missed ones mean it is gone.
 DEFAULT_STALE_AFTER_S = 30.0
 DEFAULT_LOG_FILE = Path("/var/log/ai_layer_activity.log")
+# Engine output copied to the terminal and the activity log: an engine that floods its log
+# (50 MB/s was seen in a review) must not fill the disk or hold the follower behind. A boot
+# prints a few MB in bursts; steady serving, KB/s.
+DEFAULT_ENGINE_LOG_BYTES_PER_S = 1 << 20
+DEFAULT_ENGINE_LOG_BURST_BYTES = 32 << 20
+# The activity log between two rotations (deploy/logrotate rotates daily).
+DEFAULT_LOG_FILE_MAX_BYTES = 1 << 30
 # Extra margin given to an engine's own load timeouts over our boot budget, so the
 # engine never gives up before we do.
 ENGINE_TIMEOUT_MARGIN_S = 300
@@ -170,6 +177,15 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class LogLimits:
+    """Bounds on engine output copied to the terminal and the activity log (None: no bound)."""
+
+    engine_bytes_per_s: int | None = DEFAULT_ENGINE_LOG_BYTES_PER_S
+    engine_burst_bytes: int = DEFAULT_ENGINE_LOG_BURST_BYTES
+    file_max_bytes: int | None = DEFAULT_LOG_FILE_MAX_BYTES
+
+
+@dataclass(frozen=True)
 class Catalog:
     source: str
     """Where it came from, e.g. '--config /etc/x.yaml' or 'built-in demo catalog'."""
@@ -182,6 +198,7 @@ class Catalog:
     identity: Identity = field(default_factory=Identity)
     log_level: str = "info"  # our own events below it are not logged (reconciler/kit/logs.py)
     log_probe_lines: bool = False  # keep the engines' access lines for our readiness probes
+    log_limits: LogLimits = field(default_factory=LogLimits)
     resume_after_reboot: bool = False  # after a reboot, load the model chosen before it
     path: Path | None = None
     """The catalog file, re-read by the loop when it changes; None for the demo."""
@@ -378,9 +395,17 @@ def from_document(document: object, source: str, base: Path) -> Catalog:
         resync_interval_s=float(document.get("resync_interval_s", DEFAULT_RESYNC_INTERVAL_S)),
         log_level=str(document.get("log_level", "info")),
         log_probe_lines=bool(document.get("log_probe_lines", False)),
+        log_limits=_log_limits(document.get("log_limits", {})),
         resume_after_reboot=bool(document.get("resume_after_reboot", False)),
         identity=_identity(document.get("identity", {})),
     )
+
+
+def _log_limits(raw: Mapping[str, Any]) -> LogLimits:
+    defaults = LogLimits()
+    return LogLimits(engine_bytes_per_s=raw.get("engine_bytes_per_s", defaults.engine_bytes_per_s),
+                     engine_burst_bytes=raw.get("engine_burst_bytes", defaults.engine_burst_bytes),
+                     file_max_bytes=raw.get("file_max_bytes", defaults.file_max_bytes))
 
 
 def _identity(raw: Mapping[str, Any]) -> Identity:
@@ -430,7 +455,7 @@ class CatalogSource:
         # Where files live is fixed for the life of the loop; only engines may change.
         self.catalog = replace(self.catalog, engines=new.engines, gate=new.gate,
                                resync_interval_s=new.resync_interval_s, log_level=new.log_level,
-                               log_probe_lines=new.log_probe_lines,
+                               log_probe_lines=new.log_probe_lines, log_limits=new.log_limits,
                                resume_after_reboot=new.resume_after_reboot)
         self.error = None
         return True

@@ -148,6 +148,22 @@ _BAR_END = re.compile(r"\d{1,3}%(?:\|[^|]*\||[^|]{0,20}\|)\s*\d+/\d+ \[[^\]]*\]"
 _LEADING_DOTS = re.compile(r"^\.{1,100}(?=[^.])")
 
 
+def _dot_lines(text: str) -> bool:
+    return text.startswith(".") or "\n." in text
+
+
+def may_glue(text: str, dots: bool = False) -> bool:
+    """Whether any line of ``text`` (lines joined by newlines) may need ``unglue``: a block
+    test, so that a flood of plain lines is not looked at line by line."""
+    return (dots and _dot_lines(text)) or ("%" in text and _BAR_END.search(text) is not None)
+
+
+def may_report(kind: str, text: str) -> bool:
+    """Whether any line of ``text`` may carry boot progress for ``kind`` (see ``may_glue``)."""
+    rules = RULES.get(kind, ())
+    return any(literal in text for literal, _, _ in rules) or (kind in DOTS_KINDS and _dot_lines(text))
+
+
 def unglue(line: str, dots: bool = False) -> list[str]:
     """Split what another writer glued to an unfinished bar into lines of their own.
 

@@ -274,18 +274,22 @@ def test_a_missing_file_is_skipped_quietly(rig: Rig) -> None:
     assert rig.lines("m") == ["appeared"]
 
 
-def test_a_flood_is_read_in_bounded_chunks(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(follow, "READ_CHUNK", 64)
-    path = rig.engines / "m.a1.log"
-    append(path, b"".join(b"line %03d\n" % i for i in range(50)))
+def test_a_poll_reads_every_file_in_turns_up_to_its_budget(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One flooding engine cannot starve another: files are read a chunk each in turn, and a
+    poll stops at its budget with both equally far; the next polls catch up (issue 25, 2)."""
+    monkeypatch.setattr(follow, "READ_CHUNK", 90)
+    monkeypatch.setattr(follow, "POLL_BUDGET_BYTES", 360)
+    paths = [rig.engines / "a.a1.log", rig.engines / "b.b1.log"]
     follower = rig.follower()
-    follower.track(path, "m", 1)
+    for path, model in zip(paths, "ab", strict=True):
+        append(path, b"".join(b"line %03d\n" % i for i in range(50)))  # 450 bytes each
+        follower.track(path, model, 1)
     follower.poll()
-    first = len(rig.lines("m"))
-    assert 0 < first < 50
-    for _ in range(20):
+    assert len(rig.lines("a")) == len(rig.lines("b")) == 20  # 2 turns of 90 bytes each
+    assert follower.behind()
+    while follower.behind():
         follower.poll()
-    assert rig.lines("m") == [f"line {i:03d}" for i in range(50)]
+    assert rig.lines("a") == rig.lines("b") == [f"line {i:03d}" for i in range(50)]
 
 
 def test_boot_progress_follows_a_bar_being_redrawn_before_its_line_ends(rig: Rig) -> None:
