@@ -12,10 +12,13 @@ from reconciler.domain.facts import Failure, Gpu, Observation, Reason
 from reconciler.domain.status import (
     BootInfo,
     Condition,
+    ConditionReason,
+    ConditionType,
     EngineInfo,
     ErrorInfo,
     Holder,
     Phase,
+    PhaseReason,
     Status,
     StrayInfo,
     with_revision,
@@ -56,16 +59,18 @@ def _conditions(p: PassInput, previous: Status | None) -> list[Condition]:
     catalog_bad = next((e.message for e in p.errors if e.reason is Reason.INVALID_CATALOG), None)
     port_blocked = verdict.phase is Phase.WAITING_PORT
     converged = not p.plan.actions and verdict.phase in (Phase.IDLE, Phase.READY)
-    rows = [
-        ("DesiredValid", desired_bad is None,
-         desired_bad.reason.value if desired_bad else "Valid",
+    rows: list[tuple[ConditionType, bool, Reason | PhaseReason | ConditionReason, str]] = [
+        (ConditionType.DESIRED_VALID, desired_bad is None,
+         desired_bad.reason if desired_bad else ConditionReason.VALID,
          desired_bad.message if desired_bad else "desired_state.yaml parsed and names a catalog entry"),
-        ("CatalogValid", catalog_bad is None, Reason.INVALID_CATALOG.value if catalog_bad else "Valid",
+        (ConditionType.CATALOG_VALID, catalog_bad is None,
+         Reason.INVALID_CATALOG if catalog_bad else ConditionReason.VALID,
          catalog_bad or f"using {p.catalog.source}"),
-        ("PortAvailable", not port_blocked, verdict.reason if port_blocked else "Free",
+        (ConditionType.PORT_AVAILABLE, not port_blocked, verdict.reason if port_blocked else ConditionReason.FREE,
          verdict.message if port_blocked else "no foreign process holds the engine port"),
-        ("Ready", verdict.phase is Phase.READY, verdict.reason, verdict.message),
-        ("Converged", converged, "Converged" if converged else "Progressing",
+        (ConditionType.READY, verdict.phase is Phase.READY, verdict.reason, verdict.message),
+        (ConditionType.CONVERGED, converged,
+         ConditionReason.CONVERGED if converged else ConditionReason.PROGRESSING,
          "observed matches desired" if converged else verdict.message),
     ]
     before = {c.type: c for c in previous.conditions} if previous else {}
@@ -119,7 +124,7 @@ def compose(p: PassInput, previous: Status | None, gpu: Gpu) -> Status:
         same = previous is not None and previous.last_error is not None \
             and previous.last_error.message == failure.message
         at = previous.last_error.at if same and previous and previous.last_error else clock.iso()
-        last_error = ErrorInfo(failure.reason.value, failure.message, at)
+        last_error = ErrorInfo(failure.reason, failure.message, at)
     holders = [Holder(h.pid, h.name, h.cmdline[:300], ours=False, uid=h.uid) for h in plan.port_holders]
     strays = [StrayInfo(s.unit.model, s.unit.pids, sorted(s.unit.uids()),
                         min(s.unit.procs, key=lambda q: q.pid).cmdline[:300], s.why)
