@@ -32,7 +32,7 @@ from reconciler.observe.follow import Follower
 from reconciler.observe.progress import BootProgress
 from reconciler.plan.ownership import Unit, View, classify
 from reconciler.plan.planner import Kill, Memory, Plan, backoff_delay, plan
-from reconciler.plan.report import PassInput, compose
+from reconciler.plan.report import PassInput, Stamp, compose
 from reconciler.store import desired_file, state_file
 
 # A desired file that vanished or went empty must stay so this long before a running model
@@ -305,7 +305,7 @@ class Reconciler:
             new = compose(PassInput(self.catalog, wish.model, generation, generation, current, obs,
                                     tuple(errors), last_line, recap, leader, self._identity(),
                                     _memory(current.active), booting),
-                          self.previous, self._gpu_sample())
+                          self.previous, self._gpu_sample(), Stamp(clock.now(), os.getpid(), current_boot_id()))
             self._publish(new)
             return new
 

@@ -29,11 +29,44 @@ class Phase(StrEnum):
         return self is Phase.READY
 
 
+class PhaseReason(StrEnum):
+    """Why the phase is what it is when no failure says it (a failure's reason is a
+    ``facts.Reason``): the ``reason`` of the Ready condition, and of PortAvailable while
+    the port is held."""
+
+    NO_MODEL_SELECTED = "NoModelSelected"
+    STOPPING = "Stopping"  # killing surplus engines, nothing wanted
+    SWITCHING = "Switching"  # killing the old engine before starting the wanted one
+    STARTING = "Starting"
+    LOADING = "Loading"
+    READY = "Ready"
+    PROBE_FAILING = "ProbeFailing"  # READY engine missed a health check; not restarted yet
+    CRASH_LOOP_BACK_OFF = "CrashLoopBackOff"  # waiting out the restart delay after a failure
+    PORT_HELD_BY_FOREIGN_PROCESS = "PortHeldByForeignProcess"  # a process we may not kill
+
+
+class ConditionType(StrEnum):
+    DESIRED_VALID = "DesiredValid"
+    CATALOG_VALID = "CatalogValid"
+    PORT_AVAILABLE = "PortAvailable"
+    READY = "Ready"
+    CONVERGED = "Converged"
+
+
+class ConditionReason(StrEnum):
+    """A condition's reason when neither a failure nor the phase gives it."""
+
+    VALID = "Valid"  # DesiredValid, CatalogValid
+    FREE = "Free"  # PortAvailable
+    CONVERGED = "Converged"
+    PROGRESSING = "Progressing"  # Converged is False
+
+
 @dataclass(frozen=True)
 class Condition:
-    type: str
+    type: str  # a ConditionType
     status: str  # "True" | "False" | "Unknown"
-    reason: str
+    reason: str  # a ConditionReason, a PhaseReason or a facts.Reason
     message: str
     last_transition_time: str
 
@@ -67,7 +100,7 @@ class BootInfo:
 
 @dataclass(frozen=True)
 class ErrorInfo:
-    reason: str
+    reason: str  # a facts.Reason
     message: str
     at: str
 
@@ -79,6 +112,14 @@ class Holder:
     cmdline: str
     ours: bool
     uid: int = -1
+
+
+class SpareReason(StrEnum):
+    """Why a stray is spared (never signalled); its ``StrayInfo.why`` says it in words."""
+
+    NO_CONFLICT = "NoConflict"  # holds neither the wanted engine's port nor GPU memory
+    OTHER_USER = "OtherUser"  # in the way, but runs as a uid outside the engine's strays.users
+    FORGED_COOKIE = "ForgedCookie"  # this install's cookie on another uid's process
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from reconciler.kit import isotime
+
 TIME_SCALE_ENV = "AILAYER_TIME_SCALE"
 
 
@@ -136,4 +138,4 @@ def real_seconds(seconds: float) -> float:
 
 def iso(ts: datetime | None = None) -> str:
     """ISO-8601 with milliseconds and zone, the format of every timestamp we write."""
-    return (ts or clock.now()).astimezone().isoformat(timespec="milliseconds")
+    return isotime.iso(ts or clock.now())

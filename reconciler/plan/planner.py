@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from reconciler.domain.catalog import Engine
 from reconciler.domain.facts import Failure, Observation, Proc, Reason
-from reconciler.domain.status import Phase
+from reconciler.domain.status import Phase, PhaseReason, SpareReason
 from reconciler.plan.ownership import Unit, View, classify
 
 # A stray that comes back this many times within the window is being restarted by
@@ -99,7 +99,7 @@ class Memory:
 @dataclass(frozen=True)
 class Verdict:
     phase: Phase
-    reason: str
+    reason: Reason | PhaseReason  # a failure's own reason, else why the phase holds
     message: str
 
 
@@ -108,6 +108,7 @@ class Spared:
     """A stray we recognise but may not kill, and why: reported, never signalled."""
 
     unit: Unit
+    reason: SpareReason
     why: str
 
 
@@ -172,14 +173,15 @@ def _conflict(unit: Unit, engine: Engine | None, obs: Observation) -> str | None
     return None
 
 
-def _spare_reason(unit: Unit, engine: Engine | None, obs: Observation) -> str | None:
-    """Why a stray must not be killed, or None when it conflicts and may be."""
+def _spare(unit: Unit, engine: Engine | None, obs: Observation) -> Spared | None:
+    """The stray spared, and why; None when it is in the wanted engine's way and may be killed."""
     conflict = _conflict(unit, engine, obs)
     if engine is None or conflict is None:
-        return "does not hold the wanted engine's port or GPU memory"
+        return Spared(unit, SpareReason.NO_CONFLICT, "does not hold the wanted engine's port or GPU memory")
     strangers = sorted(unit.uids() - engine.strays.uids)
     if strangers:
-        return f"{conflict}, but runs as uid {strangers[0]}, not one of {engine.name}'s strays.users"
+        return Spared(unit, SpareReason.OTHER_USER,
+                      f"{conflict}, but runs as uid {strangers[0]}, not one of {engine.name}'s strays.users")
     return None
 
 
@@ -222,14 +224,14 @@ def plan(
     respawners: list[Unit] = []
     for proc in view.forged:
         model = proc.cookie.model if proc.cookie else "?"
-        spared.append(Spared(Unit(model, None, (proc,), proc.create_time),
+        spared.append(Spared(Unit(model, None, (proc,), proc.create_time), SpareReason.FORGED_COOKIE,
                              f"carries this install's cookie but runs as uid {proc.uid}: forged, never ours"))
     for unit in view.units:
         if unit is keeper:
             continue
-        why_spared = _spare_reason(unit, engine, obs) if unit.instance is None else None
-        if why_spared is not None:
-            spared.append(Spared(unit, why_spared))
+        kept_alive = _spare(unit, engine, obs) if unit.instance is None else None
+        if kept_alive is not None:
+            spared.append(kept_alive)
             continue
         if unit.instance is None and (unit.model in respawning or _respawning(unit.model, memory, now)):
             respawning.add(unit.model)
@@ -251,16 +253,13 @@ def plan(
     memory = replace(memory, stray_kills=stray_kills, respawning=frozenset(respawning))
 
     if engine is None:
-        phase = Phase.STOPPING if killable else Phase.IDLE
-        reason = "Stopping" if killable else "NoModelSelected"
-        message = ("stopping surplus engines" if killable
-                   else "no model selected; waiting for the toggle")
+        idle = Verdict(Phase.IDLE, PhaseReason.NO_MODEL_SELECTED, "no model selected; waiting for the toggle")
+        verdict = Verdict(Phase.STOPPING, PhaseReason.STOPPING, "stopping surplus engines") if killable else idle
         if respawners:
-            phase, reason, message = Phase.FAILED, "EngineRespawning", notes[-1]
-        idle = Verdict(Phase.IDLE, "NoModelSelected", "no model selected; waiting for the toggle")
-        return Plan(tuple(actions), Verdict(phase, reason, message), memory,
+            verdict = Verdict(Phase.FAILED, Reason.ENGINE_RESPAWNING, notes[-1])
+        return Plan(tuple(actions), verdict, memory,
                     requeue_after=0.0 if actions else IDLE_RESYNC_S, notes=tuple(notes),
-                    then=idle if phase is Phase.STOPPING else None, spared=tuple(spared))
+                    then=idle if verdict.phase is Phase.STOPPING else None, spared=tuple(spared))
 
     if keeper is not None:
         result = _plan_keeper(engine, keeper, adopted, obs, memory, actions, notes)
@@ -311,7 +310,7 @@ def _plan_keeper(
                          f"main process {gone}; port {engine.port} is held by {who}")
         message = (f"port {engine.port} is listened on by {who}, not by {engine.name}'s "
                    "instance; nothing is proxied to it")
-        squatted = done(Verdict(Phase.LOADING, "PortSquatted", message), memory, PORT_POLL_S * 4)
+        squatted = done(Verdict(Phase.LOADING, Reason.PORT_SQUATTED, message), memory, PORT_POLL_S * 4)
         return replace(squatted, port_holders=squatters)
     if ready:
         since = memory.ready_since or now
@@ -321,7 +320,7 @@ def _plan_keeper(
         memory = replace(memory, ready_since=since, liveness_failures=0,
                          restarts=restarts, backoff_until=None, warmup_failed_at=None)
         how = "adopted a running engine" if adopted else "engine answers its readiness probe"
-        return replace(done(Verdict(Phase.READY, "Ready", how), memory, READY_RESYNC_S),
+        return replace(done(Verdict(Phase.READY, PhaseReason.READY, how), memory, READY_RESYNC_S),
                        watch=keeper.instance)
 
     detail = probe.detail if probe else "not probed"
@@ -336,7 +335,7 @@ def _plan_keeper(
             memory = replace(memory, liveness_failures=failures)
             msg = (f"health check failed ({detail}), {failures}/{engine.liveness_failures}; "
                    "re-checking before restarting it")
-            return done(Verdict(Phase.DEGRADED, "ProbeFailing", msg), memory, engine.ready.period_s)
+            return done(Verdict(Phase.DEGRADED, PhaseReason.PROBE_FAILING, msg), memory, engine.ready.period_s)
         return _fail(engine, keeper, obs, memory, actions, notes, Reason.ENGINE_UNRESPONSIVE,
                      f"engine stopped answering after READY: {detail}")
 
@@ -354,7 +353,7 @@ def _plan_keeper(
     if obs.warmup and obs.warmup.startswith("failed") and memory.warmup_failed_at is None:
         memory = replace(memory, warmup_failed_at=now)
     message = f"loading: {detail}" if obs.warmup is None else f"loading: warm-up {obs.warmup}"
-    loading = done(Verdict(Phase.LOADING, "Loading", message), memory,
+    loading = done(Verdict(Phase.LOADING, PhaseReason.LOADING, message), memory,
                    probe_interval(engine, now - keeper.started_at))
     if not obs.listening.get(engine.port) and now - keeper.started_at < LISTEN_WATCH_S:
         return replace(loading, await_listen=engine.port)
@@ -394,7 +393,7 @@ def _fail(
     actions.append(Kill(keeper.procs, str(failure), ((keeper.model, keeper.instance),)))
     memory = replace(memory, tracked=None, ready_since=None, liveness_failures=0,
                      restarts=restarts, backoff_until=obs.now + delay, last_failure=failure)
-    verdict = Verdict(Phase.FAILED, reason.value, f"{message}; restart {restarts} in {delay:.0f} s")
+    verdict = Verdict(Phase.FAILED, reason, f"{message}; restart {restarts} in {delay:.0f} s")
     return Plan(tuple(actions), verdict, memory, requeue_after=0.0, notes=tuple(notes))
 
 
@@ -427,11 +426,11 @@ def _plan_start(
     if memory.backoff_until is not None and now < memory.backoff_until:
         wait = memory.backoff_until - now
         message = f"{memory.last_failure}; restart {memory.restarts} in {wait:.0f} s"
-        return plan_of(Verdict(Phase.FAILED, "CrashLoopBackOff", message), wait)
+        return plan_of(Verdict(Phase.FAILED, PhaseReason.CRASH_LOOP_BACK_OFF, message), wait)
 
     blockers = [u for u in respawners if u.listens_on(engine.port)]
     if blockers:
-        return plan_of(Verdict(Phase.FAILED, "EngineRespawning", notes[-1]), PORT_POLL_S * 4,
+        return plan_of(Verdict(Phase.FAILED, Reason.ENGINE_RESPAWNING, notes[-1]), PORT_POLL_S * 4,
                        blockers[0].procs)
     foreign = view.foreign_listeners.get(engine.port, ()) + tuple(
         p for s in spared if s.unit.listens_on(engine.port) for p in s.unit.procs
@@ -439,20 +438,20 @@ def _plan_start(
     if foreign:
         who = ", ".join(f"pid {p.pid} (uid {p.uid}, {p.name})" for p in foreign)
         message = f"port {engine.port} is held by {who}, not an engine we may stop; waiting for it"
-        return plan_of(Verdict(Phase.WAITING_PORT, "PortHeldByForeignProcess", message),
+        return plan_of(Verdict(Phase.WAITING_PORT, PhaseReason.PORT_HELD_BY_FOREIGN_PROCESS, message),
                        PORT_POLL_S, foreign)
     port_free = obs.port_free.get(engine.port, True)
     if not port_free and not killable:
         message = f"port {engine.port} is busy and its holder is not visible to us; waiting"
-        return plan_of(Verdict(Phase.WAITING_PORT, "PortBusy", message), PORT_POLL_S)
+        return plan_of(Verdict(Phase.WAITING_PORT, Reason.PORT_BUSY, message), PORT_POLL_S)
     if killable or not port_free:
         actions.append(AwaitPort(engine.host, engine.port, "the old engine must release it first"))
     attempt = memory.restarts + 1
     why = "desired model is not running" if memory.restarts == 0 else f"retry after {memory.last_failure}"
     actions.append(Start(engine.name, attempt, why))
-    loading = Verdict(Phase.LOADING, "Starting", f"starting {engine.name} on port {engine.port}")
+    loading = Verdict(Phase.LOADING, PhaseReason.STARTING, f"starting {engine.name} on port {engine.port}")
     if killable:
-        stopping = Verdict(Phase.STOPPING, "Switching",
+        stopping = Verdict(Phase.STOPPING, PhaseReason.SWITCHING,
                            f"stopping the old engine, then starting {engine.name}")
         return plan_of(stopping, MIN_PROBE_INTERVAL_S, then=loading)
     return plan_of(loading, MIN_PROBE_INTERVAL_S)

@@ -15,7 +15,7 @@ import pytest
 
 from reconciler.domain.catalog import demo
 from reconciler.domain.facts import Cookie, Gpu, GpuProc, Observation, Probe, Proc, Reason, Record
-from reconciler.domain.status import Phase
+from reconciler.domain.status import Phase, SpareReason
 from reconciler.plan.planner import (
     LISTEN_WATCH_S,
     RESPAWN_LIMIT,
@@ -205,8 +205,10 @@ def test_spared_strays_are_reported_with_the_reason() -> None:
     result = plan(None, ENGINES, obs(vllm(10, listens=ON_V)), Memory(), NS)
     (spared,) = result.spared
     assert spared.unit.pids == [10] and "does not hold the wanted engine's port" in spared.why
+    assert spared.reason is SpareReason.NO_CONFLICT
     other = plan("gpt-oss", ENGINES, obs(vllm(10, listens=ON_V, uid=USER), port_free=False), Memory(), NS)
     assert "runs as uid 1000" in other.spared[0].why
+    assert other.spared[0].reason is SpareReason.OTHER_USER
 
 
 def test_forged_cookie_is_reported_never_killed_nor_kept() -> None:
@@ -216,6 +218,7 @@ def test_forged_cookie_is_reported_never_killed_nor_kept() -> None:
     assert result.actions == ()
     assert (result.verdict.phase, result.verdict.reason) == (Phase.LOADING, "PortSquatted")
     assert [s.unit.pids for s in result.spared] == [[70]] and "forged" in result.spared[0].why
+    assert result.spared[0].reason is SpareReason.FORGED_COOKIE
 
 
 def test_squatter_is_named_and_not_probed_into_ready() -> None:

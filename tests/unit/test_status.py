@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from reconciler.domain.status import (
     with_revision,
 )
 from reconciler.kit import schemas
+from reconciler.kit.isotime import iso
 from reconciler.observe.progress import BootProgress
 from reconciler.plan import planner, report
 from reconciler.plan.planner import Memory
@@ -262,8 +263,12 @@ def record_of(pid: int, started: float) -> Record:
     return Record("gpt-oss", "a1", started, leader_pid=pid, leader_create_time=started)
 
 
+COMPOSED_AT = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
+
+
 def compose(desired: str | None, obs: Observation, memory: Memory, previous: Status | None = None,
-            errors: tuple[Failure, ...] = (), booting: BootProgress | None = None) -> Status:
+            errors: tuple[Failure, ...] = (), booting: BootProgress | None = None,
+            at: datetime = COMPOSED_AT) -> Status:
     cat = catalog.demo(Path("/srv"))
     result = planner.plan(desired, cat.engines, obs, memory, NS)
     p = report.PassInput(catalog=cat, desired_model=desired, desired_generation=2, observed_generation=2,
@@ -271,7 +276,7 @@ def compose(desired: str | None, obs: Observation, memory: Memory, previous: Sta
                          recap={"spawned": 0}, leader_pid=None,
                          identity={"mode": "record", "reason": "test", "port_holders": "sock_diag"},
                          progress=booting)
-    return report.compose(p, previous, Gpu(False, "no GPU in tests"))
+    return report.compose(p, previous, Gpu(False, "no GPU in tests"), report.Stamp(at, 4242, "boot-1"))
 
 
 def observation(*procs: Proc, probe: Probe | None = None, free: bool = True) -> Observation:
@@ -325,6 +330,14 @@ def test_boot_progress_is_gone_once_ready() -> None:
     assert ready.phase is Phase.READY and ready.boot is None
 
 
+def test_the_report_writes_the_stamp_it_is_given() -> None:
+    """The report reads no clock, pid nor boot id: the caller's stamp is what the document says."""
+    composed = compose(None, observation(), Memory(), at=COMPOSED_AT)
+    assert (composed.reconciler["pid"], composed.reconciler["boot_id"]) == (4242, "boot-1")
+    assert composed.reconciler["heartbeat"] == composed.phase_since == iso(COMPOSED_AT)
+    assert {c.last_transition_time for c in composed.conditions} == {iso(COMPOSED_AT)}
+
+
 def test_composed_status_with_an_error_validates_and_keeps_times_across_passes() -> None:
     errors = (Failure(Reason.INVALID_DESIRED_STATE, "desired_state.yaml: field 'model': bad"),)
     first = compose(None, observation(), Memory(), errors=errors)
@@ -332,7 +345,8 @@ def test_composed_status_with_an_error_validates_and_keeps_times_across_passes()
     desired_valid = next(c for c in first.conditions if c.type == "DesiredValid")
     assert desired_valid.status == "False"
     validate(json.loads(first.to_json()))
-    again = compose(None, observation(), Memory(), previous=first, errors=errors)
+    again = compose(None, observation(), Memory(), previous=first, errors=errors,
+                    at=COMPOSED_AT + timedelta(seconds=5))
     assert again.revision == first.revision
     assert again.last_error == first.last_error
     assert again.phase_since == first.phase_since
