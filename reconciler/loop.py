@@ -18,7 +18,7 @@ from pathlib import Path
 from reconciler.act import cgroups, killer
 from reconciler.act.executor import Executor, Outcome
 from reconciler.act.spawn import Spawned, raw_log_path
-from reconciler.domain import desired, status
+from reconciler.domain import desired, generation, status
 from reconciler.domain.catalog import Catalog, CatalogSource, Engine
 from reconciler.domain.facts import Failure, Gpu, Observation, Probe, Proc, Reason
 from reconciler.domain.status import Phase, Status
@@ -124,9 +124,8 @@ class Reconciler:
             errors.append(Failure(Reason.INVALID_DESIRED_STATE, f"{exc}; keeping the last good desired state"))
         else:
             if not self._settling(wish) and not self._flapping(wish):
-                # The reported generation never goes back, even when a hand edit lowers the file's.
                 changed = self.last_good is None or wish.model != self.last_good.model
-                self._desired_counter = max(self._desired_counter + int(changed), wish.generation or 0)
+                self._desired_counter = generation.to_report(self._desired_counter, wish.generation, changed)
                 self.last_good = wish
         return self._after_reboot(self.last_good or desired.Desired(None), errors)
 
@@ -293,7 +292,7 @@ class Reconciler:
         if check:
             return PassResult(the_plan, None, None)
         errors.extend(Failure(Reason.ENGINE_RESPAWNING, note) for note in the_plan.notes)
-        generation = self._desired_counter
+        number = self._desired_counter
         outcome = Outcome()
 
         def report(current: Plan, units: Iterable[Unit]) -> Status:
@@ -301,7 +300,7 @@ class Reconciler:
             last_line, leader, booting = self._follow(units, active)
             recap = {"ok": int(not current.actions), "changed": outcome.changed,
                      "failed": outcome.failed + int(current.verdict.phase is Phase.FAILED)}
-            new = compose(PassInput(self.catalog, wish.model, generation, generation, current, obs,
+            new = compose(PassInput(self.catalog, wish.model, number, number, current, obs,
                                     tuple(errors), last_line, recap, leader, self._identity(),
                                     _memory(current.active), booting),
                           self.previous, self._gpu_sample())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from reconciler.domain import generation
 from reconciler.domain.catalog import Catalog
 from reconciler.domain.desired import Desired, UnknownModel, parse
 from reconciler.kit import clock, schemas, yamlfile
@@ -64,24 +65,24 @@ def _writer_lock(path: Path) -> Iterator[None]:
 
 
 def write(catalog: Catalog, model: str | None, requested_by: str | None = None) -> Desired:
-    """The reference writer for frontends: validate, bump the generation, replace atomically.
+    """The reference writer for frontends: validate, number the toggle, replace atomically.
 
-    The generation only ever rises: above the file's and above what the reconciler reported
-    (a hand edit may drop it), and concurrent writers never share one.
+    The number is ``generation.to_write`` (why: see reconciler.domain.generation), taken
+    under the writer lock so concurrent writers never share one.
     """
     path = catalog.desired_path
     if model is not None and model not in catalog.engines:
         raise UnknownModel(path, model, catalog.names())
     ensure_dir(path.parent)
     with _writer_lock(path):
-        generation = max(_previous_generation(path), _observed_generation(catalog)) + 1
-        return _replace(path, model, generation, requested_by)
+        number = generation.to_write(_previous_generation(path), _observed_generation(catalog))
+        return _replace(path, model, number, requested_by)
 
 
-def _replace(path: Path, model: str | None, generation: int, requested_by: str | None) -> Desired:
+def _replace(path: Path, model: str | None, number: int, requested_by: str | None) -> Desired:
     document = {
         "model": model,
-        "generation": generation,
+        "generation": number,
         "requested_by": requested_by or _whoami(),
         "requested_at": clock.iso(),
     }
@@ -91,7 +92,7 @@ def _replace(path: Path, model: str | None, generation: int, requested_by: str |
     schemas.validate("desired_state", document, path)
     header = "# Written by ailayer toggle. model: a catalog name, or null for none (IDLE).\n"
     write_atomic(path, header + yaml.safe_dump(document, sort_keys=False))
-    return Desired(model, generation)
+    return Desired(model, number)
 
 
 def _whoami() -> str:
