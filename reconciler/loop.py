@@ -203,7 +203,7 @@ class Reconciler:
         engines = self.catalog.engines
         # Before the process table: a warm-up that answered "done" had its processes (Ollama's
         # runner) started before it, so the table read next has them too.
-        warmups = self.executor.warmup_states()
+        warmups = self.executor.warmups.states()
         obs = self._snapshot()
         engine = engines.get(wanted) if wanted else None
         if engine is None:

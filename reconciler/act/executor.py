@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,11 +15,12 @@ from reconciler.act import cgroups, killer
 from reconciler.act.cgroups import Mode
 from reconciler.act.records import Records
 from reconciler.act.spawn import Spawned, new_cookie, spawn
+from reconciler.act.warmup import Warmups
 from reconciler.domain.catalog import Engine
 from reconciler.domain.facts import Failure, Proc, Reason, Record
 from reconciler.kit import clock
 from reconciler.kit.logs import ActivityLog
-from reconciler.observe import ports, probe
+from reconciler.observe import ports
 from reconciler.plan.planner import Action, AwaitPort, Kill, Start, Warmup
 
 # After SIGKILL the kernel releases a listening socket at once, but a foreign process can
@@ -58,8 +58,7 @@ class Executor:
         self.records = Records(state_dir)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.exits: dict[str, str] = {}
-        self.warmups: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self.warmups = Warmups(log)
 
     def reap(self) -> None:
         """Collect exit statuses of engines we spawned (no zombies, and we learn why they died)."""
@@ -68,11 +67,6 @@ class Executor:
             if code is not None:
                 self.exits[instance] = _describe_exit(code)
                 del self.children[instance]
-
-    def warmup_states(self) -> dict[str, str]:
-        """instance -> "pending", "done" or "failed: …", as of now."""
-        with self._lock:
-            return dict(self.warmups)
 
     def run(
         self,
@@ -139,7 +133,7 @@ class Executor:
                            f"instance {cookie.instance} on port {engine.port}")
             return True
         if isinstance(action, Warmup):
-            self._warmup(engines[action.model], action.instance)
+            self.warmups.start(engines[action.model], action.instance)
             return True
         raise TypeError(f"unknown action {action!r}")
 
@@ -187,19 +181,6 @@ class Executor:
             if record.instance not in live and record.instance not in self.children and (
                     record.cgroup is None or not cgroups.populated(Path(record.cgroup))):
                 self._forget(record)
-
-    def _warmup(self, engine: Engine, instance: str) -> None:
-        """In a thread: Ollama's preload can take as long as the boot budget allows."""
-        with self._lock:
-            self.warmups[instance] = "pending"
-
-        def send() -> None:
-            result = probe.warmup(engine, clock.real_seconds(engine.boot_timeout_s))
-            with self._lock:
-                self.warmups[instance] = result
-            self.log.event(f"warm-up of {engine.name}: {result}")
-
-        threading.Thread(target=send, name=f"warmup-{instance}", daemon=True).start()
 
 
 def _create_time(pid: int) -> float | None:
