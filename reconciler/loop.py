@@ -18,7 +18,7 @@ from pathlib import Path
 from reconciler.act import cgroups, killer
 from reconciler.act.executor import Executor, Outcome
 from reconciler.act.spawn import Spawned, raw_log_path
-from reconciler.domain import desired, generation, status
+from reconciler.domain import status
 from reconciler.domain.catalog import Catalog, CatalogSource, Engine
 from reconciler.domain.facts import Failure, Gpu, Observation, Probe, Proc, Reason
 from reconciler.domain.status import Phase, Status
@@ -26,31 +26,21 @@ from reconciler.kit import clock
 from reconciler.kit.bootid import current_boot_id
 from reconciler.kit.lock import AlreadyRunning, StateLock
 from reconciler.kit.logs import ActivityLog
-from reconciler.kit.schemas import InvalidFile
 from reconciler.observe import gather, gpu, ports, probe
 from reconciler.observe.follow import Follower
 from reconciler.observe.progress import BootProgress
 from reconciler.plan.ownership import Unit, View, classify
 from reconciler.plan.planner import Kill, Memory, Plan, backoff_delay, plan
 from reconciler.plan.report import PassInput, compose
+from reconciler.plan.wish import Wishes
 from reconciler.store import desired_file, state_file
 
-# A desired file that vanished or went empty must stay so this long before a running model
-# is stopped for it: a non-atomic write truncates the file for a moment.
-DESIRED_SETTLE_S = 1.0
 # GPU memory is informational; sampling NVML on every 1 s boot pass is not needed.
 GPU_EVERY_S = 10.0
 # A pass that raises is retried after resync_interval_s, doubling up to this.
 PASS_FAILURE_BACKOFF_MAX_S = 60.0
 MAX_PASS_ERROR_CHARS = 300
 MAX_PIDS_SHOWN = 10
-# A flapping desired file: a change of model within this window of the last one waits for
-# the window's end. When more than one toggle came since the change taken last (the writer
-# outruns the loop), the window doubles (to the max); one toggle resets it. So 5 s of writes
-# cost a handful of engine starts, not one per write, and a toggle after the last switch
-# settled costs no delay at all.
-FLAP_WINDOW_MIN_S = 0.1
-FLAP_WINDOW_MAX_S = 2.0
 # Passes started by file events come at most this often: a busy writer costs four passes a
 # second, not one per write. Passes the loop schedules itself never wait for it.
 WAKE_SPACING_S = 0.25
@@ -68,6 +58,7 @@ class PassResult:
     plan: Plan
     status: Status | None
     outcome: Outcome | None
+    recheck_in: float | None = None  # the desired file's rules want another pass this soon
 
 
 class Reconciler:
@@ -82,23 +73,16 @@ class Reconciler:
                                  withheld=(catalog.gate.token_env,))
         self.memory = Memory()
         self.previous: Status | None = self._load_previous()
-        self.last_good: desired.Desired | None = None
-        self._desired_counter = self.previous.desired_generation if self.previous else 0
+        self.wishes = Wishes(catalog.desired_path, self.previous.desired_generation if self.previous else 0,
+                             current_boot_id(), gather.boot_time())
         self._gpu: Gpu = Gpu(False, "not sampled yet")
         self._gpu_at = -GPU_EVERY_S
         self.wake = threading.Event()
-        self._absent_since: float | None = None
-        self._boot_id = current_boot_id()
-        self._booted_at = gather.boot_time()
-        self.recheck_in: float | None = None  # an early next pass asked for by this one
         # The READY engine health-checked between passes, and a failed check for the next pass.
         self._watch: tuple[Engine, str] | None = None
         self._failed_check: tuple[str, Probe] | None = None
         self._await_listen: int | None = None  # see Plan.await_listen
         self._woken_at = -WAKE_SPACING_S  # when the last pass that a wake started began
-        self._changed_at = -FLAP_WINDOW_MAX_S  # when the last change of model was taken
-        self._taken_generation = 0  # and the desired file's generation then
-        self._flap_window = FLAP_WINDOW_MIN_S
         # The state dir's lock, held by the CLI; re-taken each pass if the dir was removed.
         self.lock: StateLock | None = None
 
@@ -113,80 +97,6 @@ class Reconciler:
             return None
 
     # --- one pass -----------------------------------------------------------------------
-    def _read_desired(self, errors: list[Failure]) -> desired.Desired:
-        try:
-            wish = desired_file.read(self.catalog)
-        except desired.UnknownModel as exc:
-            self._absent_since = None  # the file is there: a later absence waits its own full second
-            errors.append(Failure(Reason.UNKNOWN_MODEL, f"{exc}; keeping the last good desired state"))
-        except InvalidFile as exc:
-            self._absent_since = None
-            errors.append(Failure(Reason.INVALID_DESIRED_STATE, f"{exc}; keeping the last good desired state"))
-        else:
-            if not self._settling(wish) and not self._flapping(wish):
-                changed = self.last_good is None or wish.model != self.last_good.model
-                self._desired_counter = generation.to_report(self._desired_counter, wish.generation, changed)
-                self.last_good = wish
-        return self._after_reboot(self.last_good or desired.Desired(None), errors)
-
-    def _after_reboot(self, wish: desired.Desired, errors: list[Failure]) -> desired.Desired:
-        """A model chosen before the machine rebooted counts as none until someone toggles
-        again (unless the catalog sets resume_after_reboot): a reboot must not start a
-        35-minute load nobody asked for. It is honoured once this boot honoured it (the last
-        state, of this boot, wanted it): a reconciler restart keeps and adopts as before."""
-        if wish.model is None or self.catalog.resume_after_reboot:
-            return wish
-        if not desired.before_this_boot(wish, self._boot_id, self._booted_at):
-            return wish
-        last = self.previous
-        if last is not None and last.reconciler.get("boot_id") == self._boot_id \
-                and last.desired_model == wish.model:
-            return wish
-        errors.append(Failure(Reason.CHOSEN_BEFORE_REBOOT,
-                              f"{wish.model!r} was chosen before this machine booted, so it is not "
-                              "loaded until someone toggles again (set resume_after_reboot: true in "
-                              "the catalog to load it anyway)"))
-        return replace(wish, model=None)
-
-    def _flapping(self, wish: desired.Desired) -> bool:
-        """A change of model within the flap window of the last one is held back (and looked at
-        again when the window ends); see FLAP_WINDOW_MIN_S for how the window grows."""
-        if self.last_good is None:
-            self._taken_generation = wish.generation or 0
-            return False
-        if wish.model == self.last_good.model:
-            return False
-        now = clock.monotonic()
-        since = now - self._changed_at
-        if since < self._flap_window:
-            wait = self._flap_window - since
-            self.recheck_in = wait if self.recheck_in is None else min(self.recheck_in, wait)
-            return True
-        # More than one toggle since the change taken last: the writer outruns the loop.
-        flapping = (wish.generation or 0) - self._taken_generation > 1
-        self._flap_window = min(self._flap_window * 2, FLAP_WINDOW_MAX_S) if flapping else FLAP_WINDOW_MIN_S
-        self._changed_at, self._taken_generation = now, wish.generation or 0
-        return False
-
-    def _settling(self, wish: desired.Desired) -> bool:
-        """A file that vanished or went empty while a model runs may be a non-atomic write
-        (``echo model: x > desired_state.yaml`` truncates first): wait DESIRED_SETTLE_S before
-        taking it for IDLE. An explicit ``model: null`` is acted on at once."""
-        running = self.last_good is not None and self.last_good.model is not None
-        if wish.explicit or wish.model is not None or not running:
-            self._absent_since = None
-            return False
-        now = clock.monotonic()
-        if self._absent_since is None:
-            self._absent_since = now
-            self.log.event(f"{self.catalog.desired_path} is missing or empty; treating it as IDLE "
-                           f"if it stays so for {DESIRED_SETTLE_S:g} s")
-        if now - self._absent_since < DESIRED_SETTLE_S:
-            self.recheck_in = DESIRED_SETTLE_S - (now - self._absent_since)
-            return True
-        self._absent_since = None
-        return False
-
     def _snapshot(self) -> Observation:
         """The process table with our instance records and their cgroups' members."""
         records = self.executor.records.load()
@@ -285,14 +195,19 @@ class Reconciler:
         self.source.refresh()
         if self.source.error:
             errors.append(Failure(Reason.INVALID_CATALOG, self.source.error))
-        wish = self._read_desired(errors)
+        taken = self.wishes.take(desired_file.look(self.catalog), clock.monotonic(), self.previous,
+                                 self.catalog.resume_after_reboot)
+        if taken.note:
+            self.log.event(taken.note)
+        errors.extend(taken.failures)
+        wish = taken.desired
         self.executor.reap()
         obs, view = self._observe(wish.model)
         the_plan = plan(wish.model, self.catalog.engines, obs, self.memory, self.namespace, view)
         if check:
-            return PassResult(the_plan, None, None)
+            return PassResult(the_plan, None, None, taken.recheck_in)
         errors.extend(Failure(Reason.ENGINE_RESPAWNING, note) for note in the_plan.notes)
-        number = self._desired_counter
+        number = taken.generation
         outcome = Outcome()
 
         def report(current: Plan, units: Iterable[Unit]) -> Status:
@@ -311,7 +226,7 @@ class Reconciler:
         units_before = view.units
         self.executor.prune(obs.records, {u.instance for u in units_before if u.instance is not None})
         if not the_plan.actions:
-            return PassResult(the_plan, report(the_plan, units_before), None)
+            return PassResult(the_plan, report(the_plan, units_before), None, taken.recheck_in)
         # Say what is about to happen before doing it: the gate stops proxying at once.
         report(the_plan, units_before)
         outcome = self.executor.run(the_plan.actions, self.catalog.engines, self._rescan,
@@ -332,7 +247,7 @@ class Reconciler:
                 started = self._started_unit(outcome.started)
                 units = (*units, started)
             after = replace(after, active=started)
-        return PassResult(after, report(after, units), outcome)
+        return PassResult(after, report(after, units), outcome, taken.recheck_in)
 
     def _started_unit(self, spawned: Spawned) -> Unit:
         """The engine just spawned, without a scan of the table: its leader and its record
@@ -419,11 +334,10 @@ class Reconciler:
                         self.log.event(f"lost the state dir lock ({exc}); this loop stops", "error")
                         break
                 try:
-                    self.recheck_in = None
                     self._watch, self._await_listen = None, None
                     result = self.step()
                     delay = min(result.plan.requeue_after, self.catalog.resync_interval_s,
-                                self.recheck_in if self.recheck_in is not None else float("inf"))
+                                result.recheck_in if result.recheck_in is not None else float("inf"))
                     self._watch = self._watched(result.plan)
                     self._await_listen = result.plan.await_listen
                     failed_passes = 0

@@ -16,6 +16,7 @@ import yaml
 from reconciler.domain import generation
 from reconciler.domain.catalog import Catalog
 from reconciler.domain.desired import Desired, UnknownModel, parse
+from reconciler.domain.facts import Failure, Reason
 from reconciler.kit import clock, schemas, yamlfile
 from reconciler.kit.atomicfile import ensure_dir, write_atomic
 from reconciler.kit.bootid import current_boot_id
@@ -31,6 +32,16 @@ def read(catalog: Catalog) -> Desired:
     except FileNotFoundError:
         return Desired(None, explicit=False)
     return replace(parse(document, path, catalog), written_at=written_at)
+
+
+def look(catalog: Catalog) -> Desired | Failure:
+    """The file as the loop takes it: a wish, or as a value why it cannot be one."""
+    try:
+        return read(catalog)
+    except UnknownModel as exc:
+        return Failure(Reason.UNKNOWN_MODEL, str(exc))
+    except InvalidFile as exc:
+        return Failure(Reason.INVALID_DESIRED_STATE, str(exc))
 
 
 def _previous_generation(path: Path) -> int:
