@@ -5,16 +5,13 @@ Drives ``plan.wish.Wishes`` only (no loop, no processes): the rule is about time
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from reconciler.domain.catalog import Catalog, Identity, demo
+from reconciler.domain.catalog import Catalog, demo
 from reconciler.kit.bootid import current_boot_id
 from reconciler.kit.clock import FakeClock
-from reconciler.kit.logs import ActivityLog
-from reconciler.loop import Reconciler
 from reconciler.plan.wish import DESIRED_SETTLE_S, Wishes
 from reconciler.store import desired_file
 
@@ -55,19 +52,3 @@ def test_explicit_null_acts_at_once(wishes: Wishes, catalog: Catalog, fake_clock
     assert wanted(wishes, catalog, fake_clock) == "gpt-oss"
     desired_file.write(catalog, None)
     assert wanted(wishes, catalog, fake_clock) is None
-
-
-def test_a_failing_pass_is_reported_and_backs_off(fake_clock: FakeClock, tmp_path: Path) -> None:
-    """An exception in a pass: PassFailed in the state, a moving heartbeat, doubling delays."""
-    catalog = replace(demo(tmp_path), identity=Identity(mode="record"), log_file=tmp_path / "a.log")
-    rec = Reconciler(catalog, ActivityLog(catalog.log_file, catalog.state_dir))
-    first = rec.step()  # a good pass first: there is a state to keep
-    assert first.status is not None
-    delays = [rec._pass_failed(ValueError("embedded null byte"), n) for n in range(1, 9)]
-    assert delays == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0, 60.0, 60.0]
-    assert rec.previous is not None and rec.previous.last_error is not None
-    assert rec.previous.last_error.reason == "PassFailed"
-    assert "8 time(s) in a row" in rec.previous.last_error.message
-    assert rec.previous.phase is first.status.phase  # the last good state is kept
-    log = rec.catalog.log_file.read_text()
-    assert log.count("pass failed: ValueError: embedded null byte") == 1
