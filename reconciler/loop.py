@@ -3,11 +3,14 @@
 Level-triggered like a Kubernetes controller: every pass starts from the files and the
 process table, never from remembered events, so a missed watchdog event costs at most one
 resync interval.
+
+A pass (``Reconciler.step``) reads observe → plan → act → publish, each in its own room:
+``plan.wish`` (which desired state to act on), ``scanner`` (the machine), ``plan.planner``
+(what to do), ``act.executor`` (doing it) and ``publisher`` (the observed state).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import threading
@@ -15,42 +18,28 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from reconciler.act import cgroups, killer
+from reconciler.act import cgroups
 from reconciler.act.executor import Executor, Outcome
-from reconciler.act.spawn import Spawned, raw_log_path
-from reconciler.domain import desired, status
+from reconciler.act.records import Records
+from reconciler.act.spawn import raw_log_path
 from reconciler.domain.catalog import Catalog, CatalogSource, Engine
-from reconciler.domain.facts import Failure, Gpu, Observation, Probe, Proc, Reason
+from reconciler.domain.facts import Failure, Observation, Reason
 from reconciler.domain.status import Phase, Status
 from reconciler.kit import clock
 from reconciler.kit.bootid import current_boot_id
 from reconciler.kit.lock import AlreadyRunning, StateLock
 from reconciler.kit.logs import ActivityLog
-from reconciler.kit.schemas import InvalidFile
-from reconciler.observe import follow, gather, gpu, ports, probe
+from reconciler.observe import follow, gather, ports, probe
 from reconciler.observe.follow import Follower
 from reconciler.observe.progress import BootProgress
-from reconciler.plan.ownership import Unit, View, classify
-from reconciler.plan.planner import Kill, Memory, Plan, backoff_delay, plan
-from reconciler.plan.report import PassInput, Stamp, compose
-from reconciler.store import desired_file, state_file
+from reconciler.plan.ownership import Unit
+from reconciler.plan.planner import Memory, Plan, backoff_delay, plan
+from reconciler.plan.report import PassInput
+from reconciler.plan.wish import Taken, Wishes
+from reconciler.publisher import Publisher
+from reconciler.scanner import Scanner, memory_of
+from reconciler.store import desired_file
 
-# A desired file that vanished or went empty must stay so this long before a running model
-# is stopped for it: a non-atomic write truncates the file for a moment.
-DESIRED_SETTLE_S = 1.0
-# GPU memory is informational; sampling NVML on every 1 s boot pass is not needed.
-GPU_EVERY_S = 10.0
-# A pass that raises is retried after resync_interval_s, doubling up to this.
-PASS_FAILURE_BACKOFF_MAX_S = 60.0
-MAX_PASS_ERROR_CHARS = 300
-MAX_PIDS_SHOWN = 10
-# A flapping desired file: a change of model within this window of the last one waits for
-# the window's end. When more than one toggle came since the change taken last (the writer
-# outruns the loop), the window doubles (to the max); one toggle resets it. So 5 s of writes
-# cost a handful of engine starts, not one per write, and a toggle after the last switch
-# settled costs no delay at all.
-FLAP_WINDOW_MIN_S = 0.1
-FLAP_WINDOW_MAX_S = 2.0
 # Passes started by file events come at most this often: a busy writer costs four passes a
 # second, not one per write. Passes the loop schedules itself never wait for it.
 WAKE_SPACING_S = 0.25
@@ -68,6 +57,7 @@ class PassResult:
     plan: Plan
     status: Status | None
     outcome: Outcome | None
+    recheck_in: float | None = None  # the desired file's rules want another pass this soon
 
 
 class Reconciler:
@@ -78,27 +68,19 @@ class Reconciler:
         self.log = log
         self.follower = Follower(log, self.state_dir)
         self.mode = cgroups.detect(self.namespace, catalog.identity)
-        self.executor = Executor(self.state_dir, self.namespace, log, self.mode,
-                                 withheld=(catalog.gate.token_env,))
+        self.publisher = Publisher(catalog.observed_path, log)
+        last = self.publisher.previous
+        self.wishes = Wishes(catalog.desired_path, last.desired_generation if last else 0,
+                             current_boot_id(), gather.boot_time())
+        records = Records(self.state_dir)  # one set, written by the executor, read by the scanner
+        self.scanner = Scanner(self.source, self.namespace, self.mode, records)
+        self.executor = Executor(self.state_dir, self.namespace, log, self.mode, records, self.scanner,
+                                 self.publisher.kill_progress, withheld=(catalog.gate.token_env,))
         self.memory = Memory()
-        self.previous: Status | None = self._load_previous()
-        self.last_good: desired.Desired | None = None
-        self._desired_counter = self.previous.desired_generation if self.previous else 0
-        self._gpu: Gpu = Gpu(False, "not sampled yet")
-        self._gpu_at = -GPU_EVERY_S
         self.wake = threading.Event()
-        self._absent_since: float | None = None
-        self._boot_id = current_boot_id()
-        self._booted_at = gather.boot_time()
-        self.recheck_in: float | None = None  # an early next pass asked for by this one
-        # The READY engine health-checked between passes, and a failed check for the next pass.
-        self._watch: tuple[Engine, str] | None = None
-        self._failed_check: tuple[str, Probe] | None = None
+        self._watch: tuple[Engine, str] | None = None  # the READY engine health-checked between passes
         self._await_listen: int | None = None  # see Plan.await_listen
         self._woken_at = -WAKE_SPACING_S  # when the last pass that a wake started began
-        self._changed_at = -FLAP_WINDOW_MAX_S  # when the last change of model was taken
-        self._taken_generation = 0  # and the desired file's generation then
-        self._flap_window = FLAP_WINDOW_MIN_S
         # The state dir's lock, held by the CLI; re-taken each pass if the dir was removed.
         self.lock: StateLock | None = None
 
@@ -106,150 +88,58 @@ class Reconciler:
     def catalog(self) -> Catalog:
         return self.source.catalog
 
-    def _load_previous(self) -> Status | None:
-        try:
-            return status.from_dict(state_file.read_raw(self.catalog.observed_path))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
     # --- one pass -----------------------------------------------------------------------
-    def _read_desired(self, errors: list[Failure]) -> desired.Desired:
-        try:
-            wish = desired_file.read(self.catalog)
-        except desired.UnknownModel as exc:
-            self._absent_since = None  # the file is there: a later absence waits its own full second
-            errors.append(Failure(Reason.UNKNOWN_MODEL, f"{exc}; keeping the last good desired state"))
-        except InvalidFile as exc:
-            self._absent_since = None
-            errors.append(Failure(Reason.INVALID_DESIRED_STATE, f"{exc}; keeping the last good desired state"))
-        else:
-            if not self._settling(wish) and not self._flapping(wish):
-                # The reported generation never goes back, even when a hand edit lowers the file's.
-                changed = self.last_good is None or wish.model != self.last_good.model
-                self._desired_counter = max(self._desired_counter + int(changed), wish.generation or 0)
-                self.last_good = wish
-        return self._after_reboot(self.last_good or desired.Desired(None), errors)
+    def step(self, check: bool = False) -> PassResult:
+        """One pass: observe, plan, act, publish. With ``check`` it only plans: nothing is
+        changed and nothing is written."""
+        # Observe: the catalog, the desired file (through its rules over time), the machine.
+        errors: list[Failure] = []
+        self.source.refresh()
+        if self.source.error:
+            errors.append(Failure(Reason.INVALID_CATALOG, self.source.error))
+        taken = self.wishes.take(desired_file.look(self.catalog), clock.monotonic(), self.publisher.previous,
+                                 self.catalog.resume_after_reboot)
+        if taken.note:
+            self.log.event(taken.note)
+        errors.extend(taken.failures)
+        wanted = taken.desired.model
+        self.executor.reap()
+        obs, view = self.scanner.look(wanted, self.memory.ready_since is not None, self.executor.warmups,
+                                      self.executor.exits)
+        # Plan: pure, from the observation alone.
+        the_plan = plan(wanted, self.catalog.engines, obs, self.memory, self.namespace, view)
+        if check:
+            return PassResult(the_plan, None, None, taken.recheck_in)
+        errors.extend(Failure(Reason.ENGINE_RESPAWNING, note) for note in the_plan.notes)
+        self.memory = the_plan.memory
+        self.executor.prune(obs.records, {u.instance for u in view.units if u.instance is not None})
+        if not the_plan.actions:
+            return PassResult(the_plan, self._publish(taken, obs, errors, the_plan, view.units, Outcome()),
+                              None, taken.recheck_in)
+        # Act, once the state says what is about to happen: the gate stops proxying at once.
+        self._publish(taken, obs, errors, the_plan, view.units, Outcome())
+        outcome = self.executor.run(the_plan.actions, self.catalog.engines)
+        self.memory = self._remember(the_plan, outcome, wanted, obs.now)
+        errors.extend(outcome.errors)
+        units, started = self.scanner.units_after(the_plan.actions, outcome, view.units, self.executor.exits)
+        after = the_plan if outcome.stopped_early or the_plan.then is None else replace(the_plan, verdict=the_plan.then)
+        if started is not None:
+            after = replace(after, active=started)
+        # Publish what the actions left (the plan's next verdict, where all went as planned).
+        return PassResult(after, self._publish(taken, obs, errors, after, units, outcome), outcome, taken.recheck_in)
 
-    def _after_reboot(self, wish: desired.Desired, errors: list[Failure]) -> desired.Desired:
-        """A model chosen before the machine rebooted counts as none until someone toggles
-        again (unless the catalog sets resume_after_reboot): a reboot must not start a
-        35-minute load nobody asked for. It is honoured once this boot honoured it (the last
-        state, of this boot, wanted it): a reconciler restart keeps and adopts as before."""
-        if wish.model is None or self.catalog.resume_after_reboot:
-            return wish
-        if not desired.before_this_boot(wish, self._boot_id, self._booted_at):
-            return wish
-        last = self.previous
-        if last is not None and last.reconciler.get("boot_id") == self._boot_id \
-                and last.desired_model == wish.model:
-            return wish
-        errors.append(Failure(Reason.CHOSEN_BEFORE_REBOOT,
-                              f"{wish.model!r} was chosen before this machine booted, so it is not "
-                              "loaded until someone toggles again (set resume_after_reboot: true in "
-                              "the catalog to load it anyway)"))
-        return replace(wish, model=None)
-
-    def _flapping(self, wish: desired.Desired) -> bool:
-        """A change of model within the flap window of the last one is held back (and looked at
-        again when the window ends); see FLAP_WINDOW_MIN_S for how the window grows."""
-        if self.last_good is None:
-            self._taken_generation = wish.generation or 0
-            return False
-        if wish.model == self.last_good.model:
-            return False
-        now = clock.monotonic()
-        since = now - self._changed_at
-        if since < self._flap_window:
-            wait = self._flap_window - since
-            self.recheck_in = wait if self.recheck_in is None else min(self.recheck_in, wait)
-            return True
-        # More than one toggle since the change taken last: the writer outruns the loop.
-        flapping = (wish.generation or 0) - self._taken_generation > 1
-        self._flap_window = min(self._flap_window * 2, FLAP_WINDOW_MAX_S) if flapping else FLAP_WINDOW_MIN_S
-        self._changed_at, self._taken_generation = now, wish.generation or 0
-        return False
-
-    def _settling(self, wish: desired.Desired) -> bool:
-        """A file that vanished or went empty while a model runs may be a non-atomic write
-        (``echo model: x > desired_state.yaml`` truncates first): wait DESIRED_SETTLE_S before
-        taking it for IDLE. An explicit ``model: null`` is acted on at once."""
-        running = self.last_good is not None and self.last_good.model is not None
-        if wish.explicit or wish.model is not None or not running:
-            self._absent_since = None
-            return False
-        now = clock.monotonic()
-        if self._absent_since is None:
-            self._absent_since = now
-            self.log.event(f"{self.catalog.desired_path} is missing or empty; treating it as IDLE "
-                           f"if it stays so for {DESIRED_SETTLE_S:g} s")
-        if now - self._absent_since < DESIRED_SETTLE_S:
-            self.recheck_in = DESIRED_SETTLE_S - (now - self._absent_since)
-            return True
-        self._absent_since = None
-        return False
-
-    def _snapshot(self) -> Observation:
-        """The process table with our instance records and their cgroups' members."""
-        records = self.executor.records.load()
-        procs = gather.processes()  # before the members: a fork in between is then in the cgroup
-        members = {r.instance: cgroups.procs(Path(r.cgroup)) for r in records if r.cgroup}
-        return Observation(now=clock.now().timestamp(), procs=procs,
-                           self_pids=gather.self_and_ancestors(), self_uid=os.geteuid(),
-                           records=records, members=members, exits=dict(self.executor.exits),
-                           gpu=self._gpu_sample(), identity=self.mode.name)
-
-    def _observe(self, wanted: str | None) -> tuple[Observation, View]:
-        """The pass's observation and its one classification (the planner is handed it:
-        classifying 2,000 processes costs ~20 ms, and it was done four times a pass)."""
-        engines = self.catalog.engines
-        # Before the process table: a warm-up that answered "done" had its processes (Ollama's
-        # runner) started before it, so the table read next has them too.
-        warmups = self.executor.warmup_states()
-        obs = self._snapshot()
-        engine = engines.get(wanted) if wanted else None
-        if engine is None:
-            return obs, classify(obs, engines, self.namespace)
-        # Where the engine's socket most likely is: our instances' members and leaders.
-        likely = [pid for pids in obs.members.values() for pid in pids]
-        likely += [r.leader_pid for r in obs.records if r.leader_pid is not None]
-        # One read of the socket table per pass; listeners only once READY (ours listens).
-        full = self.memory.ready_since is None
-        sockets = ports.table(bound=full)
-        holders = gather.port_holders(engine.port, likely, sockets)
-        port_free = not holders and ports.is_free(engine.host, engine.port, sockets if full else None)
-        listening = frozenset(pid for pid, listens in holders.items() if listens)
-        obs = replace(obs, procs=gather.with_holders(obs.procs, engine.port, holders),
-                      listening={engine.port: listening})
-        view = classify(obs, engines, self.namespace)
-        mine = [u for u in view.of_model(engine.name) if u.record is not None or u.instance is None]
-        # Probe only a listener that belongs to this engine: a squatter never gets our probe
-        # (nor, so, READY), and a foreign holder that accepts and never answers would hold
-        # every pass for a whole probe timeout.
-        ours_listen = any(listening & set(u.pids) for u in mine)
-        instance = next((u.instance for u in mine if u.instance), None)
-        failed, self._failed_check = self._failed_check, None
-        if failed is not None and failed[0] == instance:
-            result = failed[1]  # the check between passes that woke this pass: seconds old at most
-        elif ours_listen:
-            ready = self.memory.ready_since is not None
-            result = probe.check(engine, engine.liveness_timeout_s if ready else None)
-        else:
-            result = Probe(False, _not_listening(mine, engine.port))
-        return replace(obs, port_free={engine.port: port_free}, probe=result,
-                       warmup=warmups.get(instance) if instance else None), view
-
-    def _rescan(self, keys: tuple[tuple[str, str | None], ...]) -> Iterable[Proc]:
-        view = classify(self._snapshot(), self.catalog.engines, self.namespace)
-        return [p for u in view.units if (u.model, u.instance) in keys for p in u.procs]
-
-    def _identity(self) -> dict[str, str]:
-        return {"mode": self.mode.name, "reason": self.mode.reason, "port_holders": ports.observer()}
-
-    def _gpu_sample(self) -> Gpu:
-        now = clock.monotonic()
-        if now - self._gpu_at >= GPU_EVERY_S:
-            self._gpu, self._gpu_at = gpu.observe(), now
-        return self._gpu
+    def _publish(self, taken: Taken, obs: Observation, errors: list[Failure], current: Plan,
+                 units: Iterable[Unit], outcome: Outcome) -> Status:
+        """The state as of now in the pass, with the engines' output read up to now."""
+        active = current.active.model if current.active else None
+        last_line, leader, booting = self._follow(units, active)
+        recap = {"ok": int(not current.actions), "changed": outcome.changed,
+                 "failed": outcome.failed + int(current.verdict.phase is Phase.FAILED)}
+        identity = {"mode": self.mode.name, "reason": self.mode.reason, "port_holders": ports.observer()}
+        return self.publisher.publish(
+            PassInput(self.catalog, taken.desired.model, taken.generation, taken.generation, current, obs,
+                      tuple(errors), last_line, recap, leader, identity, memory_of(current.active), booting),
+            self.scanner.gpu_sample())
 
     def _follow(self, units: Iterable[Unit],
                 active: str | None) -> tuple[str | None, int | None, BootProgress | None]:
@@ -281,69 +171,6 @@ class Reconciler:
                 booting = self.follower.progress(path)
         return last, leader, booting
 
-    def step(self, check: bool = False) -> PassResult:
-        """One pass. With ``check`` nothing is changed and nothing is written."""
-        errors: list[Failure] = []
-        self.source.refresh()
-        if self.source.error:
-            errors.append(Failure(Reason.INVALID_CATALOG, self.source.error))
-        wish = self._read_desired(errors)
-        self.executor.reap()
-        obs, view = self._observe(wish.model)
-        the_plan = plan(wish.model, self.catalog.engines, obs, self.memory, self.namespace, view)
-        if check:
-            return PassResult(the_plan, None, None)
-        errors.extend(Failure(Reason.ENGINE_RESPAWNING, note) for note in the_plan.notes)
-        generation = self._desired_counter
-        outcome = Outcome()
-
-        def report(current: Plan, units: Iterable[Unit]) -> Status:
-            active = current.active.model if current.active else None
-            last_line, leader, booting = self._follow(units, active)
-            recap = {"ok": int(not current.actions), "changed": outcome.changed,
-                     "failed": outcome.failed + int(current.verdict.phase is Phase.FAILED)}
-            new = compose(PassInput(self.catalog, wish.model, generation, generation, current, obs,
-                                    tuple(errors), last_line, recap, leader, self._identity(),
-                                    _memory(current.active), booting),
-                          self.previous, self._gpu_sample(), Stamp(clock.now(), os.getpid(), current_boot_id()))
-            self._publish(new)
-            return new
-
-        self.memory = the_plan.memory
-        units_before = view.units
-        self.executor.prune(obs.records, {u.instance for u in units_before if u.instance is not None})
-        if not the_plan.actions:
-            return PassResult(the_plan, report(the_plan, units_before), None)
-        # Say what is about to happen before doing it: the gate stops proxying at once.
-        report(the_plan, units_before)
-        outcome = self.executor.run(the_plan.actions, self.catalog.engines, self._rescan,
-                                    self._kill_progress)
-        self.memory = self._remember(the_plan, outcome, wish.model, obs.now)
-        errors.extend(outcome.errors)
-        after = the_plan
-        if not outcome.stopped_early and the_plan.then is not None:
-            after = replace(the_plan, verdict=the_plan.then)
-        if outcome.stopped_early:  # something did not go as planned: look again
-            units = classify(self._snapshot(), self.catalog.engines, self.namespace).units
-        else:  # every kill was verified: what is left is known without a scan
-            killed = {key for a in the_plan.actions if isinstance(a, Kill) for key in a.units}
-            units = tuple(u for u in units_before if (u.model, u.instance) not in killed)
-        if outcome.started is not None:
-            started = next((u for u in units if u.instance == outcome.started.cookie.instance), None)
-            if started is None:
-                started = self._started_unit(outcome.started)
-                units = (*units, started)
-            after = replace(after, active=started)
-        return PassResult(after, report(after, units), outcome)
-
-    def _started_unit(self, spawned: Spawned) -> Unit:
-        """The engine just spawned, without a scan of the table: its leader and its record
-        (so the state names its pid at once, and its output is followed from the start)."""
-        cookie = spawned.cookie
-        leader = gather.process(spawned.process.pid)
-        return Unit(cookie.model, cookie.instance, (leader,) if leader is not None else (), cookie.started_at,
-                    self.executor.records.written(cookie.instance))
-
     def _remember(self, the_plan: Plan, outcome: Outcome, model: str | None, now: float) -> Memory:
         memory = the_plan.memory
         if outcome.started is not None:
@@ -363,37 +190,6 @@ class Reconciler:
             return replace(memory, backoff_until=memory.backoff_until + max(0.0, spent))
         return memory
 
-    def _kill_progress(self, alive: tuple[int, ...], waited_s: float) -> None:
-        """A kill that waits long (a driver freeing tens of GB of VRAM) keeps the state
-        flowing: what is still alive and for how long, with a fresh heartbeat."""
-        old = self.previous
-        if old is None:
-            return
-        shown = ", ".join(map(str, alive[:MAX_PIDS_SHOWN])) + (" …" if len(alive) > MAX_PIDS_SHOWN else "")
-        message = (f"stopping: {len(alive)} process(es) still alive {waited_s:.0f} s after SIGKILL "
-                   f"(pids {shown}); waiting up to {killer.KILL_VERIFY_S:g} s for the kernel to free them")
-        if waited_s < 2 * killer.PROGRESS_EVERY_S:
-            self.log.event(message)
-        beat = {**old.reconciler, "heartbeat": clock.iso()}
-        new = status.with_revision(replace(old, message=message, reconciler=beat), old)
-        with contextlib.suppress(OSError):
-            state_file.write(self.catalog.observed_path, new)
-        self.previous = new
-
-    def _publish(self, new: Status) -> None:
-        old = self.previous
-        if old is None or old.phase != new.phase or old.message != new.message:
-            self.log.event(f"phase {new.phase.value}: {new.message}")
-        if new.last_error and (old is None or old.last_error != new.last_error):
-            self.log.event(f"error {new.last_error.reason}: {new.last_error.message}", "error")
-        self.log.event(f"pass: phase {new.phase.value}, revision {new.revision}, recap {new.recap}",
-                       "debug")
-        try:
-            state_file.write(self.catalog.observed_path, new)
-        except OSError as exc:
-            self.log.event(f"cannot write {self.catalog.observed_path}: {exc}; will retry", "error")
-        self.previous = new
-
     # --- the loop -----------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         from reconciler.observe.watch import watch
@@ -404,7 +200,7 @@ class Reconciler:
         files = [self.catalog.desired_path]
         if self.source.path is not None:
             files.append(self.source.path.resolve())
-        observer = watch(files, self.wake)
+        watcher = watch(files, self.wake)
         self.log.event(f"reconciler started (pid {os.getpid()}, {self.catalog.source}, "
                        f"desired state {self.catalog.desired_path}, state dir {self.state_dir})")
         self.log.event(f"engine identity: {self.mode.name} mode: {self.mode.reason}; "
@@ -421,23 +217,22 @@ class Reconciler:
                         self.log.event(f"lost the state dir lock ({exc}); this loop stops", "error")
                         break
                 try:
-                    self.recheck_in = None
                     self._watch, self._await_listen = None, None
                     result = self.step()
                     delay = min(result.plan.requeue_after, self.catalog.resync_interval_s,
-                                self.recheck_in if self.recheck_in is not None else float("inf"))
+                                result.recheck_in if result.recheck_in is not None else float("inf"))
                     self._watch = self._watched(result.plan)
                     self._await_listen = result.plan.await_listen
                     failed_passes = 0
                 except Exception as exc:  # the loop must outlive any single bad pass
                     failed_passes += 1
-                    delay = self._pass_failed(exc, failed_passes)
+                    delay = self.publisher.pass_failed(exc, failed_passes, self.catalog.resync_interval_s)
                 if delay > 0 and self._idle(delay):
                     self._coalesce(stop)
                 if stop.is_set():
                     break
         finally:
-            observer.stop()
+            watcher.stop()
             follower.join(timeout=clock.real_seconds(2.0))
 
     def _watched(self, the_plan: Plan) -> tuple[Engine, str] | None:
@@ -482,7 +277,7 @@ class Reconciler:
                 return False  # the pass itself checks the engine
             check = probe.check(engine, engine.liveness_timeout_s)
             if not check.ok or check.json_ok is False:
-                self._failed_check = (instance, check)
+                self.scanner.failed_check(instance, check)
                 return False
         return False
 
@@ -493,55 +288,13 @@ class Reconciler:
             clock.sleep(wait, stop)
         self._woken_at = clock.monotonic()
 
-    def _pass_failed(self, exc: Exception, count: int) -> float:
-        """Say it (state, log) and back off: a pass that fails the same way every time must
-        neither spin nor look like a dead reconciler to the gate."""
-        what = f"{type(exc).__name__}: {str(exc)[:MAX_PASS_ERROR_CHARS]}"
-        delay = min(self.catalog.resync_interval_s * 2.0 ** (count - 1), PASS_FAILURE_BACKOFF_MAX_S)
-        if count == 1 or self.previous is None or self.previous.last_error is None \
-                or what not in self.previous.last_error.message:
-            self.log.event(f"pass failed: {what}; retrying with backoff up to {PASS_FAILURE_BACKOFF_MAX_S:g} s",
-                           "error")
-        if self.previous is not None:
-            message = f"a reconciler pass failed {count} time(s) in a row (next try in {delay:.0f} s): {what}"
-            error = status.ErrorInfo(Reason.PASS_FAILED.value, message, clock.iso())
-            beat = {**self.previous.reconciler, "heartbeat": clock.iso()}
-            new = status.with_revision(replace(self.previous, last_error=error, reconciler=beat),
-                                       self.previous)
-            with contextlib.suppress(OSError):
-                state_file.write(self.catalog.observed_path, new)
-            self.previous = new
-        return delay
-
     def mark_stopped(self, engines_stopped: bool) -> None:
-        """A clean stop leaves a state that says so: the gate and ``ailayer status`` need not
-        wait for the heartbeat to age (they showed READY 32 s after Ctrl-C)."""
-        if self.previous is None:
-            return
-        new = status.stopped(self.previous, clock.iso(), engines_stopped)
-        with contextlib.suppress(OSError):
-            state_file.write(self.catalog.observed_path, new)
-        self.previous = new
+        self.publisher.mark_stopped(engines_stopped)
 
     def stop_engines(self) -> None:
-        """--stop-on-exit: converge to nothing before leaving."""
-        obs = self._snapshot()
+        """--stop-on-exit: converge to nothing before leaving. Quietly: no pass is running whose
+        state a long kill could keep flowing (the CLI marks the state stopped next)."""
+        obs = self.scanner.snapshot(self.executor.exits)
         idle = plan(None, self.catalog.engines, obs, Memory(), self.namespace)
-        self.executor.run(idle.actions, self.catalog.engines, self._rescan)
+        self.executor.run(idle.actions, self.catalog.engines, quiet=True)
         self.follower.poll()
-
-
-def _not_listening(units: list[Unit], port: int) -> str:
-    bound = any(port in p.listens for u in units for p in u.procs)
-    return f"port {port} bound, not listening yet" if bound else "not listening yet"
-
-
-def _memory(unit: Unit | None) -> tuple[int | None, str | None]:
-    """The engine's memory: its cgroup's memory.current where kept, else its members' RSS."""
-    if unit is None or not unit.procs:
-        return None, None
-    if unit.record is not None and unit.record.cgroup is not None:
-        current = cgroups.memory_bytes(Path(unit.record.cgroup))
-        if current is not None:
-            return current, "cgroup"
-    return gather.rss(unit.pids), "rss"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 
@@ -16,11 +16,12 @@ from reconciler.act import cgroups, killer
 from reconciler.act.cgroups import Mode
 from reconciler.act.records import Records
 from reconciler.act.spawn import Spawned, new_cookie, spawn
+from reconciler.act.warmup import Warmups
 from reconciler.domain.catalog import Engine
 from reconciler.domain.facts import Failure, Proc, Reason, Record
 from reconciler.kit import clock
 from reconciler.kit.logs import ActivityLog
-from reconciler.observe import ports, probe
+from reconciler.observe import ports
 from reconciler.plan.planner import Action, AwaitPort, Kill, Start, Warmup
 
 # After SIGKILL the kernel releases a listening socket at once, but a foreign process can
@@ -39,6 +40,13 @@ class Outcome:
     stopped_early: bool = False
 
 
+class Rescan(Protocol):
+    """A fresh look at the process table (the loop's scanner): a kill that is not confined
+    to cgroups re-checks its units for forks made after the plan's scan."""
+
+    def procs_of(self, units: tuple[tuple[str, str | None], ...]) -> Iterable[Proc]: ...
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         return f"was killed by signal {-code}"
@@ -46,20 +54,25 @@ def _describe_exit(code: int) -> str:
 
 
 class Executor:
-    """Owns the side effects: child processes, warm-up threads, kills, port waits."""
+    """Owns the side effects: child processes, warm-up threads, kills, port waits.
 
-    def __init__(self, state_dir: Path, namespace: str, log: ActivityLog, mode: Mode,
-                 withheld: tuple[str, ...] = ()) -> None:
+    Given at construction what its actions need from outside: the instance records (shared
+    with the scanner), a ``rescan`` for kills, and where a long kill's ``progress`` goes
+    (the publisher: the state keeps flowing while the kernel frees VRAM)."""
+
+    def __init__(self, state_dir: Path, namespace: str, log: ActivityLog, mode: Mode, records: Records,
+                 rescan: Rescan, progress: killer.Progress | None = None, withheld: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
         self.withheld = withheld
         self.namespace = namespace
         self.log = log
         self.mode = mode
-        self.records = Records(state_dir)
+        self.records = records
+        self.rescan = rescan
+        self.progress = progress
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.exits: dict[str, str] = {}
-        self.warmups: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self.warmups = Warmups(log)
 
     def reap(self) -> None:
         """Collect exit statuses of engines we spawned (no zombies, and we learn why they died)."""
@@ -69,23 +82,12 @@ class Executor:
                 self.exits[instance] = _describe_exit(code)
                 del self.children[instance]
 
-    def warmup_states(self) -> dict[str, str]:
-        """instance -> "pending", "done" or "failed: …", as of now."""
-        with self._lock:
-            return dict(self.warmups)
-
-    def run(
-        self,
-        actions: Iterable[Action],
-        engines: Mapping[str, Engine],
-        rescan: Callable[[tuple[tuple[str, str | None], ...]], Iterable[Proc]],
-        progress: killer.Progress | None = None,
-    ) -> Outcome:
-        """``progress`` hears what a kill is still waiting for (see killer.Progress)."""
+    def run(self, actions: Iterable[Action], engines: Mapping[str, Engine], quiet: bool = False) -> Outcome:
+        """``quiet``: a long kill's progress goes nowhere (no pass is running to publish it)."""
         outcome = Outcome()
         for action in actions:
             self.log.event(f"changed: {action.describe()}")
-            ok = self._do(action, engines, rescan, outcome, progress)
+            ok = self._do(action, engines, outcome, None if quiet else self.progress)
             if ok:
                 outcome.changed += 1
             else:
@@ -98,12 +100,11 @@ class Executor:
         self,
         action: Action,
         engines: Mapping[str, Engine],
-        rescan: Callable[[tuple[tuple[str, str | None], ...]], Iterable[Proc]],
         outcome: Outcome,
         progress: killer.Progress | None,
     ) -> bool:
         if isinstance(action, Kill):
-            return self._kill(action, rescan, outcome, killer.Ticker(progress))
+            return self._kill(action, outcome, killer.Ticker(progress))
         if isinstance(action, AwaitPort):
             deadline = clock.monotonic() + PORT_RELEASE_WAIT_S
             while not ports.is_free(action.host, action.port):
@@ -139,17 +140,11 @@ class Executor:
                            f"instance {cookie.instance} on port {engine.port}")
             return True
         if isinstance(action, Warmup):
-            self._warmup(engines[action.model], action.instance)
+            self.warmups.start(engines[action.model], action.instance)
             return True
         raise TypeError(f"unknown action {action!r}")
 
-    def _kill(
-        self,
-        action: Kill,
-        rescan: Callable[[tuple[tuple[str, str | None], ...]], Iterable[Proc]],
-        outcome: Outcome,
-        tick: killer.Ticker,
-    ) -> bool:
+    def _kill(self, action: Kill, outcome: Outcome, tick: killer.Ticker) -> bool:
         """cgroup.kill each doomed instance's cgroup, SIGKILL the other targets, prove all gone."""
         doomed = {i for _, i in action.units if i is not None}
         records = [r for r in self.records.load() if r.instance in doomed]
@@ -161,8 +156,8 @@ class Executor:
         # Cgroup instances only: their late forks are in their cgroups, which wait_empty
         # kills and waits out; the process table need not be read again.
         only_groups = len(groups) == len(action.units)
-        result = killer.cleanup_active_processes(
-            action.targets, (lambda: ()) if only_groups else (lambda: rescan(action.units)), self.reap, tick)
+        rescan = (lambda: ()) if only_groups else (lambda: self.rescan.procs_of(action.units))
+        result = killer.cleanup_active_processes(action.targets, rescan, self.reap, tick)
         full = [str(g) for g in groups if not cgroups.wait_empty(g, deadline, tick)]
         if not result.ok:
             outcome.errors.append(Failure(Reason.KILL_FAILED, f"pids {list(result.survivors)} survived SIGKILL"))
@@ -187,19 +182,6 @@ class Executor:
             if record.instance not in live and record.instance not in self.children and (
                     record.cgroup is None or not cgroups.populated(Path(record.cgroup))):
                 self._forget(record)
-
-    def _warmup(self, engine: Engine, instance: str) -> None:
-        """In a thread: Ollama's preload can take as long as the boot budget allows."""
-        with self._lock:
-            self.warmups[instance] = "pending"
-
-        def send() -> None:
-            result = probe.warmup(engine, clock.real_seconds(engine.boot_timeout_s))
-            with self._lock:
-                self.warmups[instance] = result
-            self.log.event(f"warm-up of {engine.name}: {result}")
-
-        threading.Thread(target=send, name=f"warmup-{instance}", daemon=True).start()
 
 
 def _create_time(pid: int) -> float | None:

@@ -131,13 +131,33 @@ class Gpu:
     processes: tuple[GpuProc, ...] = ()
 
 
+class WarmupPhase(StrEnum):
+    """Where an instance's warm-up request stands (``reconciler.act.warmup`` sends it)."""
+
+    PENDING = "pending"  # sent, no answer yet (Ollama answers when the model is loaded)
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class WarmupState:
+    """A warm-up's phase, and for FAILED what went wrong. Its text ("pending", "done",
+    "failed: <why>") is what the observed state's loading message shows."""
+
+    phase: WarmupPhase
+    why: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.phase.value}: {self.why}" if self.phase is WarmupPhase.FAILED else self.phase.value
+
+
 @dataclass(frozen=True)
 class Observation:
     now: float  # epoch seconds from the clock seam
     procs: tuple[Proc, ...]
     port_free: dict[int, bool] = field(default_factory=dict)
     probe: Probe | None = None
-    warmup: str | None = None  # None | "pending" | "done" | "failed: <why>"
+    warmup: WarmupState | None = None  # None: no warm-up sent to the desired engine's instance
     exits: dict[str, str] = field(default_factory=dict)  # instance id -> how it ended
     gpu: Gpu = Gpu(False, "not gathered")
     self_pids: frozenset[int] = frozenset()  # the reconciler and its ancestors: never targets

@@ -1,49 +1,14 @@
-"""HTTP checks against an engine: readiness, the optional JSON check, and the warm-up request."""
+"""HTTP checks against an engine: readiness and the optional JSON check. Read-only: GETs only
+(the warm-up request, which makes Ollama load a model, is ``reconciler.act.warmup``'s)."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 from reconciler.domain.catalog import Engine
 from reconciler.domain.facts import Probe
-
-# What a dead, slow or hostile engine can make a request raise. http.client's own errors
-# (IncompleteRead, BadStatusLine, LineTooLong) are neither OSError nor ValueError, and one
-# escaping here failed every pass and killed the warm-up thread for good.
-PROBE_ERRORS = (OSError, ValueError, http.client.HTTPException)
-
-# Loopback engines must never be reached through an HTTP proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _request(url: str, timeout_s: float, method: str = "GET", body: Any = None) -> tuple[int, bytes]:
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} if data is not None else {}
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310
-    try:
-        with _OPENER.open(request, timeout=timeout_s) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
-
-
-def _timed_out(exc: BaseException) -> bool:
-    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-    return isinstance(reason, TimeoutError)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.URLError):
-        exc = exc.reason if isinstance(exc.reason, BaseException) else exc
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (not listening yet)"
-    if isinstance(exc, TimeoutError):
-        return "probe timed out"
-    return f"{type(exc).__name__}: {exc}"
+from reconciler.kit.loopback import ERRORS, describe, request, timed_out
 
 
 def walk(document: Any, path: str) -> list[Any]:
@@ -75,9 +40,9 @@ def check(engine: Engine, timeout_s: float | None = None) -> Probe:
     ready = engine.ready
     limit = ready.timeout_s if timeout_s is None else timeout_s
     try:
-        status, body = _request(engine.url(ready.url), limit)
-    except PROBE_ERRORS as exc:
-        return Probe(False, _describe(exc))
+        status, body = request(engine.url(ready.url), limit)
+    except ERRORS as exc:
+        return Probe(False, describe(exc))
     if status != ready.status:
         snippet = body[:120].decode("utf-8", "replace").strip()
         return Probe(False, f"HTTP {status} {snippet}".strip())
@@ -85,26 +50,13 @@ def check(engine: Engine, timeout_s: float | None = None) -> Probe:
         return Probe(True, f"HTTP {status}")
     jc = ready.json_check
     try:
-        _, jbody = _request(engine.url(jc.url), limit)
+        _, jbody = request(engine.url(jc.url), limit)
         found = jc.equals in walk(json.loads(jbody), jc.path)
-    except PROBE_ERRORS as exc:
-        if _timed_out(exc):
+    except ERRORS as exc:
+        if timed_out(exc):
             why = f"still loading: {jc.url} did not answer within {limit:g} s (it waits for the load)"
             return Probe(True, f"HTTP {status}; {why}", json_ok=False)
-        return Probe(True, f"HTTP {status}; JSON check: {_describe(exc)}", json_ok=False)
+        return Probe(True, f"HTTP {status}; JSON check: {describe(exc)}", json_ok=False)
     why = "" if found else f"; {jc.equals!r} not yet at {jc.path} of {jc.url}"
     return Probe(True, f"HTTP {status}{why}", json_ok=found)
 
-
-def warmup(engine: Engine, timeout_s: float) -> str:
-    """Send the warm-up request; returns "done" or "failed: <why>". Blocks up to ``timeout_s``."""
-    warm = engine.ready.warmup
-    if warm is None:
-        return "done"
-    try:
-        status, body = _request(engine.url(warm.url), timeout_s, warm.method, warm.json)
-    except PROBE_ERRORS as exc:
-        return f"failed: {_describe(exc)}"
-    if 200 <= status < 300:
-        return "done"
-    return f"failed: HTTP {status} {body[:200].decode('utf-8', 'replace').strip()}"

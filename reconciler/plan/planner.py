@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from reconciler.domain.catalog import Engine
-from reconciler.domain.facts import Failure, Observation, Proc, Reason
+from reconciler.domain.facts import Failure, Observation, Proc, Reason, WarmupPhase
 from reconciler.domain.status import Phase, PhaseReason, SpareReason
 from reconciler.plan.ownership import Unit, View, classify
 
@@ -294,7 +294,8 @@ def _plan_keeper(
     # Ollama before 0.32.4 lists a model in /api/ps as soon as its runner starts: only the
     # warm-up's answer says the load finished (docs/ENGINES.md). An adopted engine someone
     # else started gets no warm-up from us: its listing is all there is.
-    warm_done = engine.ready.warmup is None or obs.warmup == "done" or adopted
+    warm = obs.warmup.phase if obs.warmup is not None else None
+    warm_done = engine.ready.warmup is None or warm is WarmupPhase.DONE or adopted
     json_ok = probe is not None and (probe.json_ok is None or probe.json_ok)
     ready = probe is not None and probe.ok and json_ok and warm_done
     def done(verdict: Verdict, mem: Memory, requeue: float) -> Plan:
@@ -345,12 +346,12 @@ def _plan_keeper(
                      f"not ready after {engine.boot_timeout_s:.0f} s boot budget ({detail})")
     if (
         probe is not None and probe.ok and engine.ready.warmup is not None
-        and keeper.instance is not None and obs.warmup != "pending"
-        and (obs.warmup is None or (memory.warmup_failed_at or 0) + engine.backoff_initial_s <= now)
-        and obs.warmup != "done"
+        and keeper.instance is not None and warm is not WarmupPhase.PENDING
+        and (warm is None or (memory.warmup_failed_at or 0) + engine.backoff_initial_s <= now)
+        and warm is not WarmupPhase.DONE
     ):
         actions.append(Warmup(engine.name, keeper.instance, "engine is up; ask it to load the model"))
-    if obs.warmup and obs.warmup.startswith("failed") and memory.warmup_failed_at is None:
+    if warm is WarmupPhase.FAILED and memory.warmup_failed_at is None:
         memory = replace(memory, warmup_failed_at=now)
     message = f"loading: {detail}" if obs.warmup is None else f"loading: warm-up {obs.warmup}"
     loading = done(Verdict(Phase.LOADING, PhaseReason.LOADING, message), memory,

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from reconciler.domain import generation
 from reconciler.domain.catalog import Catalog
 from reconciler.domain.desired import Desired, UnknownModel, parse
+from reconciler.domain.facts import Failure, Reason
 from reconciler.kit import clock, schemas, yamlfile
 from reconciler.kit.atomicfile import ensure_dir, write_atomic
 from reconciler.kit.bootid import current_boot_id
@@ -30,6 +32,16 @@ def read(catalog: Catalog) -> Desired:
     except FileNotFoundError:
         return Desired(None, explicit=False)
     return replace(parse(document, path, catalog), written_at=written_at)
+
+
+def look(catalog: Catalog) -> Desired | Failure:
+    """The file as the loop takes it: a wish, or as a value why it cannot be one."""
+    try:
+        return read(catalog)
+    except UnknownModel as exc:
+        return Failure(Reason.UNKNOWN_MODEL, str(exc))
+    except InvalidFile as exc:
+        return Failure(Reason.INVALID_DESIRED_STATE, str(exc))
 
 
 def _previous_generation(path: Path) -> int:
@@ -64,24 +76,24 @@ def _writer_lock(path: Path) -> Iterator[None]:
 
 
 def write(catalog: Catalog, model: str | None, requested_by: str | None = None) -> Desired:
-    """The reference writer for frontends: validate, bump the generation, replace atomically.
+    """The reference writer for frontends: validate, number the toggle, replace atomically.
 
-    The generation only ever rises: above the file's and above what the reconciler reported
-    (a hand edit may drop it), and concurrent writers never share one.
+    The number is ``generation.to_write`` (why: see reconciler.domain.generation), taken
+    under the writer lock so concurrent writers never share one.
     """
     path = catalog.desired_path
     if model is not None and model not in catalog.engines:
         raise UnknownModel(path, model, catalog.names())
     ensure_dir(path.parent)
     with _writer_lock(path):
-        generation = max(_previous_generation(path), _observed_generation(catalog)) + 1
-        return _replace(path, model, generation, requested_by)
+        number = generation.to_write(_previous_generation(path), _observed_generation(catalog))
+        return _replace(path, model, number, requested_by)
 
 
-def _replace(path: Path, model: str | None, generation: int, requested_by: str | None) -> Desired:
+def _replace(path: Path, model: str | None, number: int, requested_by: str | None) -> Desired:
     document = {
         "model": model,
-        "generation": generation,
+        "generation": number,
         "requested_by": requested_by or _whoami(),
         "requested_at": clock.iso(),
     }
@@ -91,7 +103,7 @@ def _replace(path: Path, model: str | None, generation: int, requested_by: str |
     schemas.validate("desired_state", document, path)
     header = "# Written by ailayer toggle. model: a catalog name, or null for none (IDLE).\n"
     write_atomic(path, header + yaml.safe_dump(document, sort_keys=False))
-    return Desired(model, generation)
+    return Desired(model, number)
 
 
 def _whoami() -> str:

@@ -14,7 +14,18 @@ from typing import Any
 import pytest
 
 from reconciler.domain.catalog import demo
-from reconciler.domain.facts import Cookie, Gpu, GpuProc, Observation, Probe, Proc, Reason, Record
+from reconciler.domain.facts import (
+    Cookie,
+    Gpu,
+    GpuProc,
+    Observation,
+    Probe,
+    Proc,
+    Reason,
+    Record,
+    WarmupPhase,
+    WarmupState,
+)
 from reconciler.domain.status import Phase, SpareReason
 from reconciler.plan.planner import (
     LISTEN_WATCH_S,
@@ -170,13 +181,14 @@ CASES: list[tuple[str, str | None, Observation, Memory, Phase, str, list[tuple[A
      Phase.LOADING, "Loading", [("Warmup", "gemma2", "bbbbbbb1")]),
     ("ollama warm-up pending: no second request", "gemma2",
      obs(ollama(30, listens=ON_O), records=(B1,), probe=Probe(True, "HTTP 200", json_ok=False),
-         warmup="pending"), TRACK_B1, Phase.LOADING, "Loading", []),
+         warmup=WarmupState(WarmupPhase.PENDING)), TRACK_B1, Phase.LOADING, "Loading", []),
     ("ollama ready once the model is listed and the warm-up answered", "gemma2",
-     obs(ollama(30, listens=ON_O), records=(B1,), probe=Probe(True, "HTTP 200", json_ok=True), warmup="done"),
+     obs(ollama(30, listens=ON_O), records=(B1,), probe=Probe(True, "HTTP 200", json_ok=True),
+         warmup=WarmupState(WarmupPhase.DONE)),
      TRACK_B1, Phase.READY, "Ready", []),
     ("old ollama lists a model still loading: not ready before the warm-up answers", "gemma2",
      obs(ollama(30, listens=ON_O), records=(B1,), probe=Probe(True, "HTTP 200", json_ok=True),
-         warmup="pending"), TRACK_B1, Phase.LOADING, "Loading", []),
+         warmup=WarmupState(WarmupPhase.PENDING)), TRACK_B1, Phase.LOADING, "Loading", []),
     ("adopted ollama already listing the model: one warm-up to be sure", "gemma2",
      obs(ollama(30, listens=ON_O), records=(B1,), probe=Probe(True, "HTTP 200", json_ok=True)), TRACK_B1,
      Phase.LOADING, "Loading", [("Warmup", "gemma2", "bbbbbbb1")]),

@@ -1,4 +1,5 @@
-"""reconciler.observe.probe against tiny real HTTP servers on loopback (threads, real sockets).
+"""reconciler.observe.probe and the warm-up (reconciler.act.warmup) against tiny real HTTP
+servers on loopback (threads, real sockets).
 
 The case that matters most: Ollama from 0.32.4 holds ``/api/ps`` until a load ends, so a
 JSON check that times out must read as "still loading", never as a failed probe.
@@ -14,7 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from reconciler.act import warmup
 from reconciler.domain.catalog import Engine, JsonCheck, ReadyProbe, Warmup
+from reconciler.domain.facts import WarmupPhase, WarmupState
 from reconciler.kit.freeport import free_port
 from reconciler.observe import probe
 
@@ -162,15 +165,16 @@ def test_nothing_listening_fails_the_probe() -> None:
 
 def test_warmup_sends_its_body_and_reports_done(fake: FakeEngine) -> None:
     fake.routes["/api/generate"] = Route(body={"done": True, "done_reason": "load"})
-    assert probe.warmup(ollama_engine(fake.port), timeout_s=5.0) == "done"
+    assert warmup.send(ollama_engine(fake.port), timeout_s=5.0) == WarmupState(WarmupPhase.DONE)
     method, path, body = fake.seen[-1]
     assert (method, path, json.loads(body)) == ("POST", "/api/generate", {"model": SERVED, "keep_alive": -1})
 
 
 def test_warmup_reports_an_engine_error(fake: FakeEngine) -> None:
     fake.routes["/api/generate"] = Route(500, {"error": "llama runner process has terminated: exit status 1"})
-    result = probe.warmup(ollama_engine(fake.port), timeout_s=5.0)
-    assert result.startswith("failed: HTTP 500") and "exit status 1" in result
+    result = warmup.send(ollama_engine(fake.port), timeout_s=5.0)
+    assert result.phase is WarmupPhase.FAILED and "exit status 1" in result.why
+    assert str(result).startswith("failed: HTTP 500")  # as the loading message shows it
 
 
 HOSTILE = {
@@ -205,5 +209,6 @@ def test_a_hostile_reply_is_a_failed_probe_never_an_exception(reply: bytes) -> N
                                          warmup=Warmup(url="/api/generate")))
         result = probe.check(engine)
         assert not result.ok and result.detail
-        assert probe.warmup(engine, PROBE_TIMEOUT_S).startswith("failed: ")
+        sent = warmup.send(engine, PROBE_TIMEOUT_S)
+        assert sent.phase is WarmupPhase.FAILED and str(sent).startswith("failed: ")
         thread.join(HOLD_S)

@@ -1,0 +1,108 @@
+"""Every write of the observed state (observed_state.json): the reconciler's one voice.
+
+The gate proxies, answers 503 or 428 by this file, and ``ailayer status`` and UIs show it.
+Each write carries the next revision and a fresh heartbeat (a state that stops moving reads
+as a dead reconciler). It is written:
+
+* by every pass (``publish``); a pass that acts also publishes first what is about to happen,
+  so the gate stops proxying to an engine before it is killed;
+* while a long kill waits for the kernel (``kill_progress``): who is still alive, and since when;
+* when a pass fails (``pass_failed``): the failure and the backoff, the last good state kept;
+* on a clean stop (``mark_stopped``): the gate need not wait for the heartbeat to age.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from reconciler.act import killer
+from reconciler.domain import status
+from reconciler.domain.facts import Gpu, Reason
+from reconciler.domain.status import Status
+from reconciler.kit import clock
+from reconciler.kit.bootid import current_boot_id
+from reconciler.kit.logs import ActivityLog
+from reconciler.plan.report import PassInput, Stamp, compose
+from reconciler.store import state_file
+
+# A pass that raises is retried after resync_interval_s, doubling up to this.
+PASS_FAILURE_BACKOFF_MAX_S = 60.0
+MAX_PASS_ERROR_CHARS = 300
+MAX_PIDS_SHOWN = 10
+
+
+class Publisher:
+    def __init__(self, path: Path, log: ActivityLog) -> None:
+        self.path = path
+        self.log = log
+        self.previous = self._load()  # the last state written (or found at start)
+
+    def _load(self) -> Status | None:
+        try:
+            return status.from_dict(state_file.read_raw(self.path))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def publish(self, p: PassInput, gpu: Gpu) -> Status:
+        """A pass's state, with what changed since the last in the log."""
+        new = compose(p, self.previous, gpu, Stamp(clock.now(), os.getpid(), current_boot_id()))
+        old = self.previous
+        if old is None or old.phase != new.phase or old.message != new.message:
+            self.log.event(f"phase {new.phase.value}: {new.message}")
+        if new.last_error and (old is None or old.last_error != new.last_error):
+            self.log.event(f"error {new.last_error.reason}: {new.last_error.message}", "error")
+        self.log.event(f"pass: phase {new.phase.value}, revision {new.revision}, recap {new.recap}",
+                       "debug")
+        try:
+            state_file.write(self.path, new)
+        except OSError as exc:
+            self.log.event(f"cannot write {self.path}: {exc}; will retry", "error")
+        self.previous = new
+        return new
+
+    def kill_progress(self, alive: tuple[int, ...], waited_s: float) -> None:
+        """A kill that waits long (a driver freeing tens of GB of VRAM) keeps the state
+        flowing: what is still alive and for how long, with a fresh heartbeat."""
+        old = self.previous
+        if old is None:
+            return
+        shown = ", ".join(map(str, alive[:MAX_PIDS_SHOWN])) + (" …" if len(alive) > MAX_PIDS_SHOWN else "")
+        message = (f"stopping: {len(alive)} process(es) still alive {waited_s:.0f} s after SIGKILL "
+                   f"(pids {shown}); waiting up to {killer.KILL_VERIFY_S:g} s for the kernel to free them")
+        if waited_s < 2 * killer.PROGRESS_EVERY_S:
+            self.log.event(message)
+        self._beat(replace(old, message=message))
+
+    def pass_failed(self, exc: Exception, count: int, resync_interval_s: float) -> float:
+        """Say it (state, log) and return the backoff: a pass that fails the same way every
+        time must neither spin nor look like a dead reconciler to the gate."""
+        what = f"{type(exc).__name__}: {str(exc)[:MAX_PASS_ERROR_CHARS]}"
+        delay = min(resync_interval_s * 2.0 ** (count - 1), PASS_FAILURE_BACKOFF_MAX_S)
+        old = self.previous
+        if count == 1 or old is None or old.last_error is None or what not in old.last_error.message:
+            self.log.event(f"pass failed: {what}; retrying with backoff up to {PASS_FAILURE_BACKOFF_MAX_S:g} s",
+                           "error")
+        if old is not None:
+            message = f"a reconciler pass failed {count} time(s) in a row (next try in {delay:.0f} s): {what}"
+            self._beat(replace(old, last_error=status.ErrorInfo(Reason.PASS_FAILED, message, clock.iso())))
+        return delay
+
+    def mark_stopped(self, engines_stopped: bool) -> None:
+        """A clean stop leaves a state that says so: the gate and ``ailayer status`` need not
+        wait for the heartbeat to age (they showed READY 32 s after Ctrl-C)."""
+        if self.previous is None:
+            return
+        self._write(status.stopped(self.previous, clock.iso(), engines_stopped))
+
+    def _beat(self, changed: Status) -> None:
+        """``changed`` (the last state with a new message or error) with a fresh heartbeat."""
+        beat = {**changed.reconciler, "heartbeat": clock.iso()}
+        self._write(status.with_revision(replace(changed, reconciler=beat), self.previous))
+
+    def _write(self, new: Status) -> None:
+        with contextlib.suppress(OSError):
+            state_file.write(self.path, new)
+        self.previous = new
