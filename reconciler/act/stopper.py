@@ -20,7 +20,7 @@ PROC_LOCKS = Path("/proc/locks")
 DOWN_SIGNAL = signal.SIGUSR1
 # How long `down` waits for the reconciler to stop its engines and exit: a pass may be in a
 # kill when asked (killer.KILL_VERIFY_S, 60 s), the stop then kills the engines (60 s more at
-# most) and the gate drains (cli.GATE_STOP_GRACE_S, 15 s). Past it the reconciler is SIGKILLed
+# most) and the gate drains (console.gate_child.GATE_STOP_GRACE_S, 15 s). Past it the reconciler is SIGKILLed
 # and `down` stops the engines itself.
 STOP_DEADLINE_S = 180.0
 # After SIGKILL the kernel drops the lock once the process is gone; one stuck in the kernel

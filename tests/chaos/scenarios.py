@@ -891,7 +891,7 @@ class Timeline(Watcher):
         return next((t for t, p in self.phases if p == phase and t >= after), None)
 
 
-# The demo's --fail *-ready modes fail this long after READY (reconciler.engines.demo.common.READY_AFTER_S).
+# The demo's --fail *-ready modes fail this long after READY (reconciler.engines.demo.options.READY_AFTER_S).
 DEMO_READY_AFTER_S = 1.0
 
 

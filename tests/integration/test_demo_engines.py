@@ -37,7 +37,7 @@ import openai
 import psutil
 import pytest
 
-from reconciler.engines.demo.common import demo_text
+from reconciler.engines.demo.generation import demo_text
 from reconciler.kit import clock
 from reconciler.kit.freeport import free_port
 from tests.helpers import wait_until

@@ -77,6 +77,6 @@ def main() -> int:
     spec = json.loads(os.environ[ENV_SPEC])
     present_argv(spec["argv"])
     setproctitle.setthreadtitle(SHOWN_NAME)  # the main thread's name is the process's comm
-    from reconciler.engines.demo import ollama_like  # after the rewrite: see the module docstring
+    from reconciler.engines.demo import ollama_runner  # after the rewrite: see the module docstring
 
-    return ollama_like.llama_server_main(spec)
+    return ollama_runner.main(spec)

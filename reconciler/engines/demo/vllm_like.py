@@ -34,33 +34,17 @@ import setproctitle
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from reconciler.engines.demo.common import (
-    DEMO_VERSION,
-    READY_AFTER_S,
-    EngineOptions,
-    OpenAIApi,
-    Stats,
-    WorkerLink,
-    WorkerSpec,
-    add_engine_args,
-    add_stats_route,
-    add_worker_args,
-    emit,
-    engine_options,
-    escape_session,
-    first_set,
-    hang_middleware,
-    openai_error,
-    run_worker,
-    set_after,
-    start_site,
-    stop_on_signals,
-    traceback_lines,
-    worker_flags,
-)
+from reconciler.engines.demo.logtext import emit, traceback_lines
+from reconciler.engines.demo.openai_api import OpenAIApi, openai_error
+from reconciler.engines.demo.options import READY_AFTER_S, EngineOptions, add_engine_args, engine_options
+from reconciler.engines.demo.serving import hang_middleware, set_after, start_site, stop_on_signals
+from reconciler.engines.demo.stats import Stats, add_stats_route
+from reconciler.engines.demo.worker import WorkerSpec, add_worker_args, escape_session, run_worker, worker_flags
+from reconciler.engines.demo.worker_link import WorkerLink, first_set
 from reconciler.kit import clock
 
 MODULE = "reconciler.engines.demo.vllm_like"
+DEMO_VERSION = "0.0-demo"
 ENGINE_CORE_TITLE = "VLLM::EngineCore"
 WORKER_TITLE = "VLLM::Worker"
 ALL_INTERFACES = ""  # what vLLM binds when --host is not given
