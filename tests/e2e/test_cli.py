@@ -21,8 +21,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     s = Stack(tmp_path, {"gpt-oss": demo_engine("vllm", free_port()),
                          "gemma2": demo_engine("ollama", free_port())})
     yield s
-    s.toggle(None)
-    assert s.cli("reconcile", "--once").returncode == 0
+    s.tear_down()
 
 
 def test_every_command_says_which_catalog_it_uses(stack: Stack) -> None:

@@ -43,10 +43,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     s = Stack(tmp_path, {"gpt-oss": demo_engine("vllm", free_port()),
                          "gemma2": demo_engine("ollama", free_port())})
     yield s
-    s.stop()
-    s.toggle(None)
-    result = s.cli("reconcile", "--once")
-    assert result.returncode == 0, result.stdout + result.stderr
+    s.tear_down()
 
 
 def test_idle_without_a_desired_file(stack: Stack) -> None:
@@ -333,12 +330,12 @@ def test_file_events_wake_the_loop_for_rename_and_configmap_swap(tmp_path: Path)
         s.wait_phase("READY", "gpt-oss")
         t0 = time.monotonic()
         publish("gemma2", "2026_02")
-        s.wait_phase("READY", "gemma2", timeout=15)
+        s.wait_phase("READY", "gemma2", limit_s=15)
         assert time.monotonic() - t0 < 15, "a 60 s resync would have been slower"
         s.desired.unlink()
         t1 = time.monotonic()
         s.toggle("gpt-oss")  # the reference writer: temp file + rename
-        s.wait_phase("READY", "gpt-oss", timeout=15)
+        s.wait_phase("READY", "gpt-oss", limit_s=15)
         assert time.monotonic() - t1 < 15
     finally:
         s.stop()
