@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import psutil
 import pytest
 
 from reconciler.act import killer
 from reconciler.domain.facts import Proc
-from reconciler.kit import clock
-from reconciler.kit.clock import FakeClock
 
-
-@pytest.fixture(autouse=True)
-def fake_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
-    fake = FakeClock()
-    monkeypatch.setattr(clock, "clock", fake)
-    yield fake
+pytestmark = pytest.mark.usefixtures("fake_clock")
 
 
 def _proc(popen: subprocess.Popen[bytes]) -> Proc:
