@@ -88,6 +88,11 @@ def demo_engine(kind: str, port: int, boot_s: float = 0.3, **extra: Any) -> dict
     return entry
 
 
+def two_demo_engines() -> dict[str, dict[str, Any]]:
+    """gpt-oss on the vLLM stand-in and gemma2 on the Ollama one, each on a free port."""
+    return {"gpt-oss": demo_engine("vllm", free_port()), "gemma2": demo_engine("ollama", free_port())}
+
+
 @dataclass
 class Stack(Sandbox):
     """The drills' sandbox (reconciler/simulate/harness.py) as tests drive it: the toggle through

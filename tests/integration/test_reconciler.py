@@ -26,6 +26,7 @@ from tests.helpers import (
     port_bound,
     port_listening,
     sampler,
+    two_demo_engines,
     wait_until,
 )
 
@@ -40,8 +41,7 @@ LINE = re.compile(r"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d\] \[([
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     """Two demo engines on their own free ports; torn down *through the product* (toggle none)."""
-    s = Stack(tmp_path, {"gpt-oss": demo_engine("vllm", free_port()),
-                         "gemma2": demo_engine("ollama", free_port())})
+    s = Stack(tmp_path, two_demo_engines())
     yield s
     s.tear_down()
 
@@ -313,8 +313,7 @@ def test_log_lines_reach_terminal_and_file_in_one_format(stack: Stack) -> None:
 
 def test_file_events_wake_the_loop_for_rename_and_configmap_swap(tmp_path: Path) -> None:
     """With a 60 s resync, only watchdog events can make the loop react within seconds."""
-    s = Stack(tmp_path, {"gpt-oss": demo_engine("vllm", free_port()),
-                         "gemma2": demo_engine("ollama", free_port())}, resync_s=60)
+    s = Stack(tmp_path, two_demo_engines(), resync_s=60)
     # Kubernetes' ConfigMap layout: the file is a symlink through "..data" to a timestamped dir.
     def publish(model: str, tag: str) -> None:
         version = tmp_path / f"..{tag}"
