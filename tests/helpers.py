@@ -1,11 +1,10 @@
-"""Shared test helpers: free ports, deadline waits, a reconciler under test, leak checks."""
+"""Shared test helpers: deadline waits, a reconciler under test, leak checks, HTTP probes."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,9 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import httpx
 import openai
 import psutil
-import yaml
+
+from reconciler.kit.freeport import free_port
+from reconciler.simulate import harness
+from reconciler.simulate.harness import Sandbox
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -31,8 +34,6 @@ DEADLINE_S = 30.0
 # One HTTP request of a sampler to a local engine or gate: short, because a hung request
 # would blind the sampler.
 PROBE_TIMEOUT_S = 1.0
-
-
 
 
 def port_bound(port: int) -> bool:
@@ -50,20 +51,19 @@ def port_listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+NOT_YET = (OSError, ValueError, httpx.HTTPError)
+"""What a check may raise while what it polls is not there yet: a server not answering, a file half written."""
+
+
 def wait_until(what: str, check: Callable[[], T | Literal[False] | None], timeout: float = DEADLINE_S,
                interval: float = 0.02) -> T:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline.
+    """Poll ``check`` until it returns something truthy; a ``TimeoutError`` naming ``what`` at the deadline.
 
-    ``check`` may be ``cond and value``: its ``False`` counts as not yet, like ``None``.
+    The drills' wait (reconciler/simulate/harness.py) on the tests' deadline: ``check`` may be
+    ``cond and value`` (its ``False`` counts as not yet, like ``None``), and so does a ``NOT_YET``
+    error it raises.
     """
-    deadline = time.monotonic() + timeout
-    last: T | Literal[False] | None = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last: {str(last)[:300]})")
+    return harness.wait_until(what, check, timeout, interval, NOT_YET)
 
 
 def demo_engine(kind: str, port: int, boot_s: float = 0.3, **extra: Any) -> dict[str, Any]:
@@ -88,86 +88,41 @@ def demo_engine(kind: str, port: int, boot_s: float = 0.3, **extra: Any) -> dict
     return entry
 
 
+def two_demo_engines() -> dict[str, dict[str, Any]]:
+    """gpt-oss on the vLLM stand-in and gemma2 on the Ollama one, each on a free port."""
+    return {"gpt-oss": demo_engine("vllm", free_port()), "gemma2": demo_engine("ollama", free_port())}
+
+
 @dataclass
-class Stack:
-    """A catalog in a temp dir, plus a reconciler process when started."""
+class Stack(Sandbox):
+    """The drills' sandbox (reconciler/simulate/harness.py) as tests drive it: the toggle through
+    the CLI, a pass every second, the tests' deadline for its waits."""
 
-    root: Path
-    engines: dict[str, dict[str, Any]]
     resync_s: float = 1.0
-    proc: subprocess.Popen[bytes] | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    top: dict[str, Any] = field(default_factory=dict)  # more top-level catalog keys (identity, gate)
-
-    def __post_init__(self) -> None:
-        self.write_catalog()
-
-    @property
-    def config(self) -> Path:
-        return self.root / "engines.yaml"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.root / "run"
-
-    @property
-    def log_file(self) -> Path:
-        return self.root / "activity.log"
-
-    @property
-    def desired(self) -> Path:
-        return self.root / "desired_state.yaml"
-
-    @property
-    def stdout_path(self) -> Path:
-        return self.root / "reconciler.out"
-
-    def write_catalog(self) -> None:
-        doc = {"state_dir": "run", "log_file": str(self.log_file),
-               "resync_interval_s": self.resync_s, "engines": self.engines, **self.top}
-        self.config.write_text(yaml.safe_dump(doc))
+    limit_s: float = DEADLINE_S
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([PY, "-m", "reconciler", *args, "--config", str(self.config)],
                               capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **self.env}, cwd=self.root)
+                              env=self.process_env(), cwd=self.root)
 
     def toggle(self, model: str | None) -> None:
         result = self.cli("toggle", model or "none")
         assert result.returncode == 0, result.stderr
 
-    def start(self, *extra: str) -> subprocess.Popen[bytes]:
-        out = self.stdout_path.open("ab")
-        err = (self.root / "reconciler.err").open("ab")
-        self.proc = subprocess.Popen(
-            [PY, "-m", "reconciler", "reconcile", "--config", str(self.config), *extra],
-            stdout=out, stderr=err, env={**os.environ, **self.env}, cwd=self.root)
-        out.close()
-        err.close()
-        return self.proc
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=DEADLINE_S)
-
-    def status(self) -> dict[str, Any]:
-        try:
-            return dict(json.loads((self.state_dir / "observed_state.json").read_text()))
-        except (OSError, ValueError):
-            return {}
-
-    def wait_phase(self, phase: str, model: str | None = None, timeout: float = DEADLINE_S,
-                   ) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            doc = self.status()
-            if doc.get("phase") == phase and (model is None or doc.get("active_model") == model):
-                return doc
-            return None
-        return wait_until(f"phase {phase} {model or ''}", check, timeout)
-
     def output(self) -> str:
-        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+        """What the reconciler printed (its terminal)."""
+        path = self.root / "reconciler.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def tear_down(self) -> None:
+        """Through the product: stop the reconciler and the gate, wish for nothing, and let one
+        ``reconcile --once`` pass stop what they left running."""
+        self.stop()
+        self.stop_gate()
+        self.toggle(None)
+        result = self.cli("reconcile", "--once")
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 TEST_RUN_ENV = "AILAYER_TEST_RUN"
@@ -279,50 +234,10 @@ def http_status(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict
 
 @dataclass
 class GatedStack(Stack):
-    """The Stack, plus the gate on its own port, in the catalog and as a process."""
+    """The Stack with the gate on its own port in the catalog, and an OpenAI client to it."""
 
-    gate_port: int = 0
-    gate: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    gate_port: int | None = field(default_factory=free_port)
     request_timeout_s: float = DEADLINE_S  # the openai client's, for a whole completion
-
-    def write_catalog(self) -> None:
-        self.top["gate"] = {"listen": f"127.0.0.1:{self.gate_port}"}
-        super().write_catalog()
-
-    @property
-    def gate_url(self) -> str:
-        return f"http://127.0.0.1:{self.gate_port}"
-
-    def start_gate(self) -> None:
-        with (self.root / "gate.out").open("ab") as out:
-            self.gate = subprocess.Popen([PY, "-m", "reconciler.gate", "--config", str(self.config)],
-                                         stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **self.env}, cwd=self.root)
-        wait_until("gate listening", lambda: http_status(self.gate_url + "/healthz") is not None)
-
-    def wait_phase(self, phase: str, model: str | None = None, timeout: float = DEADLINE_S,
-                   ) -> dict[str, Any]:
-        """The phase in the state file, and, with the gate running, in the gate too: it follows
-        the file a few milliseconds behind the write, and a request right after it could meet
-        the state before."""
-        doc = super().wait_phase(phase, model, timeout)
-        if self.gate is not None and self.gate.poll() is None:
-            wait_until(f"the gate to read revision {doc['revision']}",
-                       lambda: self.gate_revision() >= doc["revision"], timeout)
-        return doc
-
-    def gate_revision(self) -> int:
-        """The revision of the state the gate has read (-1 when it does not answer)."""
-        try:
-            with urllib.request.urlopen(self.gate_url + "/status", timeout=PROBE_TIMEOUT_S) as response:
-                return int(json.loads(response.read()).get("revision") or 0)
-        except (OSError, ValueError):
-            return -1
-
-    def stop_gate(self) -> None:
-        if self.gate is not None and self.gate.poll() is None:
-            self.gate.send_signal(signal.SIGTERM)
-            self.gate.wait(timeout=DEADLINE_S)
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.gate_url + "/v1", api_key="unused",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from reconciler.simulate.harness import Scenario, demo_engines, http
+from reconciler.simulate.harness import Scenario, demo_engines, http, scratch_dir
 from reconciler.simulate.report import Report
 
 PROMPT = {"model": "gpt-oss", "messages": [{"role": "user", "content": "hello?"}], "max_tokens": 4}
@@ -19,8 +19,11 @@ REQUEST_LIMIT_S = 30.0
 
 
 def run() -> Report:
+    """Each request is sent once the gate itself has read the phase it tests (``wait_phase``):
+    the gate follows the state file milliseconds behind, and a request sent as soon as the file
+    changes could still meet the phase before."""
     report = Report("empty-request")
-    with Scenario(demo_engines(BOOT_S)) as sim:
+    with Scenario(scratch_dir(), demo_engines(BOOT_S)) as sim:
         url = sim.gate_url + "/v1/chat/completions"
         sim.wait_phase("IDLE", None, LIMIT_S)
         http("POST", url, PROMPT, REQUEST_LIMIT_S)  # a first request warms the connection path
@@ -34,7 +37,7 @@ def run() -> Report:
                      "no model" in message and "toggle" in message, message[:160])
 
         sim.toggle("gpt-oss")
-        sim.wait("LOADING", lambda: sim.status().get("phase") == "LOADING", LIMIT_S)
+        sim.wait_phase("LOADING", None, LIMIT_S)
         status, headers, body, seconds = http("POST", url, PROMPT, REQUEST_LIMIT_S)
         report.evidence["loading"] = {"status": status, "retry_after": headers.get("Retry-After"),
                                       "body": body[:300].decode("utf-8", "replace")}

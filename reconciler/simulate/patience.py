@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from reconciler.kit import clock
-from reconciler.simulate.harness import Scenario, demo_engines
+from reconciler.simulate.harness import Scenario, demo_engines, scratch_dir
 from reconciler.simulate.report import Report
 
 BOOT_S = 35 * 60  # the seed's scenario, in scenario seconds
@@ -65,21 +65,36 @@ async def _sample_state(sim: Scenario, trace: Trace, done: asyncio.Event, real_s
             trace.boot_elapsed.append(float(doc["boot"]["elapsed_s"]))
         if doc.get("last_error"):
             trace.errors.append(f"observed state: {doc['last_error']}")
-        if phase == "READY":
+        # Over once the gate itself has read READY: it follows the file a few milliseconds
+        # behind, and the last prompt, sent as soon as this is set, must meet READY there.
+        if phase == "READY" and await asyncio.to_thread(sim.gate_revision) >= int(doc["revision"]):
             done.set()
         await asyncio.sleep(real_step)
 
 
+async def _gate_phase(sim: Scenario, session: aiohttp.ClientSession) -> str:
+    async with session.get(sim.gate_url + "/status") as resp:
+        return str((await resp.json()).get("phase"))
+
+
 async def _prompts(sim: Scenario, session: aiohttp.ClientSession, trace: Trace,
                    done: asyncio.Event, scale: float) -> None:
+    """Prod the inference route until the boot is over, then once more.
+
+    Each answer is filed under the phase the gate's own /status showed just before and just
+    after it (the gate reads the state file milliseconds behind the reconciler): only with the
+    gate in one phase throughout does the answer say what the gate answers in that phase.
+    """
     while True:
         finished = done.is_set()
+        before = await _gate_phase(sim, session)
         start = clock.monotonic()
         async with session.post(sim.gate_url + "/v1/chat/completions", json=PROMPT) as resp:
             await resp.read()
-            trace.prompts.append({"status": resp.status, "retry_after": resp.headers.get("Retry-After"),
-                                  "phase": sim.status().get("phase"),
-                                  "seconds": round((clock.monotonic() - start) * scale, 2)})
+            prompt = {"status": resp.status, "retry_after": resp.headers.get("Retry-After"),
+                      "seconds": round((clock.monotonic() - start) * scale, 2)}
+        after = await _gate_phase(sim, session)
+        trace.prompts.append({**prompt, "phase": before if before == after else f"{before} -> {after}"})
         if finished:
             return
         await asyncio.sleep(PROMPT_EVERY_S / scale)
@@ -139,7 +154,7 @@ async def _follow(sim: Scenario, trace: Trace, scale: float) -> None:
 def _log_problems(sim: Scenario) -> list[str]:
     bad = ("Traceback", "Timeout", "timed out", "BootTimeout", "error ")
     found = []
-    for name in ("reconciler.out", "gate.out"):
+    for name in ("reconciler.out", "reconciler.err", "gate.out"):
         path = sim.root / name
         text = path.read_text(errors="replace") if path.exists() else ""
         found += [f"{name}: {line}" for line in text.splitlines() if any(b in line for b in bad)]
@@ -151,7 +166,7 @@ def run(real: bool = False) -> Report:
     report = Report("patience" + (" (real time)" if real else f" (clock x{scale:g})"))
     trace = Trace()
     engines = demo_engines(BOOT_S)
-    with Scenario(engines, time_scale=scale) as sim:
+    with Scenario(scratch_dir(), engines, time_scale=scale) as sim:
         t0 = clock.monotonic()
         asyncio.run(_follow(sim, trace, scale))
         wall = clock.monotonic() - t0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import psutil
 from reconciler.kit.freeport import free_port
 from reconciler.observe import gpu
 from reconciler.simulate import real_vllm
-from reconciler.simulate.harness import Scenario, demo_engines
+from reconciler.simulate.harness import Scenario, demo_engines, scratch_dir, wait_until
 from reconciler.simulate.report import Report
 
 VLLM, OLLAMA = "reconciler.engines.demo.vllm_like", "reconciler.engines.demo.ollama_like"
@@ -58,7 +57,7 @@ def _vram(pids: set[int]) -> tuple[bool, str, dict[int, float]]:
 def run(escape: bool) -> Report:
     """The seed's scenario with the demo vLLM-like engine."""
     label = "zombies (worker escapes its session, ignores SIGTERM)" if escape else "zombies"
-    with Scenario(demo_engines(BOOT_S, escape=escape)) as sim:
+    with Scenario(scratch_dir(), demo_engines(BOOT_S, escape=escape)) as sim:
         return _switch(sim, Report(label), (VLLM, *real_vllm.TITLES, TRACKER), LIMIT_S, escape, None)
 
 
@@ -67,11 +66,11 @@ def run_real(exe: Path, kill_api_server: bool) -> Report:
     from reconciler.engines.demomodel_hf import write_tiny_hf
 
     label = "zombies, real vLLM" + (" (only its API server SIGKILLed first)" if kill_api_server else "")
-    root = Path(tempfile.mkdtemp(prefix="ailayer-sim-"))
+    root = scratch_dir()
     engines = demo_engines(BOOT_S)
     engines["gpt-oss"] = {**real_vllm.entry(exe, write_tiny_hf(root / "tiny-hf"), free_port()),
                           "boot_timeout_s": REAL_LIMIT_S}
-    with Scenario(engines, root=root) as sim:
+    with Scenario(root, engines) as sim:
         return _switch(sim, Report(label), (str(exe), *real_vllm.TITLES, TRACKER), REAL_LIMIT_S,
                        False, exe if kill_api_server else None)
 
@@ -154,7 +153,7 @@ def _kill_api_server(sim: Scenario, report: Report, ready: dict[str, Any], marke
         engine = doc.get("engine") or {}
         return doc if doc.get("phase") == "READY" and engine.get("pid") not in (None, api) else None
 
-    again = sim.wait("a new vLLM READY after the SIGKILL", restarted, limit_s)
+    again = wait_until("a new vLLM READY after the SIGKILL", restarted, limit_s)
     report.check("never two EngineCores at once", most_cores <= 1, f"at most {most_cores} seen")
     report.check("every orphan gone before the next vLLM started", not overlap,
                  "an orphan and the new API server were alive together" if overlap else

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -20,6 +19,8 @@ from typing import Any, Literal, TypeVar
 import psutil
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+
+from tests.helpers import DEADLINE_S, wait_until
 
 CHROMIUM = os.environ.get("AILAYER_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("AILAYER_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -96,15 +97,11 @@ class Browser:
         logs = self.driver.get_log("browser")  # type: ignore[no-untyped-call]
         return [str(e["message"]) for e in logs if e.get("level") == "SEVERE"]
 
-    def wait(self, what: str, check: Callable[[], T | Literal[False] | None], timeout: float = 30.0,
+    def wait(self, what: str, check: Callable[[], T | Literal[False] | None], timeout: float = DEADLINE_S,
              interval: float = 0.02) -> T:
-        """``check()``'s first truthy value; fail naming ``what`` (and the page's phase) at the deadline."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = check()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}; page shows phase "
-                                     f"{self.text('phase')!r}, result {self.text('toggle-result')!r}")
-            time.sleep(interval)
+        """``wait_until``, failing with what the page shows."""
+        try:
+            return wait_until(what, check, timeout, interval)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; page shows phase {self.text('phase')!r}, "
+                                 f"result {self.text('toggle-result')!r}") from None

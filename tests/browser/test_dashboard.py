@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import threading
 from collections.abc import Iterator
@@ -34,16 +33,6 @@ TOKEN = "dashboard-test-token-0123456789"
 BOOT_S = 4.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _need_chromium() -> None:
-    why = chrome.missing()
-    if why is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI must run the browser tests: {why}")
-    pytest.skip(why)
-
-
 def make_stack(root: Path, token: str | None) -> GatedStack:
     engines = {"gpt-oss": demo_engine("vllm", free_port(), boot_s=BOOT_S),
                "gemma2": demo_engine("ollama", free_port(), boot_s=1.0)}
@@ -61,23 +50,13 @@ def running(stack: GatedStack) -> Iterator[GatedStack]:
         stack.wait_phase("IDLE")
         yield stack
     finally:
-        stack.stop()
-        stack.stop_gate()
-        stack.toggle(None)
-        result = stack.cli("reconcile", "--once")
-        assert result.returncode == 0, result.stdout + result.stderr
+        stack.tear_down()
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[GatedStack]:
     with running(make_stack(tmp_path, TOKEN)) as s:
         yield s
-
-
-@pytest.fixture
-def browser() -> Iterator[chrome.Browser]:
-    with chrome.Browser() as b:
-        yield b
 
 
 def open_page(browser: chrome.Browser, url: str) -> None:

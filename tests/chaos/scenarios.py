@@ -157,8 +157,7 @@ def set_boot(stack: Stack, model: str, seconds: float) -> None:
 
 
 def catalog_text(stack: Stack) -> str:
-    return yaml.safe_dump({"state_dir": "run", "log_file": str(stack.log_file),
-                           "resync_interval_s": stack.resync_s, "engines": stack.engines, **stack.top})
+    return yaml.safe_dump(stack.catalog_doc())
 
 
 def write_catalog_atomic(stack: Stack) -> None:
@@ -167,7 +166,7 @@ def write_catalog_atomic(stack: Stack) -> None:
 
 def toggle(stack: Stack, model: str | None) -> int:
     """The reference writer, in process: a CLI start costs ~0.3 s, longer than many gaps here."""
-    wish = desired_file.write(load_file(stack.config, "--config"), model, "chaos")
+    wish = stack.wish(model, "chaos")
     assert wish.generation is not None
     return wish.generation
 
@@ -1126,9 +1125,8 @@ def security() -> Result:
         victim = stack.root / "victim.txt"
         victim.write_text("precious\n")
         stack.log_file.symlink_to(victim)
-        doc = yaml.safe_load(catalog_text(stack))
-        doc["gate"] = {"listen": f"127.0.0.1:{free_port()}", "token_env": "CHAOS_GATE_TOKEN"}
-        stack.config.write_text(yaml.safe_dump(doc))
+        stack.top["gate"] = {"listen": f"127.0.0.1:{free_port()}", "token_env": "CHAOS_GATE_TOKEN"}
+        stack.write_catalog()
         stack.toggle(None)
         before = stack.desired.read_bytes()
         old_umask = os.umask(0)  # the harshest umask a service manager could hand us
@@ -1298,9 +1296,8 @@ def _diskfull(res: Result, disk: Path) -> None:
     engines = {VLLM: vllm_entry(free_port(), 0.2), OLLAMA: ollama_entry(free_port(), 0.2)}
     log = disk / "activity.log"
     with rig(res, engines, resync_s=0.5) as stack:
-        doc = yaml.safe_load(catalog_text(stack))
-        doc["log_file"] = str(log)
-        stack.config.write_text(yaml.safe_dump(doc))
+        stack.top["log_file"] = str(log)
+        stack.write_catalog()
         census = Census(namespace_of(stack.state_dir))
         stack.start()
         gen = toggle(stack, VLLM)
@@ -1423,9 +1420,8 @@ def gate(requests: int, clients: int, changes: int) -> Result:
     res.figures["nofile_soft_limit"] = limit
     engines = {VLLM: vllm_entry(free_port(), 0.05)}
     with rig(res, engines, resync_s=0.5) as stack:
-        doc = yaml.safe_load(catalog_text(stack))
-        doc["gate"] = {"listen": f"127.0.0.1:{free_port()}"}
-        stack.config.write_text(yaml.safe_dump(doc))
+        stack.gate_port = free_port()
+        stack.write_catalog()
         census = Census(namespace_of(stack.state_dir))
         stack.start()
         wait_for("IDLE", lambda: stack.status().get("phase") == "IDLE", CONVERGE_LIMIT_S)
@@ -1615,9 +1611,8 @@ def inflight(requests: int) -> Result:
     engines = {VLLM: _with_token_delay(vllm_entry(vport, 0.2), INFLIGHT_TOKEN_DELAY_MS),
                OLLAMA: ollama_entry(free_port(), 0.2)}
     with rig(res, engines, resync_s=0.5) as stack:
-        doc = yaml.safe_load(catalog_text(stack))
-        doc["gate"] = {"listen": f"127.0.0.1:{free_port()}"}
-        stack.config.write_text(yaml.safe_dump(doc))
+        stack.gate_port = free_port()
+        stack.write_catalog()
         census = Census(namespace_of(stack.state_dir))
         stack.start()
         gen = toggle(stack, VLLM)

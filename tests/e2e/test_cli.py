@@ -10,19 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.kit.freeport import free_port
-from tests.helpers import REPO, Stack, demo_engine
+from tests.helpers import REPO, Stack, two_demo_engines
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(tmp_path, {"gpt-oss": demo_engine("vllm", free_port()),
-                         "gemma2": demo_engine("ollama", free_port())})
+    s = Stack(tmp_path, two_demo_engines())
     yield s
-    s.toggle(None)
-    assert s.cli("reconcile", "--once").returncode == 0
+    s.tear_down()
 
 
 def test_every_command_says_which_catalog_it_uses(stack: Stack) -> None:

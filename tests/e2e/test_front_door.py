@@ -21,7 +21,7 @@ import pytest
 
 from reconciler.gate.budget import BODY_BUDGET_BYTES
 from reconciler.gate.fastpath import FAST_BODY_MAX, MAX_HEAD_BYTES
-from tests.e2e.test_gate import (
+from tests.e2e.standalone_gate import (
     CONDITION_DEADLINE_S,
     OLLAMA_SERVED,
     TOKEN,
@@ -30,16 +30,11 @@ from tests.e2e.test_gate import (
     Gate,
     Processes,
     chat_body,
-    gate,
     metric,
-    poll_until,
-    procs,
     sse_events,
     start_gate,
-    vllm,
 )
-
-__all__ = ["gate", "procs", "vllm"]  # fixtures, used by name
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -94,13 +89,14 @@ def _get(path: str) -> bytes:
 def _ready(gate: Gate, vllm: DemoEngine) -> None:
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     with gate.client() as client:
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        wait_until("READY", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
 
 
 def _idle(gate: Gate) -> None:
     gate.state.idle()
     with gate.client() as client:
-        poll_until(lambda: client.get("/status").json()["phase"] == "IDLE", "the gate to read IDLE")
+        wait_until("the gate to read IDLE", lambda: client.get("/status").json()["phase"] == "IDLE",
+                   CONDITION_DEADLINE_S)
 
 
 def _content(body: bytes) -> str:
@@ -159,8 +155,9 @@ def test_a_request_pipelined_behind_a_close_is_not_read_and_the_first_is_answere
     finally:
         conn.close()
     with gate.client() as client:
-        poll_until(lambda: client.get("/healthz").json()["body_budget_free_bytes"] == BODY_BUDGET_BYTES,
-                   "no body budget held for the request that was not served")
+        wait_until("no body budget held for the request that was not served",
+                   lambda: client.get("/healthz").json()["body_budget_free_bytes"] == BODY_BUDGET_BYTES,
+                   CONDITION_DEADLINE_S)
     conn = _Conn(gate)  # the same on aiohttp's side of the front door
     try:
         conn.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", _get("/healthz"))
@@ -271,7 +268,7 @@ def test_an_engine_that_refuses_the_connection_is_502_with_retry_after(gate: Gat
                                                                        tmp_path: Any) -> None:
     gate.state.ready(_engine_at(procs, tmp_path), "gemma2", OLLAMA_SERVED)
     with gate.client() as client:
-        poll_until(lambda: client.get("/status").json()["phase"] == "READY", "READY")
+        wait_until("READY", lambda: client.get("/status").json()["phase"] == "READY", CONDITION_DEADLINE_S)
         resp = client.post("/v1/chat/completions", json=chat_body(model="gemma2"))
     assert resp.status_code == 502 and resp.json()["error"]["code"] == "engine_unreachable", resp.text[:300]
     assert int(resp.headers["retry-after"]) >= 1
@@ -283,7 +280,7 @@ def test_an_engine_silent_past_the_read_timeout_is_504(procs: Processes, tmp_pat
     try:
         gate.state.ready(_engine_at(procs, tmp_path), "gemma2", OLLAMA_SERVED)
         with gate.client() as client:
-            poll_until(lambda: client.get("/status").json()["phase"] == "READY", "READY")
+            wait_until("READY", lambda: client.get("/status").json()["phase"] == "READY", CONDITION_DEADLINE_S)
             resp = client.post("/v1/chat/completions", json=chat_body(model="gemma2"))
         assert resp.status_code == 504 and resp.json()["error"]["code"] == "engine_timeout", resp.text[:300]
         assert "1 s" in resp.json()["error"]["message"]
@@ -328,7 +325,7 @@ def test_a_client_that_stops_reading_holds_the_engine_back_and_loses_nothing(
     try:
         gate.state.ready(_engine_at(procs, tmp_path), "gemma2", OLLAMA_SERVED)
         with gate.client() as client:
-            poll_until(lambda: client.get("/status").json()["phase"] == "READY", "READY")
+            wait_until("READY", lambda: client.get("/status").json()["phase"] == "READY", CONDITION_DEADLINE_S)
         conn = _Conn(gate)
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
         conn.send(_post("/v1/chat/completions", chat_body(model="gemma2")))
@@ -339,7 +336,7 @@ def test_a_client_that_stops_reading_holds_the_engine_back_and_loses_nothing(
                 last[:] = [flood.sent, time.monotonic()]
             return flood.sent > 0 and time.monotonic() - last[1] > 0.5
 
-        poll_until(stalled, "the engine to be held back by the idle client")
+        wait_until("the engine to be held back by the idle client", stalled, CONDITION_DEADLINE_S)
         assert flood.sent < BUFFERS_BOUND, f"{flood.sent >> 20} MiB left the engine for a client reading nothing"
         status, _, body = conn.answer()  # now read it all
         conn.close()
@@ -364,7 +361,7 @@ def test_a_stopping_gate_finishes_a_running_stream_and_takes_no_new_connections(
         first = next(line for line in lines if line.startswith("data:"))
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        poll_until(lambda: _refused(gate), "the gate to stop taking connections")
+        wait_until("the gate to stop taking connections", lambda: _refused(gate), CONDITION_DEADLINE_S)
         rest = [(0.0, first), *((0.0, line) for line in lines)]
     content = [e for _, e in sse_events(rest) if e.get("choices") and e["choices"][0]["delta"].get("content")]
     assert len(content) == tokens, "the running stream was finished, not cut"

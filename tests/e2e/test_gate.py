@@ -3,32 +3,26 @@
 The reconciler is played by ``FakeReconciler``, which writes the observed-state file
 exactly as the real one does (atomically, with a heartbeat), so each test puts the gate
 in any phase at once, points it at a demo engine it started itself, and checks what
-clients see. Fixtures live here rather than in a conftest so that nothing depends on
-how pytest names conftest modules.
+clients see (tests/e2e/standalone_gate.py; the fixtures are in tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import itertools
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import httpx
 import ollama
 import openai
-import psutil
 import pytest
 import yaml
 
@@ -37,272 +31,22 @@ from reconciler.domain.status import Phase
 from reconciler.gate.bodies import pin_keep_alive
 from reconciler.kit import clock
 from reconciler.kit.atomicfile import write_atomic
-from reconciler.kit.freeport import free_port
-from reconciler.store import state_file
-
-ROOT = Path(__file__).resolve().parents[2]
-TOKEN = "test-token-0123456789abcdef"
-VLLM_SERVED = "openai/gpt-oss-20b"
-OLLAMA_SERVED = "gemma2:9b"
-# Per-token delay of the demo engines: long enough that chunk arrival times are
-# distinguishable, short enough that a whole test stream takes well under a second.
-TOKEN_DELAY_MS = 30
-# Deadlines for conditions; generous because a loaded CI box is slow, never slept through.
-START_DEADLINE_S = 20.0
-CONDITION_DEADLINE_S = 10.0
-STOP_GRACE_S = 5.0
-
-T = TypeVar("T")
-
-
-def poll_until(
-    check: Callable[[], T | Literal[False] | None], what: str, timeout: float = CONDITION_DEADLINE_S,
-    interval: float = 0.01,
-) -> T:
-    """Return ``check()``'s first truthy value; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except (OSError, httpx.HTTPError, ValueError) as exc:
-            last_error = exc
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                                 + (f" (last error: {last_error!r})" if last_error else ""))
-        time.sleep(interval)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-class Processes:
-    """Starts processes and, at the end, kills their whole trees and proves none is left."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.started: list[subprocess.Popen[bytes]] = []
-        self._ports: dict[str, int] = {}
-
-    def port_for(self, kind: str) -> int:
-        """One port per engine kind and test: the catalog names it, and the engine listens there
-        (the gate proxies only to an engine URL its catalog names)."""
-        return self._ports.setdefault(kind, free_port())
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Path:
-        """Start ``argv`` with output to ``logdir/name.log``; returns the log path."""
-        log = self.logdir / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
-        self.started.append(proc)
-        return log
-
-    def tree(self) -> list[psutil.Process]:
-        procs: list[psutil.Process] = []
-        for popen in self.started:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                parent = psutil.Process(popen.pid)
-                procs += [parent, *parent.children(recursive=True)]
-        return procs
-
-    def stop_all(self) -> None:
-        procs = self.tree()  # collected before any kill, so orphans are still known
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=STOP_GRACE_S)
-        for popen in self.started:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(timeout=STOP_GRACE_S)
-        left = [p for p in procs if _alive(p)]
-        assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-@dataclass
-class DemoEngine:
-    url: str
-    log: Path
-
-    def stats(self) -> dict[str, int]:
-        data: dict[str, int] = httpx.get(self.url + "/demo/stats", timeout=2.0).json()
-        return data
-
-
-def start_vllm(procs: Processes, served: str = VLLM_SERVED) -> DemoEngine:
-    port = procs.port_for("vllm")
-    log = procs.start("vllm", [
-        sys.executable, "-m", "reconciler.engines.demo.vllm_like", "serve", served,
-        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served,
-        "--boot-seconds", "0", "--token-delay-ms", str(TOKEN_DELAY_MS), "--vram-mb", "1",
-    ])  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    poll_until(lambda: _http_ok(url + "/health"), "the vLLM-like engine", START_DEADLINE_S)
-    return DemoEngine(url, log)
-
-
-def start_ollama(procs: Processes, model: str = OLLAMA_SERVED) -> DemoEngine:
-    port = procs.port_for("ollama")
-    log = procs.start("ollama", [
-        sys.executable, "-m", "reconciler.engines.demo.ollama_like", "serve",
-        "--host", "127.0.0.1", "--port", str(port), "--models", model,
-        "--load-seconds", "0", "--token-delay-ms", str(TOKEN_DELAY_MS), "--vram-mb", "1",
-    ])  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    poll_until(lambda: _http_ok(url + "/api/version"), "the Ollama-like engine", START_DEADLINE_S)
-    # Ollama loads lazily; load now so no test measures a model load.
-    httpx.post(url + "/api/generate", json={"model": model, "keep_alive": -1}, timeout=20.0)
-    poll_until(lambda: model in httpx.get(url + "/api/ps", timeout=2.0).text, "model loaded")
-    return DemoEngine(url, log)
-
-
-@pytest.fixture
-def vllm(procs: Processes) -> DemoEngine:
-    """A vLLM-like engine per test: the session's leak check allows nothing to outlive one."""
-    return start_vllm(procs)
-
-
-@pytest.fixture
-def ollama_engine(procs: Processes) -> DemoEngine:
-    return start_ollama(procs)
-
-
-# --------------------------------------------------------------------------- state
-
-
-@dataclass
-class FakeReconciler:
-    """Writes observed_state.json the way the reconciler does: atomically, heartbeat included."""
-
-    path: Path
-    revision: int = 0
-
-    def write(self, phase: status.Phase, **fields: Any) -> int:
-        """Write a state in ``phase``; returns its revision (bumped on every write)."""
-        self.revision += 1
-        now = clock.iso()
-        base: dict[str, Any] = {
-            "phase": phase, "phase_since": now, "desired_model": None, "active_model": None,
-            "message": f"test state {self.revision}", "revision": self.revision,
-            "reconciler": {"pid": os.getpid(), "heartbeat": now},
-        }  # fmt: skip
-        base.update(fields)
-        state_file.write(self.path, status.Status(**base))
-        return self.revision
-
-    def idle(self) -> int:
-        return self.write(status.Phase.IDLE)
-
-    def ready(self, engine: DemoEngine, model: str, served: str) -> int:
-        info = status.EngineInfo(
-            model=model, served_name=served, instance=f"inst-{self.revision + 1}", pid=None,
-            pids=[], port=int(engine.url.rsplit(":", 1)[1]), url=engine.url,
-            started_at=clock.iso(), adopted=False,
-        )  # fmt: skip
-        return self.write(status.Phase.READY, desired_model=model, active_model=model,
-                          engine=info)
-
-    def loading(self, model: str, elapsed_s: float = 125.0, budget_s: float = 2700.0,
-                progress: dict[str, Any] | None = None) -> int:
-        boot = status.BootInfo(started_at=clock.iso(), elapsed_s=elapsed_s, budget_s=budget_s,
-                               deadline="2030-01-01T00:45:00.000+00:00", attempt=1, progress=progress)
-        return self.write(status.Phase.LOADING, desired_model=model, boot=boot,
-                          last_log_line="Loading safetensors checkpoint shards: 40% Completed")
-
-    def failed(self, model: str, reason: str, message: str) -> int:
-        err = status.ErrorInfo(reason=reason, message=message, at=clock.iso())
-        return self.write(status.Phase.FAILED, desired_model=model, last_error=err,
-                          restarts=3)
-
-
-# --------------------------------------------------------------------------- the gate
-
-
-@dataclass
-class Gate:
-    url: str
-    dir: Path
-    state: FakeReconciler
-    log: Path
-    catalog: Path
-
-    @property
-    def desired_path(self) -> Path:
-        return self.dir / "desired_state.yaml"
-
-    def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=CONDITION_DEADLINE_S, **kw)
-
-
-def write_catalog(directory: Path, gate: dict[str, Any], ports: dict[str, int]) -> Path:
-    doc = {
-        "state_dir": str(directory / "run"),
-        "desired_state": str(directory / "desired_state.yaml"),
-        "log_file": str(directory / "activity.log"),
-        "gate": {"listen": "127.0.0.1:0", **gate},
-        "engines": {
-            "gpt-oss": {"kind": "vllm", "command": ["{python}", "-c", "pass"], "port": ports["vllm"],
-                        "served_name": VLLM_SERVED},
-            "gemma2": {"kind": "ollama", "command": ["{python}", "-c", "pass"], "port": ports["ollama"],
-                       "served_name": OLLAMA_SERVED},
-        },
-    }  # fmt: skip
-    path = directory / "engines.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def start_gate(procs: Processes, directory: Path, **gate: Any) -> Gate:
-    """Start ``python -m reconciler.gate`` on a kernel-chosen port and read the port back."""
-    catalog = write_catalog(directory, gate, {k: procs.port_for(k) for k in ("vllm", "ollama")})
-    env = {"AILAYER_TOKEN": "", "AILAYER_TIME_SCALE": "1"}
-    log = procs.start("gate", [sys.executable, "-m", "reconciler.gate", "--config", str(catalog)],
-                      env)
-
-    def listening() -> str | None:
-        for line in log.read_text().splitlines():
-            if line.startswith("ailayer gate listening on "):
-                return line.rsplit(" ", 1)[1]
-        return None
-
-    url = poll_until(listening, "the gate to listen", START_DEADLINE_S)
-    poll_until(lambda: _http_ok(url + "/healthz"), "the gate's /healthz")
-    return Gate(url, directory, FakeReconciler(directory / "run" / "observed_state.json"), log,
-                catalog)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    p = Processes(tmp_path)
-    yield p
-    p.stop_all()
-
-
-@pytest.fixture
-def gate(procs: Processes, tmp_path: Path) -> Gate:
-    """A gate with a toggle token and default staleness (30 s: no test outlives it)."""
-    return start_gate(procs, tmp_path, token=TOKEN)
-
+from tests.e2e.standalone_gate import (
+    CONDITION_DEADLINE_S,
+    OLLAMA_SERVED,
+    ROOT,
+    TOKEN,
+    TOKEN_DELAY_MS,
+    VLLM_SERVED,
+    DemoEngine,
+    Gate,
+    Processes,
+    chat_body,
+    metric,
+    sse_events,
+    start_gate,
+)
+from tests.helpers import wait_until
 
 # --------------------------------------------------------------------------- tests
 
@@ -328,28 +72,11 @@ LONG_TOKENS = 300
 PROMPT_S = 2.0
 
 
-def chat_body(model: str = "gpt-oss", stream: bool = False, tokens: int = 8) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}],
-            "stream": stream, "max_tokens": tokens}
-
-
 def openai_error(resp: httpx.Response) -> dict[str, Any]:
     body: dict[str, Any] = resp.json()
     assert isinstance(body["error"], dict), body
     assert {"message", "type", "code"} <= body["error"].keys()
     return body
-
-
-def metric(gate: Gate, name: str) -> float | None:
-    for line in httpx.get(gate.url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
-def sse_events(lines: list[tuple[float, str]]) -> list[tuple[float, dict[str, Any]]]:
-    return [(t, json.loads(line[6:])) for t, line in lines
-            if line.startswith("data: ") and line != "data: [DONE]"]
 
 
 def timed_lines(resp: httpx.Response) -> list[tuple[float, str]]:
@@ -367,7 +94,7 @@ def timed_lines(resp: httpx.Response) -> list[tuple[float, str]]:
 def test_idle_answers_428_at_once_and_explains(gate: Gate) -> None:
     gate.state.idle()
     with gate.client() as client:
-        poll_until(lambda: client.get("/status").json()["phase"] == "IDLE", "phase IDLE")
+        wait_until("phase IDLE", lambda: client.get("/status").json()["phase"] == "IDLE", CONDITION_DEADLINE_S)
         for method, path, body in INFERENCE:
             took = []
             for _ in range(3):  # the best of three: scheduler noise on a busy CI box aside
@@ -400,7 +127,7 @@ def test_no_state_file_is_503_reconciler_not_running(gate: Gate) -> None:
 def test_loading_is_503_with_retry_after_and_progress(gate: Gate) -> None:
     gate.state.loading("gpt-oss", elapsed_s=125.0, budget_s=2700.0)
     with gate.client() as client:
-        poll_until(lambda: client.get("/status").json()["phase"] == "LOADING", "LOADING")
+        wait_until("LOADING", lambda: client.get("/status").json()["phase"] == "LOADING", CONDITION_DEADLINE_S)
         resp = client.post("/v1/chat/completions", json=chat_body())
         assert resp.status_code == 503
         assert int(resp.headers["Retry-After"]) >= 1
@@ -420,7 +147,7 @@ def test_boot_progress_is_in_the_503_status_and_metrics(gate: Gate) -> None:
     shards = {"percent": 40.0, "stage": "loading checkpoint shards (2/5)"}
     gate.state.loading("gpt-oss", progress=shards)
     with gate.client() as client:
-        poll_until(lambda: client.get("/status").json()["phase"] == "LOADING", "LOADING")
+        wait_until("LOADING", lambda: client.get("/status").json()["phase"] == "LOADING", CONDITION_DEADLINE_S)
         assert client.get("/status").json()["boot"]["progress"] == shards
         resp = client.post("/v1/chat/completions", json=chat_body())
         assert resp.status_code == 503
@@ -431,14 +158,14 @@ def test_boot_progress_is_in_the_503_status_and_metrics(gate: Gate) -> None:
             "ailayer"]["progress"] == shards
         assert "ailayer_boot_progress_percent 40.0" in client.get("/metrics").text
         gate.state.idle()
-        poll_until(lambda: client.get("/status").json()["phase"] == "IDLE", "IDLE")
+        wait_until("IDLE", lambda: client.get("/status").json()["phase"] == "IDLE", CONDITION_DEADLINE_S)
         assert "ailayer_boot_progress_percent NaN" in client.get("/metrics").text
 
 
 def test_failed_is_503_with_the_reason(gate: Gate) -> None:
     gate.state.failed("gpt-oss", "BootTimeout", "no answer on /health within 2700 s")
     with gate.client() as client:
-        poll_until(lambda: client.get("/status").json()["phase"] == "FAILED", "FAILED")
+        wait_until("FAILED", lambda: client.get("/status").json()["phase"] == "FAILED", CONDITION_DEADLINE_S)
         resp = client.post("/v1/completions", json={"model": "gpt-oss", "prompt": "x"})
         assert resp.status_code == 503 and "Retry-After" in resp.headers
         message = openai_error(resp)["error"]["message"]
@@ -452,9 +179,9 @@ def test_stale_heartbeat_is_visible_everywhere(
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     with gate.client() as client:
         # Fresh: the request reaches the engine.
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "proxying while fresh")
+        wait_until("proxying while fresh", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
         # The fake reconciler stops writing; its heartbeat ages past 1 s.
-        poll_until(lambda: client.get("/status").json()["stale"], "stale: true", timeout=5)
+        wait_until("stale: true", lambda: client.get("/status").json()["stale"], 5)
         st = client.get("/status")
         assert st.headers["X-AILayer-State-Stale"] == "true"
         assert st.json()["gate"]["reconciler"] == "stale"
@@ -466,7 +193,7 @@ def test_stale_heartbeat_is_visible_everywhere(
         assert metric(gate, "ailayer_reconciler_stale") == 1.0
         # A new heartbeat makes it fresh again.
         gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "fresh again")
+        wait_until("fresh again", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
         # No token configured: toggling over HTTP is off, not open.
         off = client.post("/toggle", json={"model": "gpt-oss"},
                           headers={"Authorization": "Bearer anything"})
@@ -477,12 +204,12 @@ def test_a_cleanly_stopped_reconciler_is_not_running_at_once(gate: Gate, vllm: D
     """No waiting for the heartbeat to age (30 s by default): the state says it stopped."""
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     with gate.client() as client:
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "proxying")
+        wait_until("proxying", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
         now = clock.iso()
         gate.state.write(status.Phase.READY, desired_model="gpt-oss", active_model="gpt-oss",
                          message=f"reconciler stopped at {now}; it stopped its engines",
                          reconciler={"pid": os.getpid(), "heartbeat": now, "stopped_at": now})
-        poll_until(lambda: client.get("/status").json()["stale"], "stale at once", timeout=2)
+        wait_until("stale at once", lambda: client.get("/status").json()["stale"], 2)
         assert client.get("/status").json()["gate"]["reconciler"] == "stopped"
         resp = client.get("/v1/models")
         assert resp.status_code == 503
@@ -501,9 +228,9 @@ def test_a_state_file_routing_to_a_url_the_catalog_does_not_name_is_never_proxie
         planted = DemoEngine(f"http://127.0.0.1:{listener.getsockname()[1]}", gate.log)
         gate.state.ready(planted, "gpt-oss", VLLM_SERVED)
         with gate.client() as client:
-            answer = poll_until(lambda: (r := client.post("/v1/chat/completions", json=chat_body(),
-                                                          headers={"Authorization": "Bearer user-key"}))
-                                .json()["error"]["code"] == "untrusted_state" and r, "the planted state refused")
+            answer = wait_until("the planted state refused", lambda: (r := client.post(
+                "/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer user-key"}))
+                .json()["error"]["code"] == "untrusted_state" and r, CONDITION_DEADLINE_S)
         assert answer.status_code == 503 and "does not name" in answer.text
         with pytest.raises(BlockingIOError):
             listener.accept()  # nothing ever connected to the planted URL
@@ -528,7 +255,7 @@ def test_dot_segment_paths_are_never_forwarded(gate: Gate, vllm: DemoEngine, pat
     """A prefix route would forward the raw path, which the engine might resolve elsewhere."""
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     with gate.client() as client:
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        wait_until("READY", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
     host, port = gate.url.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=CONDITION_DEADLINE_S)
     try:
@@ -545,7 +272,7 @@ def test_stream_arrives_chunk_by_chunk(gate: Gate, vllm: DemoEngine) -> None:
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     tokens = 20
     with gate.client() as client:
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        wait_until("READY", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
         started = time.monotonic()
         with client.stream("POST", "/v1/chat/completions",
                            json=chat_body(stream=True, tokens=tokens)) as resp:
@@ -572,7 +299,7 @@ def test_stream_arrives_chunk_by_chunk(gate: Gate, vllm: DemoEngine) -> None:
 def test_client_disconnect_cancels_the_engine_request(gate: Gate, vllm: DemoEngine) -> None:
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     with gate.client() as client:
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        wait_until("READY", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
         before = vllm.stats()
         with client.stream("POST", "/v1/chat/completions",
                            json=chat_body(stream=True, tokens=LONG_TOKENS)) as resp:
@@ -580,10 +307,10 @@ def test_client_disconnect_cancels_the_engine_request(gate: Gate, vllm: DemoEngi
                 if line.startswith("data: "):
                     break  # one token received; now hang up mid-stream
         left = time.monotonic()
-    poll_until(lambda: vllm.stats()["requests_cancelled"] > before["requests_cancelled"],
-               "the engine to see the stream cancelled", timeout=PROMPT_S)
+    wait_until("the engine to see the stream cancelled",
+               lambda: vllm.stats()["requests_cancelled"] > before["requests_cancelled"], PROMPT_S)
     assert time.monotonic() - left < PROMPT_S
-    poll_until(lambda: vllm.stats()["active_streams"] == 0, "no active stream", timeout=PROMPT_S)
+    wait_until("no active stream", lambda: vllm.stats()["active_streams"] == 0, PROMPT_S)
 
 
 def test_client_leaving_before_the_first_byte_cancels_the_engine_request(
@@ -591,7 +318,7 @@ def test_client_leaving_before_the_first_byte_cancels_the_engine_request(
 ) -> None:
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     with gate.client() as client:
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        wait_until("READY", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
     before = vllm.stats()
     body = json.dumps(chat_body(tokens=LONG_TOKENS)).encode()
     host, port = gate.url.removeprefix("http://").rsplit(":", 1)
@@ -599,17 +326,17 @@ def test_client_leaving_before_the_first_byte_cancels_the_engine_request(
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        poll_until(lambda: vllm.stats()["requests_started"] > before["requests_started"],
-                   "the engine to start the request")
+        wait_until("the engine to start the request",
+                   lambda: vllm.stats()["requests_started"] > before["requests_started"], CONDITION_DEADLINE_S)
     # The socket is closed before any response byte: the engine request must end too.
-    poll_until(lambda: vllm.stats()["requests_cancelled"] > before["requests_cancelled"],
-               "the engine to see the request cancelled", timeout=PROMPT_S)
+    wait_until("the engine to see the request cancelled",
+               lambda: vllm.stats()["requests_cancelled"] > before["requests_cancelled"], PROMPT_S)
 
 
 def test_model_mismatch_is_409_naming_the_active_model(gate: Gate, vllm: DemoEngine) -> None:
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     with gate.client() as client:
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        wait_until("READY", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
         before = vllm.stats()["requests_started"]
         resp = client.post("/v1/chat/completions", json=chat_body(model="gemma2"))
         assert resp.status_code == 409
@@ -627,7 +354,7 @@ def test_model_mismatch_is_409_naming_the_active_model(gate: Gate, vllm: DemoEng
 def test_catalog_name_is_mapped_to_the_served_name(gate: Gate, vllm: DemoEngine) -> None:
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     with gate.client() as client:
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        wait_until("READY", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
         # The vLLM-like engine answers 404 to any name but its served name.
         for asked in ("gpt-oss", VLLM_SERVED):
             resp = client.post("/v1/chat/completions", json=chat_body(model=asked))
@@ -639,7 +366,7 @@ def test_catalog_name_is_mapped_to_the_served_name(gate: Gate, vllm: DemoEngine)
 def test_openai_client_works_unchanged(gate: Gate, vllm: DemoEngine) -> None:
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     client = openai.OpenAI(base_url=gate.url + "/v1", api_key="unused")
-    poll_until(lambda: [m.id for m in client.models.list()] == [VLLM_SERVED], "models")
+    wait_until("models", lambda: [m.id for m in client.models.list()] == [VLLM_SERVED], CONDITION_DEADLINE_S)
     chat = client.chat.completions.create(
         model="gpt-oss", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert chat.choices[0].message.content == "alpha bravo charlie delta"
@@ -659,7 +386,7 @@ def test_openai_client_works_unchanged(gate: Gate, vllm: DemoEngine) -> None:
 def test_ollama_client_works_unchanged(gate: Gate, ollama_engine: DemoEngine) -> None:
     gate.state.ready(ollama_engine, "gemma2", OLLAMA_SERVED)
     client = ollama.Client(host=gate.url)
-    poll_until(lambda: [m.model for m in client.list().models] == [OLLAMA_SERVED], "tags")
+    wait_until("tags", lambda: [m.model for m in client.list().models] == [OLLAMA_SERVED], CONDITION_DEADLINE_S)
     assert [m.model for m in client.ps().models] == [OLLAMA_SERVED]
     reply = client.chat(model="gemma2", messages=[{"role": "user", "content": "hi"}],
                         options={"num_predict": 3})
@@ -685,7 +412,7 @@ def test_a_client_keep_alive_cannot_unload_the_model(gate: Gate, ollama_engine: 
     ask = {"num_predict": 2}
     hi = [{"role": "user", "content": "hi"}]
     with gate.client() as client:
-        poll_until(lambda: client.get("/api/tags").status_code == 200, "the gate to proxy")
+        wait_until("the gate to proxy", lambda: client.get("/api/tags").status_code == 200, CONDITION_DEADLINE_S)
         unload = client.post("/api/generate", json={"model": "gemma2", "keep_alive": 0})
         assert unload.status_code == 200 and unload.json()["done_reason"] == "load", unload.text
         for path, body in (
@@ -701,8 +428,8 @@ def test_a_client_keep_alive_cannot_unload_the_model(gate: Gate, ollama_engine: 
     # The control: the same request straight to the engine does unload it.
     direct = {"model": OLLAMA_SERVED, "prompt": "x", "stream": False, "options": ask, "keep_alive": 0}
     assert httpx.post(ollama_engine.url + "/api/generate", json=direct, timeout=10).status_code == 200
-    poll_until(lambda: httpx.get(ollama_engine.url + "/api/ps", timeout=5).json()["models"] == [],
-               "the engine to unload on a keep_alive it was really sent")
+    wait_until("the engine to unload on a keep_alive it was really sent",
+               lambda: httpx.get(ollama_engine.url + "/api/ps", timeout=5).json()["models"] == [], CONDITION_DEADLINE_S)
 
 
 @pytest.mark.parametrize(("body", "expected"), [
@@ -730,7 +457,7 @@ def test_pin_keep_alive_leaves_what_is_not_an_object(body: bytes) -> None:
 def test_switch_ends_an_in_flight_stream_with_an_error_event(gate: Gate, vllm: DemoEngine) -> None:
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     with gate.client() as client:
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        wait_until("READY", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
         with client.stream("POST", "/v1/chat/completions",
                            json=chat_body(stream=True, tokens=LONG_TOKENS)) as resp:
             lines = resp.iter_lines()
@@ -743,7 +470,7 @@ def test_switch_ends_an_in_flight_stream_with_an_error_event(gate: Gate, vllm: D
     last = json.loads(rest[-1][6:])
     assert last["error"]["code"] == "model_switched", last
     assert "stopped being served" in last["error"]["message"]
-    poll_until(lambda: vllm.stats()["active_streams"] == 0, "engine stream cancelled")
+    wait_until("engine stream cancelled", lambda: vllm.stats()["active_streams"] == 0, CONDITION_DEADLINE_S)
 
 
 def test_switch_fails_in_flight_requests_promptly_for_both_clients(
@@ -751,7 +478,7 @@ def test_switch_fails_in_flight_requests_promptly_for_both_clients(
 ) -> None:
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     oai = openai.OpenAI(base_url=gate.url + "/v1", api_key="unused", max_retries=0)
-    poll_until(lambda: oai.models.list().data, "READY")
+    wait_until("READY", lambda: oai.models.list().data, CONDITION_DEADLINE_S)
     outcome: dict[str, Any] = {}
 
     def non_streamed() -> None:
@@ -766,7 +493,7 @@ def test_switch_fails_in_flight_requests_promptly_for_both_clients(
     stream = oai.chat.completions.create(model="gpt-oss", messages=[], max_tokens=LONG_TOKENS,
                                          stream=True)
     assert next(iter(stream)).choices  # the stream is running
-    poll_until(lambda: vllm.stats()["requests_started"] >= before + 2, "both requests running")
+    wait_until("both requests running", lambda: vllm.stats()["requests_started"] >= before + 2, CONDITION_DEADLINE_S)
     # The reconciler moves to the other engine while both requests are in flight.
     gate.state.ready(ollama_engine, "gemma2", OLLAMA_SERVED)
     switched = time.monotonic()
@@ -782,7 +509,7 @@ def test_switch_fails_in_flight_requests_promptly_for_both_clients(
 
     # And the Ollama side: a streamed chat in flight when the state goes to STOPPING.
     client = ollama.Client(host=gate.url)
-    poll_until(lambda: client.ps().models, "READY on the Ollama-like engine")
+    wait_until("READY on the Ollama-like engine", lambda: client.ps().models, CONDITION_DEADLINE_S)
     parts = client.chat(model="gemma2", messages=[{"role": "user", "content": "hi"}],
                         stream=True, options={"num_predict": LONG_TOKENS})
     assert next(parts).message.content
@@ -800,7 +527,7 @@ def test_switch_fails_in_flight_requests_promptly_for_both_clients(
 def test_long_poll_returns_on_change_and_on_timeout(gate: Gate) -> None:
     gen = gate.state.idle()
     with gate.client() as client:
-        poll_until(lambda: client.get("/status").json()["revision"] == gen, "first state")
+        wait_until("first state", lambda: client.get("/status").json()["revision"] == gen, CONDITION_DEADLINE_S)
         assert client.get("/status").headers["X-AILayer-Revision"] == str(gen)
         # A revision the client has not seen: answered at once.
         started = time.monotonic()
@@ -822,7 +549,7 @@ def test_long_poll_returns_on_change_and_on_timeout(gate: Gate) -> None:
 
         thread = threading.Thread(target=waiter)
         thread.start()
-        poll_until(lambda: metric(gate, "ailayer_gate_watchers") == 1.0, "the poll to wait")
+        wait_until("the poll to wait", lambda: metric(gate, "ailayer_gate_watchers") == 1.0, CONDITION_DEADLINE_S)
         new = gate.state.loading("gemma2")
         changed = time.monotonic()
         thread.join(timeout=5)
@@ -841,7 +568,7 @@ def test_every_hint_names_the_revision_that_since_compares(gate: Gate) -> None:
     rev = gate.state.idle()
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with gate.client() as client:
-        poll_until(lambda: client.get("/status").json().get("revision") == rev, "first state")
+        wait_until("first state", lambda: client.get("/status").json().get("revision") == rev, CONDITION_DEADLINE_S)
         idle = client.post("/v1/chat/completions", json={"model": "gpt-oss", "messages": []})
         assert idle.status_code == 428 and "since=REVISION" in idle.text and "GENERATION" not in idle.text
         # Every counter the gate hands out is that revision, and named so: a UI that passed a
@@ -856,7 +583,7 @@ def test_every_hint_names_the_revision_that_since_compares(gate: Gate) -> None:
         body = accepted.json()
         assert body["revision"] == rev and "since=REVISION" in body["follow"]
         gate.state.loading("gpt-oss")
-        poll_until(lambda: client.get("/status").json()["phase"] == "LOADING", "LOADING")
+        wait_until("LOADING", lambda: client.get("/status").json()["phase"] == "LOADING", CONDITION_DEADLINE_S)
         busy = client.post("/v1/chat/completions", json=chat_body()).json()["ailayer"]
         assert busy["revision"] == rev + 1 and "generation" not in busy
 
@@ -864,7 +591,7 @@ def test_every_hint_names_the_revision_that_since_compares(gate: Gate) -> None:
 def test_events_stream_delivers_changes(gate: Gate) -> None:
     gen = gate.state.idle()
     with gate.client() as client:
-        poll_until(lambda: client.get("/status").json().get("revision") == gen, "first state")
+        wait_until("first state", lambda: client.get("/status").json().get("revision") == gen, CONDITION_DEADLINE_S)
         with client.stream("GET", "/events") as resp:
             assert resp.headers["content-type"].startswith("text/event-stream")
             assert resp.headers["cache-control"] == "no-cache"
@@ -895,8 +622,8 @@ def test_a_model_added_to_the_catalog_is_accepted_without_a_restart(gate: Gate) 
         doc = yaml.safe_load(gate.catalog.read_text())
         doc["engines"]["llama3"] = {"kind": "llamacpp", "command": ["{python}", "-c", "pass"], "port": 18099}
         write_atomic(gate.catalog, yaml.safe_dump(doc))
-        after = poll_until(lambda: (r := client.post("/toggle", json={"model": "llama3"}, headers=auth))
-                           .status_code == 202 and r, "the gate to take the new model")
+        after = wait_until("the gate to take the new model", lambda: (r := client.post(
+            "/toggle", json={"model": "llama3"}, headers=auth)).status_code == 202 and r, CONDITION_DEADLINE_S)
         assert after.json()["model"] == "llama3"
 
 
@@ -929,11 +656,11 @@ def test_toggle_needs_the_token_and_a_known_model(gate: Gate) -> None:
 def test_healthz_and_metrics(gate: Gate, vllm: DemoEngine) -> None:
     gate.state.idle()
     with gate.client() as client:
-        poll_until(lambda: client.post("/v1/completions", json={}).status_code == 428, "IDLE")
+        wait_until("IDLE", lambda: client.post("/v1/completions", json={}).status_code == 428, CONDITION_DEADLINE_S)
         gate.state.loading("gpt-oss")
-        poll_until(lambda: client.get("/status").json()["phase"] == "LOADING", "LOADING")
+        wait_until("LOADING", lambda: client.get("/status").json()["phase"] == "LOADING", CONDITION_DEADLINE_S)
         gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        wait_until("READY", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
         with client.stream("POST", "/v1/completions",
                            json={"model": "gpt-oss", "prompt": "x", "max_tokens": 2,
                                  "stream": True}) as resp:
@@ -992,7 +719,8 @@ def test_a_client_that_never_finishes_its_head_is_dropped_and_others_are_served(
             assert waited.status_code == 200, "a connection that sent its request is never cut"
             assert client.get("/healthz").status_code == 200
         started = time.monotonic()
-        poll_until(lambda: all(_closed_by_peer(s) for s in slow), "every slow head to be dropped")
+        wait_until("every slow head to be dropped", lambda: all(_closed_by_peer(s) for s in slow),
+                   CONDITION_DEADLINE_S)
         assert time.monotonic() - started < CONDITION_DEADLINE_S
     finally:
         for sock in slow:
@@ -1004,7 +732,7 @@ def test_a_stalled_request_body_gets_408_and_never_reaches_the_engine(
     gate = start_gate(procs, tmp_path, token=TOKEN, client_body_idle_s=1)
     gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
     with gate.client() as client:
-        poll_until(lambda: client.get("/v1/models").status_code == 200, "READY")
+        wait_until("READY", lambda: client.get("/v1/models").status_code == 200, CONDITION_DEADLINE_S)
     before = vllm.stats()["requests_started"]
     host, port = gate.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=CONDITION_DEADLINE_S) as sock:

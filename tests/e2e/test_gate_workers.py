@@ -20,15 +20,8 @@ import pytest
 import yaml
 
 from reconciler.kit.freeport import free_port
-from tests.e2e.test_gate import (
-    CONDITION_DEADLINE_S,
-    Gate,
-    Processes,
-    poll_until,
-    procs,  # noqa: F401 (the fixture)
-    start_gate,
-)
-from tests.helpers import demo_engine
+from tests.e2e.standalone_gate import CONDITION_DEADLINE_S, Gate, Processes, start_gate
+from tests.helpers import demo_engine, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -49,7 +42,7 @@ def _all_workers(sup: psutil.Process, without: int | None = None) -> set[int]:
         pids = _workers(sup)
         return pids if len(pids) == WORKERS and without not in pids else None
 
-    return poll_until(check, f"{WORKERS} workers")
+    return wait_until(f"{WORKERS} workers", check, CONDITION_DEADLINE_S)
 
 
 def _answering_pids(url: str, want: int) -> set[int]:
@@ -60,7 +53,7 @@ def _answering_pids(url: str, want: int) -> set[int]:
         seen.add(int(httpx.get(url + "/status", timeout=CONDITION_DEADLINE_S).json()["gate"]["pid"]))
         return len(seen) >= want
 
-    poll_until(more, f"{want} workers answering")
+    wait_until(f"{want} workers answering", more, CONDITION_DEADLINE_S)
     return seen
 
 
@@ -74,13 +67,13 @@ def _requests_total(text: str, route: str) -> float:
 
 
 @pytest.fixture
-def gate2(procs: Processes, tmp_path: Path) -> Gate:  # noqa: F811 (procs is the fixture)
+def gate2(procs: Processes, tmp_path: Path) -> Gate:
     gate = start_gate(procs, tmp_path, workers=WORKERS)
     gate.state.idle()
     return gate
 
 
-def test_two_workers_both_answer(procs: Processes, gate2: Gate) -> None:  # noqa: F811
+def test_two_workers_both_answer(procs: Processes, gate2: Gate) -> None:
     sup = _supervisor(procs)
     workers = _all_workers(sup)
     assert _answering_pids(gate2.url, WORKERS) == workers
@@ -88,14 +81,15 @@ def test_two_workers_both_answer(procs: Processes, gate2: Gate) -> None:  # noqa
         assert psutil.Process(pid).ppid() == sup.pid
 
 
-def test_metrics_are_summed_across_workers(procs: Processes, gate2: Gate) -> None:  # noqa: F811
+def test_metrics_are_summed_across_workers(procs: Processes, gate2: Gate) -> None:
     _answering_pids(gate2.url, WORKERS)  # both are up and have answered
     sent = 40
     for _ in range(sent):
         assert httpx.get(gate2.url + "/v1/models", timeout=CONDITION_DEADLINE_S).status_code == 428
     # A worker publishes its front door's counts before it answers a scrape itself, and for the
     # other worker's scrapes within fastpath.COUNTS_PUBLISH_S of its answer.
-    poll_until(lambda: _requests_total(_metrics(gate2), "/v1/models") == sent, f"{sent} requests counted")
+    wait_until(f"{sent} requests counted", lambda: _requests_total(_metrics(gate2), "/v1/models") == sent,
+               CONDITION_DEADLINE_S)
     for _ in range(6):  # whichever worker answers /metrics, it counts every worker's requests
         text = httpx.get(gate2.url + "/metrics", timeout=CONDITION_DEADLINE_S).text
         assert _requests_total(text, "/v1/models") == sent
@@ -103,13 +97,14 @@ def test_metrics_are_summed_across_workers(procs: Processes, gate2: Gate) -> Non
         assert "ailayer_gate_streams_active 0.0" in text
 
 
-def test_a_killed_worker_is_replaced_and_its_counts_kept(procs: Processes, gate2: Gate) -> None:  # noqa: F811
+def test_a_killed_worker_is_replaced_and_its_counts_kept(procs: Processes, gate2: Gate) -> None:
     sup = _supervisor(procs)
     before = _all_workers(sup)
     _answering_pids(gate2.url, WORKERS)
     for _ in range(10):
         httpx.get(gate2.url + "/v1/models", timeout=CONDITION_DEADLINE_S)
-    poll_until(lambda: _requests_total(_metrics(gate2), "/v1/models") == 10, "10 requests counted")
+    wait_until("10 requests counted", lambda: _requests_total(_metrics(gate2), "/v1/models") == 10,
+               CONDITION_DEADLINE_S)
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
     after = _all_workers(sup, without=victim)
@@ -120,7 +115,7 @@ def test_a_killed_worker_is_replaced_and_its_counts_kept(procs: Processes, gate2
     assert "restarting it" in gate2.log.read_text()
 
 
-def test_stopping_the_supervisor_stops_every_worker(procs: Processes, gate2: Gate) -> None:  # noqa: F811
+def test_stopping_the_supervisor_stops_every_worker(procs: Processes, gate2: Gate) -> None:
     sup = _supervisor(procs)
     workers = [psutil.Process(p) for p in _all_workers(sup)]
     metrics_dir = gate2.dir / "run" / "gate-metrics" / str(sup.pid)
@@ -132,7 +127,7 @@ def test_stopping_the_supervisor_stops_every_worker(procs: Processes, gate2: Gat
     assert not metrics_dir.exists()
 
 
-def test_workers_die_with_a_sigkilled_supervisor(procs: Processes, gate2: Gate) -> None:  # noqa: F811
+def test_workers_die_with_a_sigkilled_supervisor(procs: Processes, gate2: Gate) -> None:
     sup = _supervisor(procs)
     workers = [psutil.Process(p) for p in _all_workers(sup)]
     sup.kill()
@@ -152,8 +147,8 @@ def test_up_runs_and_supervises_the_workers(tmp_path: Path) -> None:
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     url = f"http://127.0.0.1:{gate_port}"
     try:
-        poll_until(lambda: httpx.post(url + "/v1/chat/completions", json={}).status_code == 428,
-                   "428 from the gate", 30.0)
+        wait_until("428 from the gate",
+                   lambda: httpx.post(url + "/v1/chat/completions", json={}).status_code == 428, 30.0)
         pids = _answering_pids(url, WORKERS)
         workers = [psutil.Process(p) for p in pids]
         assert {w.ppid() for w in workers} == {psutil.Process(workers[0].ppid()).pid}

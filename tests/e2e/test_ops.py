@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from reconciler.kit.freeport import free_port
-from tests.helpers import DEADLINE_S, PY, REPO, Stack, demo_engine, port_listening, wait_until
+from tests.helpers import DEADLINE_S, PY, REPO, Stack, demo_engine, port_listening, two_demo_engines, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -52,10 +52,7 @@ def _up(stack: Stack, *, env: dict[str, str] | None = None, cwd: Path | None = N
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    gate_port = free_port()
-    s = Stack(tmp_path, {"gpt-oss": demo_engine("vllm", free_port()),
-                         "gemma2": demo_engine("ollama", free_port())},
-              top={"gate": {"listen": f"127.0.0.1:{gate_port}"}})
+    s = Stack(tmp_path, two_demo_engines(), gate_port=free_port())
     yield s
     s.stop()
     s.cli("down")  # `reconcile` leaves its engines: whatever a test left goes
@@ -159,7 +156,8 @@ def test_the_banner_commands_work_as_printed(stack: Stack) -> None:
 
 def test_up_tells_systemd_it_is_ready_once_the_gate_listens(stack: Stack) -> None:
     """Type=notify: READY=1 only when the gate accepts connections; STOPPING=1 on the way out."""
-    gate_port = int(stack.top["gate"]["listen"].rsplit(":", 1)[1])
+    assert stack.gate_port is not None
+    gate_port = stack.gate_port
     address = stack.root / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(address))

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from reconciler.kit.freeport import free_port
-from tests.helpers import demo_engine, wait_until
+from tests.helpers import demo_engine, two_demo_engines, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -40,8 +40,7 @@ def test_up_serves_gates_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     config = tmp_path / "engines.yaml"
     config.write_text(yaml.safe_dump({
         "state_dir": "run", "log_file": "activity.log", "gate": {"listen": f"127.0.0.1:{gate_port}"},
-        "engines": {"gpt-oss": demo_engine("vllm", free_port()),
-                    "gemma2": demo_engine("ollama", free_port())}}))
+        "engines": two_demo_engines()}))
     up = subprocess.Popen([sys.executable, "-m", "reconciler", "up", "--config", str(config)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                           env=os.environ.copy())

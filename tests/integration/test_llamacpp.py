@@ -91,11 +91,7 @@ def stack(tmp_path: Path, models: dict[str, Path]) -> Iterator[GatedStack]:
     engines["gpt-oss"] = demo_engine("vllm", port)
     s = GatedStack(tmp_path, engines, gate_port=free_port(), request_timeout_s=REQUEST_TIMEOUT_S)
     yield s
-    s.stop()
-    s.stop_gate()
-    s.toggle(None)
-    result = s.cli("reconcile", "--once")
-    assert result.returncode == 0, result.stdout + result.stderr
+    s.tear_down()
 
 
 def boottime() -> float:

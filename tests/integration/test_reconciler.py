@@ -26,6 +26,7 @@ from tests.helpers import (
     port_bound,
     port_listening,
     sampler,
+    two_demo_engines,
     wait_until,
 )
 
@@ -40,13 +41,9 @@ LINE = re.compile(r"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d\] \[([
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     """Two demo engines on their own free ports; torn down *through the product* (toggle none)."""
-    s = Stack(tmp_path, {"gpt-oss": demo_engine("vllm", free_port()),
-                         "gemma2": demo_engine("ollama", free_port())})
+    s = Stack(tmp_path, two_demo_engines())
     yield s
-    s.stop()
-    s.toggle(None)
-    result = s.cli("reconcile", "--once")
-    assert result.returncode == 0, result.stdout + result.stderr
+    s.tear_down()
 
 
 def test_idle_without_a_desired_file(stack: Stack) -> None:
@@ -316,8 +313,7 @@ def test_log_lines_reach_terminal_and_file_in_one_format(stack: Stack) -> None:
 
 def test_file_events_wake_the_loop_for_rename_and_configmap_swap(tmp_path: Path) -> None:
     """With a 60 s resync, only watchdog events can make the loop react within seconds."""
-    s = Stack(tmp_path, {"gpt-oss": demo_engine("vllm", free_port()),
-                         "gemma2": demo_engine("ollama", free_port())}, resync_s=60)
+    s = Stack(tmp_path, two_demo_engines(), resync_s=60)
     # Kubernetes' ConfigMap layout: the file is a symlink through "..data" to a timestamped dir.
     def publish(model: str, tag: str) -> None:
         version = tmp_path / f"..{tag}"
@@ -333,12 +329,12 @@ def test_file_events_wake_the_loop_for_rename_and_configmap_swap(tmp_path: Path)
         s.wait_phase("READY", "gpt-oss")
         t0 = time.monotonic()
         publish("gemma2", "2026_02")
-        s.wait_phase("READY", "gemma2", timeout=15)
+        s.wait_phase("READY", "gemma2", limit_s=15)
         assert time.monotonic() - t0 < 15, "a 60 s resync would have been slower"
         s.desired.unlink()
         t1 = time.monotonic()
         s.toggle("gpt-oss")  # the reference writer: temp file + rename
-        s.wait_phase("READY", "gpt-oss", timeout=15)
+        s.wait_phase("READY", "gpt-oss", limit_s=15)
         assert time.monotonic() - t1 < 15
     finally:
         s.stop()

@@ -122,14 +122,13 @@ def test_fake_clock_sleep_with_a_set_wake_event_does_not_advance() -> None:
     assert fake.slept == [60]
 
 
-def test_module_functions_use_the_module_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeClock(datetime(2030, 1, 1, tzinfo=UTC))
-    monkeypatch.setattr(clock, "clock", fake)
+def test_module_functions_use_the_module_clock(fake_clock: FakeClock) -> None:
+    start = fake_clock.now()
     assert clock.monotonic() == 1000.0
-    assert clock.now() == datetime(2030, 1, 1, tzinfo=UTC)
+    assert clock.now() == start
     assert clock.sleep(30) is False
     assert clock.monotonic() == 1030.0
-    assert datetime.fromisoformat(clock.iso()) == datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)
+    assert datetime.fromisoformat(clock.iso()) == start + timedelta(seconds=30)
 
 
 def test_time_scale_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
