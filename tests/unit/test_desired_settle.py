@@ -5,25 +5,10 @@ Drives ``plan.wish.Wishes`` only (no loop, no processes): the rule is about time
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
-from reconciler.domain.catalog import Catalog, demo
-from reconciler.kit.bootid import current_boot_id
+from reconciler.domain.catalog import Catalog
 from reconciler.kit.clock import FakeClock
 from reconciler.plan.wish import DESIRED_SETTLE_S, Wishes
 from reconciler.store import desired_file
-
-
-@pytest.fixture
-def catalog(tmp_path: Path) -> Catalog:
-    return demo(tmp_path)
-
-
-@pytest.fixture
-def wishes(catalog: Catalog) -> Wishes:
-    return Wishes(catalog.desired_path, 0, current_boot_id(), booted_at=0.0)
 
 
 def wanted(wishes: Wishes, catalog: Catalog, fake: FakeClock) -> str | None:

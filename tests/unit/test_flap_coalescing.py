@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from reconciler.domain.catalog import Catalog, Identity, demo
-from reconciler.kit.bootid import current_boot_id
 from reconciler.kit.clock import FakeClock
 from reconciler.kit.logs import ActivityLog
 from reconciler.loop import WAKE_SPACING_S, Reconciler
@@ -17,16 +16,6 @@ from reconciler.plan.wish import FLAP_WINDOW_MAX_S, FLAP_WINDOW_MIN_S, Taken, Wi
 from reconciler.store import desired_file
 
 A, B = "gpt-oss", "gemma2"
-
-
-@pytest.fixture
-def catalog(tmp_path: Path) -> Catalog:
-    return demo(tmp_path)
-
-
-@pytest.fixture
-def wishes(catalog: Catalog) -> Wishes:
-    return Wishes(catalog.desired_path, 0, current_boot_id(), booted_at=0.0)
 
 
 def take(wishes: Wishes, catalog: Catalog, fake: FakeClock) -> Taken:
