@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from reconciler.domain.status import Phase
-from reconciler.gate.errors import Refusal
+from reconciler.gate.errors import Code, Refusal
 from reconciler.gate.statefollow import StateFollower, Target
 from reconciler.kit import clock
 
@@ -106,7 +106,7 @@ def _not_running(follower: StateFollower) -> Refusal:
         )
         if snap.stopped:
             message = f"reconciler not running: {snap.data.get('message')}"
-    return Refusal(503, "reconciler_not_running", message, RETRY_NO_RECONCILER_S, detail)
+    return Refusal(503, Code.RECONCILER_NOT_RUNNING, message, RETRY_NO_RECONCILER_S, detail)
 
 
 def _converging(follower: StateFollower, data: dict[str, Any], phase: str) -> Refusal:
@@ -127,7 +127,7 @@ def _converging(follower: StateFollower, data: dict[str, Any], phase: str) -> Re
         what = f"model {model!r} is not ready (phase {phase})"
     note = data.get("message")
     message = f"{what}" + (f" — {note}" if note else "") + "; retry later or long-poll /status"
-    return Refusal(503, "model_loading", message, RETRY_CONVERGING_S, detail)
+    return Refusal(503, Code.MODEL_LOADING, message, RETRY_CONVERGING_S, detail)
 
 
 def _failed(follower: StateFollower, data: dict[str, Any]) -> Refusal:
@@ -141,7 +141,7 @@ def _failed(follower: StateFollower, data: dict[str, Any]) -> Refusal:
     message = f"model {detail['model']!r} failed: {reason}: {text}"
     if data.get("next_retry_at"):
         message += f"; the reconciler retries at {data['next_retry_at']}"
-    return Refusal(503, "model_failed", message,
+    return Refusal(503, Code.MODEL_FAILED, message,
                    retry if retry is not None else RETRY_FAILED_DEFAULT_S, detail)
 
 
@@ -159,7 +159,7 @@ def admit(follower: StateFollower, known: list[str]) -> Target | Refusal:
                   "revision": follower.revision}
         message = f"no model is selected (phase IDLE): {SELECT_HINT}; known models: " + (
             ", ".join(known))
-        return Refusal(428, "no_model_selected", message, None, detail)
+        return Refusal(428, Code.NO_MODEL_SELECTED, message, None, detail)
     if phase == Phase.FAILED:
         return _failed(follower, data)
     return _converging(follower, data, str(phase))

@@ -1,6 +1,6 @@
 """The gate's aiohttp application and its entry points: ``serve`` (async) and ``run`` (blocking).
 
-Every connection starts at the front door (reconciler/gate/fastpath.py), which answers plain
+Every connection starts at the front door (reconciler/gate/frontdoor.py), which answers plain
 inference requests itself and hands the rest to aiohttp's server (every route, the dashboard,
 SSE); to the engine, the llhttp pool of reconciler/gate/upstream.py; uvloop; ``gate.workers``
 such processes on one port (reconciler/gate/workers.py). Chosen by measurement:
@@ -29,8 +29,8 @@ from reconciler.domain.catalog import Catalog, CatalogSource, GateConfig
 from reconciler.gate import compiled, errors
 from reconciler.gate.clients import MAX_REQUEST_BYTES
 from reconciler.gate.dashboard import Dashboard
-from reconciler.gate.errors import OLLAMA, OPENAI, Refusal
-from reconciler.gate.fastpath import Door, routes_of
+from reconciler.gate.errors import OLLAMA, OPENAI, Code, Refusal
+from reconciler.gate.frontdoor import Door, routes_of
 from reconciler.gate.hosts import HostPolicy, name_of
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.proxy import Proxy
@@ -82,7 +82,7 @@ def _host_check(gate: GateConfig) -> Callable[..., Any]:
         host = request.host or ""
         if policy.allowed(host):
             return await handler(request)
-        return errors.respond(Refusal(421, "host_not_allowed",
+        return errors.respond(Refusal(421, Code.HOST_NOT_ALLOWED,
                                       f"this gate does not answer for Host {name_of(host)[:100]!r}; add it to "
                                       "gate.allowed_hosts in the catalog if it is yours"),
                               errors.family_of(request.path), stale=False)
@@ -108,7 +108,7 @@ async def _follow_catalog(source: CatalogSource, proxy: Proxy, toggle: Toggle,
 
 
 class Parts(NamedTuple):
-    """What the front door shares with the app (reconciler/gate/fastpath.py)."""
+    """What the front door shares with the app (reconciler/gate/frontdoor.py)."""
 
     proxy: Proxy
     follower: StateFollower
@@ -186,7 +186,8 @@ async def serve(
         # which answers the plain inference requests itself and hands the rest to aiohttp.
         assert runner.server is not None
         proxy, follower, metrics = app[PARTS]
-        door = Door(proxy, follower, metrics, catalog.gate, routes_of(INFERENCE_ROUTES), runner.server,
+        door = Door(proxy.rules, proxy.pool, proxy.budget, proxy.flights, follower, metrics, catalog.gate,
+                    routes_of(INFERENCE_ROUTES), runner.server,
                     clock.real_seconds(KEEPALIVE_S))
         server = await asyncio.get_running_loop().create_server(
             door.protocol, catalog.gate.host, catalog.gate.port, backlog=BACKLOG,

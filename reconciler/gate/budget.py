@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from reconciler.gate.errors import Refusal
+from reconciler.gate.errors import Code, Refusal
 from reconciler.kit import clock
 
 # All bodies being read or sent upstream at once. A request whose body does not fit waits
@@ -88,5 +88,5 @@ class Hold:
 
 
 def too_busy() -> Refusal:
-    return Refusal(503, "gate_busy", "too many large request bodies in flight; retry shortly",
+    return Refusal(503, Code.GATE_BUSY, "too many large request bodies in flight; retry shortly",
                    RETRY_BODY_BUDGET_S)

@@ -1,5 +1,5 @@
 """What one client may cost the gate: silence inside a body, and the size of a body (the head
-deadline is the front door's, reconciler/gate/fastpath.py; the memory all bodies may take
+deadline is the front door's, reconciler/gate/frontdoor.py; the memory all bodies may take
 together is reconciler/gate/budget.py).
 
 Bodies are read because the gate checks the ``model`` field; streaming them through unread
@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from reconciler.gate.errors import Refusal
+from reconciler.gate.errors import Code, Refusal
 from reconciler.kit import clock
 
 # Request bodies are read whole to check the model; multimodal prompts carry base64 images.
@@ -70,11 +70,11 @@ async def read_body(request: web.Request, idle_s: float) -> Body | Refusal:
 
 
 def body_stalled(idle_s: float) -> Refusal:
-    return Refusal(408, "body_timeout", f"the request body stalled for {idle_s:g} s (gate.client_body_idle_s)")
+    return Refusal(408, Code.BODY_TIMEOUT, f"the request body stalled for {idle_s:g} s (gate.client_body_idle_s)")
 
 
 def _too_large() -> Refusal:
-    return Refusal(413, "body_too_large", f"request bodies are limited to {MAX_REQUEST_BYTES >> 20} MiB")
+    return Refusal(413, Code.BODY_TOO_LARGE, f"request bodies are limited to {MAX_REQUEST_BYTES >> 20} MiB")
 
 
 async def off_loop(body: Body, work: Callable[[Body], Any]) -> Any:

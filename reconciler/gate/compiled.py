@@ -21,7 +21,7 @@ from pathlib import Path
 
 # The request path: the front door, the engine connection pool, the Host check, the body check,
 # the body budget.
-MODULES = ("reconciler.gate.fastpath", "reconciler.gate.upstream", "reconciler.gate.hosts",
+MODULES = ("reconciler.gate.frontdoor", "reconciler.gate.upstream", "reconciler.gate.hosts",
            "reconciler.gate.bodies", "reconciler.gate.budget")
 # Written by setup.py next to this file: {module: sha256 of the source it compiled}.
 MANIFEST = Path(__file__).with_name("compiled.json")

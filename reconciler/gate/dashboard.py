@@ -27,6 +27,7 @@ from aiohttp import web
 from reconciler import __version__
 from reconciler.domain.catalog import Catalog
 from reconciler.gate import errors
+from reconciler.gate.errors import Code
 from reconciler.gate.logtail import LogTail
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.statefollow import StateFollower
@@ -119,14 +120,14 @@ class Dashboard:
         return web.Response(body=body, headers=headers)
 
     async def page(self, request: web.Request) -> web.Response:
-        self._metrics.request("/", "ok")
+        self._metrics.request("/", Code.OK)
         return self._send(request, "index.html")
 
     async def asset(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in self._assets or name == "index.html":
             raise web.HTTPNotFound(headers=SECURITY_HEADERS)
-        self._metrics.request("/ui", "ok")
+        self._metrics.request("/ui", Code.OK)
         return self._send(request, name)
 
     # ------------------------------------------------------------------ data
@@ -149,7 +150,7 @@ class Dashboard:
         return web.json_response(body, headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
 
     async def switch_list(self, _: web.Request) -> web.Response:
-        self._metrics.request("/switches", "ok")
+        self._metrics.request("/switches", Code.OK)
         return web.json_response({"switches": self.switches.as_json()},
                                  headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
 
@@ -159,7 +160,7 @@ class Dashboard:
         headers = {"Content-Type": "text/event-stream", **errors.NO_BUFFERING}
         resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
-        self._metrics.request("/logs", "ok")
+        self._metrics.request("/logs", Code.OK)
         self._metrics.waiters.inc()
         watcher, backlog = self.logs.subscribe(model)
         closed = asyncio.ensure_future(self.logs.closed())

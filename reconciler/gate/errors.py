@@ -12,6 +12,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from http import HTTPStatus
 from typing import Any
 
@@ -45,12 +46,47 @@ _TYPES = {
 }
 
 
+class Code(StrEnum):
+    """The gate's own answers, defined once: the ``code`` (and ``ailayer.reason``) of its error
+    bodies, and the ``outcome`` label of ``ailayer_gate_requests``. Clients and dashboards
+    match on these strings."""
+
+    BAD_PATH = "bad_path"
+    BAD_QUERY = "bad_query"
+    BAD_REQUEST = "bad_request"
+    BODY_TIMEOUT = "body_timeout"
+    BODY_TOO_LARGE = "body_too_large"
+    GATE_BUSY = "gate_busy"
+    HEAD_TOO_LARGE = "head_too_large"
+    HOST_NOT_ALLOWED = "host_not_allowed"
+    MODEL_FAILED = "model_failed"
+    MODEL_LOADING = "model_loading"
+    NO_MODEL_SELECTED = "no_model_selected"
+    RECONCILER_NOT_RUNNING = "reconciler_not_running"
+    TOGGLE_DISABLED = "toggle_disabled"
+    UNAUTHORIZED = "unauthorized"
+    UNKNOWN_MODEL = "unknown_model"
+    WRITE_FAILED = "write_failed"
+    ENGINE_ERROR = "engine_error"
+    ENGINE_TIMEOUT = "engine_timeout"
+    ENGINE_UNREACHABLE = "engine_unreachable"
+    MODEL_NOT_ACTIVE = "model_not_active"
+    MODEL_SWITCHED = "model_switched"
+    UNTRUSTED_STATE = "untrusted_state"
+    # Outcomes that are not refusals.
+    PROXIED = "proxied"
+    CLIENT_GONE = "client_gone"
+    OK = "ok"
+    ACCEPTED = "accepted"
+    COMPLETED = "completed"
+
+
 @dataclass(frozen=True)
 class Refusal:
     """Why the gate answers itself instead of the engine: status, reason code, message."""
 
     status: int
-    code: str
+    code: Code
     message: str
     retry_after_s: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
@@ -107,7 +143,7 @@ def respond(refusal: Refusal, family: str, *, stale: bool | None = None) -> web.
 
 def render(refusal: Refusal, family: str, *, stale: bool | None, date: str, close: bool) -> bytes:
     """The same answer as ``respond``, as the bytes of a whole HTTP/1.1 response (the front
-    door's, reconciler/gate/fastpath.py). Header values are ours or the catalog's: one with a
+    door's, reconciler/gate/frontdoor.py). Header values are ours or the catalog's: one with a
     CR or LF is dropped rather than spliced."""
     body = _text(refusal, family).encode()
     lines = [f"HTTP/1.1 {refusal.status} {HTTPStatus(refusal.status).phrase}",

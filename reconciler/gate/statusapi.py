@@ -18,7 +18,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from reconciler.gate import errors
-from reconciler.gate.errors import Refusal
+from reconciler.gate.errors import Code, Refusal
 from reconciler.gate.metrics import GateMetrics
 from reconciler.gate.statefollow import StateFollower
 from reconciler.kit import clock
@@ -90,7 +90,7 @@ class StatusApi:
         self._budget_free = budget_free
 
     def _bad(self, message: str) -> web.Response:
-        refusal = Refusal(400, "bad_query", message)
+        refusal = Refusal(400, Code.BAD_QUERY, message)
         return errors.respond(refusal, errors.OPENAI, stale=self._follower.stale())
 
     async def status(self, request: web.Request) -> web.Response:
@@ -103,7 +103,7 @@ class StatusApi:
         asked = DEFAULT_WAIT_S if wait is None else wait
         if since is not None and since == follower.revision and not follower.closing:
             await self._wait(min(MAX_WAIT_S, asked))
-        self._metrics.request("/status", "ok")
+        self._metrics.request("/status", Code.OK)
         headers = state_headers(follower)
         if asked > MAX_WAIT_S:
             headers = {**headers, WAIT_CAPPED_HEADER: f"{MAX_WAIT_S:g}"}
@@ -126,7 +126,7 @@ class StatusApi:
         headers = {"Content-Type": "text/event-stream", **state_headers(follower)}
         resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
-        self._metrics.request("/events", "ok")
+        self._metrics.request("/events", Code.OK)
         self._metrics.waiters.inc()
         try:
             change = follower.change_event()

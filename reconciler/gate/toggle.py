@@ -18,7 +18,7 @@ from reconciler.domain import desired
 from reconciler.domain.catalog import DEFAULT_TOKEN_ENV as TOKEN_ENV
 from reconciler.domain.catalog import Catalog
 from reconciler.gate import errors
-from reconciler.gate.errors import Refusal
+from reconciler.gate.errors import Code, Refusal
 from reconciler.gate.metrics import GateMetrics
 from reconciler.kit.schemas import InvalidFile
 from reconciler.store import desired_file
@@ -50,13 +50,13 @@ class Toggle:
 
     def _authorized(self, request: web.Request) -> Refusal | None:
         if self._token is None:
-            return Refusal(403, "toggle_disabled",
+            return Refusal(403, Code.TOGGLE_DISABLED,
                            f"POST /toggle is disabled: no token is configured (set gate.token "
                            f"or gate.token_env in the catalog, default ${TOKEN_ENV})")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
                                                                  self._token):
-            return Refusal(401, "unauthorized", "POST /toggle needs 'Authorization: Bearer TOKEN'",
+            return Refusal(401, Code.UNAUTHORIZED, "POST /toggle needs 'Authorization: Bearer TOKEN'",
                            headers={"WWW-Authenticate": 'Bearer realm="ailayer"'})
         return None
 
@@ -65,7 +65,7 @@ class Toggle:
         if denied is not None:
             return self._refuse(denied)
         if (request.content_length or 0) > MAX_BODY_BYTES:
-            return self._refuse(Refusal(413, "body_too_large", "a toggle body is a few bytes"))
+            return self._refuse(Refusal(413, Code.BODY_TOO_LARGE, "a toggle body is a few bytes"))
         parsed = self._parse(await request.read())
         if isinstance(parsed, Refusal):
             return self._refuse(parsed)
@@ -75,12 +75,12 @@ class Toggle:
             wish = await asyncio.to_thread(desired_file.write, self._catalog, model, requested_by)
         except desired.UnknownModel as exc:
             return self._refuse(Refusal(
-                422, "unknown_model",
+                422, Code.UNKNOWN_MODEL,
                 f"unknown model {model!r}; known models: {', '.join(exc.known)}",
                 detail={"known_models": exc.known}))
         except (InvalidFile, OSError) as exc:
-            return self._refuse(Refusal(500, "write_failed", f"could not write the wish: {exc}"))
-        self._metrics.request("/toggle", "accepted")
+            return self._refuse(Refusal(500, Code.WRITE_FAILED, f"could not write the wish: {exc}"))
+        self._metrics.request("/toggle", Code.ACCEPTED)
         body = {
             "model": wish.model,
             "generation": wish.generation,
@@ -98,11 +98,11 @@ class Toggle:
         except ValueError:
             doc = None
         if not isinstance(doc, dict) or "model" not in doc:
-            return Refusal(400, "bad_request",
+            return Refusal(400, Code.BAD_REQUEST,
                            'body must be JSON {"model": "NAME"} or {"model": null}')
         model, who = doc["model"], doc.get("requested_by")
         if model is not None and not isinstance(model, str):
-            return Refusal(400, "bad_request", "model must be a string or null")
+            return Refusal(400, Code.BAD_REQUEST, "model must be a string or null")
         if who is not None and not isinstance(who, str):
-            return Refusal(400, "bad_request", "requested_by must be a string")
+            return Refusal(400, Code.BAD_REQUEST, "requested_by must be a string")
         return model, who[:MAX_REQUESTED_BY] if who else None

@@ -7,7 +7,7 @@ the table). The response is parsed by httptools, the binding of llhttp (Node.js'
 one aiohttp's own C parser is built on); nothing here parses HTTP by hand. The request head is
 written here: the method and target come from aiohttp's parser, the headers are the client's
 minus hop-by-hop ones (checked for CR/LF anyway), the length is ours. The front door
-(reconciler/gate/fastpath.py) uses the same connections without a coroutine: it becomes the
+(reconciler/gate/frontdoor.py) uses the same connections without a coroutine: it becomes the
 connection's ``Sink`` and is called back on each event.
 
 What it keeps from the aiohttp client it replaces:
@@ -74,7 +74,7 @@ class BadResponse(UpstreamError):
 
 class Sink(Protocol):
     """Who is told of every event on a connection instead of a waiting coroutine: the front
-    door's callback-driven requests (reconciler/gate/fastpath.py)."""
+    door's callback-driven requests (reconciler/gate/frontdoor.py)."""
 
     def wake(self) -> None: ...
 

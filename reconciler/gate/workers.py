@@ -1,6 +1,6 @@
 """Several gate processes on one port, and the supervisor that keeps them running.
 
-One asyncio process is one core: even with the front door (reconciler/gate/fastpath.py) a
+One asyncio process is one core: even with the front door (reconciler/gate/frontdoor.py) a
 proxied small request costs about 25 µs of CPU, so one gate saturates near 40,000 requests/s
 whatever the machine has. With
 ``gate.workers`` > 1, ``python -m reconciler.gate`` (and so ``ailayer up`` and ``ailayer gate``)

@@ -1,4 +1,4 @@
-"""The gate's front door (reconciler/gate/fastpath.py) on real sockets: plain requests answered
+"""The gate's front door (reconciler/gate/frontdoor.py) on real sockets: plain requests answered
 by it, everything else handed to aiohttp on the same connection, in order, nothing lost.
 
 Raw sockets, because what is tested is the connection itself: several requests on one
@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from reconciler.gate.budget import BODY_BUDGET_BYTES
-from reconciler.gate.fastpath import FAST_BODY_MAX, MAX_HEAD_BYTES
+from reconciler.gate.frontdoor import FAST_BODY_MAX, MAX_HEAD_BYTES
 from tests.e2e.standalone_gate import (
     CONDITION_DEADLINE_S,
     OLLAMA_SERVED,

@@ -87,7 +87,7 @@ def test_metrics_are_summed_across_workers(procs: Processes, gate2: Gate) -> Non
     for _ in range(sent):
         assert httpx.get(gate2.url + "/v1/models", timeout=CONDITION_DEADLINE_S).status_code == 428
     # A worker publishes its front door's counts before it answers a scrape itself, and for the
-    # other worker's scrapes within fastpath.COUNTS_PUBLISH_S of its answer.
+    # other worker's scrapes within frontdoor.COUNTS_PUBLISH_S of its answer.
     wait_until(f"{sent} requests counted", lambda: _requests_total(_metrics(gate2), "/v1/models") == sent,
                CONDITION_DEADLINE_S)
     for _ in range(6):  # whichever worker answers /metrics, it counts every worker's requests

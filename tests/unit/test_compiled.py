@@ -39,6 +39,6 @@ def test_a_source_changed_after_its_build_is_stale(tmp_path: Path) -> None:
 def test_the_start_up_line_says_how_the_request_path_runs() -> None:
     line = compiled.describe()
     if compiled.compiled():
-        assert line.startswith("request path compiled with mypyc (fastpath, upstream, hosts, bodies, budget)")
+        assert line.startswith("request path compiled with mypyc (frontdoor, upstream, hosts, bodies, budget)")
     else:
         assert line.startswith("request path interpreted")

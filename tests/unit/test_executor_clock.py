@@ -44,7 +44,9 @@ def test_a_port_that_stays_busy_is_a_port_busy_failure_after_the_release_wait(
     (failure,) = outcome.errors
     assert failure.reason is Reason.PORT_BUSY and f"127.0.0.1:{port}" in failure.message
     assert fake_clock.monotonic() - started == pytest.approx(PORT_RELEASE_WAIT_S, abs=0.1)
-    assert time.monotonic() - real < PORT_RELEASE_WAIT_S / 5, "the fake clock must not wait for real"
+    # Waiting for real would take the whole PORT_RELEASE_WAIT_S; the ~100 port looks alone took
+    # up to 1.3 s on a loaded 2-core machine, so the bound sits between the two.
+    assert time.monotonic() - real < PORT_RELEASE_WAIT_S * 0.8, "the fake clock must not wait for real"
 
 
 def test_a_free_port_passes_at_once(fake_clock: FakeClock, tmp_path: Path) -> None:

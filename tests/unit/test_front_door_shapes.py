@@ -1,4 +1,4 @@
-"""How the front door relays an engine's answer (reconciler/gate/fastpath.py ``_new_shape``),
+"""How the front door relays an engine's answer (reconciler/gate/frontdoor.py ``_new_shape``),
 pinned from a fixture table: which headers the client gets, the framing, whole or streamed.
 """
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler.gate.fastpath import _new_shape, routes_of
+from reconciler.gate.frontdoor import _new_shape, routes_of
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -17,10 +17,11 @@ aiohttp's own protocol on the same socket: the requests are re-serialised from w
 parsed (method, target, version, headers as received; bodies re-chunked when chunked), so
 aiohttp sees canonical HTTP/1.1 and nothing here parses HTTP by hand.
 
-What the plain path keeps of the aiohttp path (reconciler/gate/proxy.py): the same
-admission (428/503 with the same bodies, the 428 cached per state snapshot), the catalog
-check of the state's engine URL, the 409 model check, Ollama's keep_alive pin, the body
-budget, the head deadline (``gate.client_header_timeout_s``), the body idle timeout
+What the front door keeps of the aiohttp path (reconciler/gate/proxy.py), from the rules both
+import (reconciler/gate/rules.py) and pinned by one table test over both paths
+(tests/e2e/test_request_rules.py): the same admission (428/503 with the same bodies, the 428
+cached per state snapshot), the catalog check of the state's engine URL, the 409 model check,
+Ollama's keep_alive pin, the body budget, the head deadline (``gate.client_header_timeout_s``), the body idle timeout
 (``gate.client_body_idle_s``, 408), the keep-alive idle close, the engine's connect/read
 timeouts, one resend on a dead pooled connection, backpressure both ways (a slow client
 pauses the engine's socket; pipelined requests pause the client's), a switch ending the
@@ -48,31 +49,36 @@ from reconciler.domain.status import Phase
 from reconciler.gate import errors, upstream
 from reconciler.gate.admission import admit
 from reconciler.gate.bodies import names_served, pin_keep_alive
+from reconciler.gate.budget import BodyBudget
 from reconciler.gate.clients import body_stalled
-from reconciler.gate.errors import NO_BUFFERING, Refusal
+from reconciler.gate.errors import NO_BUFFERING, Code, Refusal
 from reconciler.gate.hosts import HostPolicy
 from reconciler.gate.metrics import GateMetrics
-from reconciler.gate.proxy import (
+from reconciler.gate.rules import (
     DROP_RESPONSE,
     KEEP_ALIVE_ROUTES,
     SEND_ATTEMPTS,
     STREAM_TYPES,
     WHOLE_BODY_MAX,
-    Proxy,
+    Ending,
+    Rules,
+    Tracked,
+    ending,
+    upstream_refusal,
 )
 from reconciler.gate.statefollow import Snapshot, StateFollower, Target
 from reconciler.kit import clock
 
 log = logging.getLogger("ailayer.gate")
 
-# Request bodies up to this size take the plain path (chat prompts are a few KiB); larger ones
+# Request bodies up to this size are served by the front door (chat prompts are a few KiB); larger ones
 # go to aiohttp's path, which reads them in place under the shared body budget.
 FAST_BODY_MAX = 1 << 16
 # A request head (request line and headers) may not grow past this while it arrives: llhttp
 # and httptools buffer an unfinished head without a bound, and aiohttp (which refused lines
 # over 8,190 bytes) sees a head only once it is complete. 431, then the connection is closed.
 MAX_HEAD_BYTES = 1 << 16
-# What the client's headers mean to the plain path; any other header is sent on as it came.
+# What the client's headers mean to the front door; any other header is sent on as it came.
 # Hop-by-hop ones and those we set are dropped; Transfer-Encoding, Expect, Upgrade or a
 # Connection option beyond keep-alive/close send the request to aiohttp.
 class _Header(enum.Enum):
@@ -104,14 +110,15 @@ def _plain_connection(value: bytes) -> bool:
 
 
 class Door:
-    """What every connection of one server shares: the proxy, the routes, the policies."""
+    """What every connection of one server shares: the rules, the engine pool, the routes, the policies."""
 
-    def __init__(self, proxy: Proxy, follower: StateFollower, metrics: GateMetrics, gate: GateConfig,
+    def __init__(self, rules: Rules, pool: upstream.Pool, budget: BodyBudget, tracked: set[Tracked],
+                 follower: StateFollower, metrics: GateMetrics, gate: GateConfig,
                  routes: dict[tuple[bytes, bytes], Route], aio: AioFactory, keepalive_s: float) -> None:
-        self.proxy = proxy
-        self.pool = proxy.pool  # started with the app, before any connection
-        self.budget = proxy.budget
-        self.tracked = proxy.flights
+        self.rules = rules
+        self.pool = pool  # started with the app, before any connection
+        self.budget = budget
+        self.tracked = tracked  # shared with the aiohttp handlers: a switch ends them all
         self.follower = follower
         self.metrics = metrics
         self.routes = routes
@@ -188,9 +195,9 @@ class Door:
         """What sending to ``target`` needs, made once per target."""
         known = self._engine
         if known is None or known.target is not target:
-            host, port = self.proxy.address(target)
+            host, port = self.rules.address(target)
             line = b"Host: %s:%d\r\n" % (host.encode(), port)
-            known = self._engine = Engine(target, (host, port), line, self.proxy.ollama(target))
+            known = self._engine = Engine(target, (host, port), line, self.rules.ollama(target))
         return known
 
     def date(self) -> str:
@@ -212,17 +219,17 @@ class Door:
         """
         follower = self.follower
         snap = follower.snapshot
-        known = self.proxy.known
+        known = self.rules.known
         ready = self._ready
         if ready is not None and ready[0] is snap and ready[1] is known and self.now() < ready[3]:
             return ready[2]  # judged already for this snapshot and catalog, and still fresh
         if snap.phase == Phase.IDLE:
             cached = self._idle.get((family, close))
             if cached is not None and cached[0] is snap and cached[1] is known and not follower.stale():
-                return NO_MODEL, self._dated(cached[2])
+                return Code.NO_MODEL_SELECTED, self._dated(cached[2])
         verdict = admit(follower, known)
         if not isinstance(verdict, Refusal):
-            verdict = self.proxy.trusted(verdict)
+            verdict = self.rules.trusted(verdict)
         if not isinstance(verdict, Refusal):
             # Fresh until the heartbeat this snapshot carries turns stale (a new heartbeat is a
             # new snapshot): one comparison per request instead of reading the clock's age.
@@ -230,7 +237,7 @@ class Door:
             self._ready = (snap, known, verdict, self.now() + left)
             return verdict
         rendered = errors.render(verdict, family, stale=follower.stale(), date=_DATE_MARK, close=close)
-        if verdict.code == NO_MODEL:
+        if verdict.code is Code.NO_MODEL_SELECTED:
             self._idle[(family, close)] = (snap, known, rendered)
         return verdict.code, self._dated(rendered)
 
@@ -239,7 +246,7 @@ class Door:
 
 
 class Engine(NamedTuple):
-    """The active engine as the plain path sends to it."""
+    """The active engine as the front door sends to it."""
 
     target: Target
     address: tuple[str, int]
@@ -247,7 +254,6 @@ class Engine(NamedTuple):
     ollama: bool  # its keep_alive is pinned on KEEP_ALIVE_ROUTES
 
 
-NO_MODEL = "no_model_selected"
 # With several gate workers, the longest an answer may be missing from another worker's scrape
 # (a worker's own scrape, and the only one with one worker, is always exact).
 COUNTS_PUBLISH_S = 0.25
@@ -444,7 +450,7 @@ class Front(asyncio.Protocol):
     # ------------------------------------------------------------------ requests
 
     def _plain(self) -> Request | None:
-        """The request if it takes the plain path (its body budget reserved), else None."""
+        """The request if the front door serves it (its body budget reserved), else None."""
         if self.version() != "1.1":
             return None
         method, url = self.method(), self.url
@@ -515,10 +521,10 @@ class Front(asyncio.Protocol):
 
     def _bad_request(self, exc: Exception) -> None:
         """llhttp refused the bytes: 400 and close (aiohttp would answer the same)."""
-        self._close_with(Refusal(400, "bad_request", f"malformed HTTP request: {str(exc)[:100]}"))
+        self._close_with(Refusal(400, Code.BAD_REQUEST, f"malformed HTTP request: {str(exc)[:100]}"))
 
     def _head_too_large(self) -> None:
-        self._close_with(Refusal(431, "head_too_large", f"request heads are limited to {MAX_HEAD_BYTES >> 10} KiB"))
+        self._close_with(Refusal(431, Code.HEAD_TOO_LARGE, f"request heads are limited to {MAX_HEAD_BYTES >> 10} KiB"))
 
     def _close_with(self, refusal: Refusal) -> None:
         """Answer and close; if answers are still owed on the connection, only close."""
@@ -589,7 +595,7 @@ class Flight:
         self.address, self.host_line = engine.address, engine.host_line
         front.door.flights += 1
         self.body = body
-        self.refusal: Refusal | None = None  # set by the proxy when a switch ends this request
+        self.refusal: Refusal | None = None  # set by rules.cancel_switched when a switch ends it
         self.conn: upstream.Connection | None = None
         self.connecting: asyncio.Task[None] | None = None
         self.attempt = 1
@@ -604,7 +610,6 @@ class Flight:
     def start(cls, front: Front, req: Request) -> Flight | None:
         """Judge the request and send it, or answer it at once (then None)."""
         door = front.door
-        proxy = door.proxy
         verdict = door.admitted(req.family, req.close)
         body = b"".join(req.body) if len(req.body) != 1 else req.body[0]
         if not isinstance(verdict, Target):
@@ -612,7 +617,7 @@ class Flight:
             cls._answer(front, req, code, answer)
             return None
         if req.field is not None and body and not names_served(body, verdict.served_name, req.field):
-            checked = proxy.check_model(body, verdict, req.family, req.field)
+            checked = door.rules.check_model(body, verdict, req.family, req.field)
             if isinstance(checked, Refusal):
                 cls._answer(front, req, checked.code, door.refusal(checked, req.family, req.close))
                 return None
@@ -699,7 +704,7 @@ class Flight:
         if conn.complete or conn.bodyless:
             if shape.chunked:
                 self.front.write(_CHUNKED_END)
-            self._finish("proxied", "completed")
+            self._finish(Code.PROXIED, Code.COMPLETED)
 
     def take(self, body: bytes) -> bool:
         """The engine's body as it is parsed: kept for a whole answer, relayed at once in a
@@ -735,7 +740,7 @@ class Flight:
         body = self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
         self.front.write(self._head(self.shape) + body)
         self.replied = True
-        self._finish("proxied", None)
+        self._finish(Code.PROXIED, None)
 
     # ------------------------------------------------------------------ endings
 
@@ -748,31 +753,29 @@ class Flight:
         if self.done:
             return
         if self.replied and self.shape.streaming:
-            self.front.door.metrics.streams.labels("client_gone").inc()
+            self.front.door.metrics.streams.labels(Code.CLIENT_GONE).inc()
         self._drop_conn()
-        self._finish("client_gone", None, quiet=True)
+        self._finish(Code.CLIENT_GONE, None, quiet=True)
 
     def _failed(self, exc: upstream.UpstreamError) -> None:
-        self._end_with(self.front.door.proxy.upstream_refusal(exc, self.target))
+        self._end_with(upstream_refusal(exc, self.target))
 
     def _end_with(self, refusal: Refusal) -> None:
         """Say what happened: an error answer, an error item in the stream, or a cut."""
         self._drop_conn()
         front = self.front
-        if not self.replied:
+        how, chunk = ending(refusal, self.replied, self.shape.ctype if self.replied else "",
+                            self.replied and self.shape.chunked)
+        if how is Ending.ANSWER:
             self.parts.clear()
             front.write(front.door.refusal(refusal, self.req.family, self.req.close))
             self._finish(refusal.code, None)
-            return
-        chunk = errors.stream_error_chunk(refusal, self.shape.ctype) if self.shape.chunked else None
-        if chunk is not None:
+        elif how is Ending.STREAM_ITEM and chunk is not None:
             front.write(b"%x\r\n%s\r\n%s" % (len(chunk), chunk, _CHUNKED_END))
             self._finish(refusal.code, refusal.code)
-            return
-        # A fixed-length body or an unknown format cannot carry an error: cut the connection
-        # so the client sees a truncated response, never a plausible one.
-        front.abort()
-        self._finish(refusal.code, refusal.code, quiet=True)
+        else:
+            front.abort()
+            self._finish(refusal.code, refusal.code, quiet=True)
 
     def _drop_conn(self) -> None:
         if self.connecting is not None:
@@ -884,7 +887,7 @@ def _head(req: Request, host_line: bytes, body: bytes) -> bytes:
 
 
 def routes_of(table: Iterable[tuple[str, str, str, str | None]]) -> dict[tuple[bytes, bytes], Route]:
-    """The plain path's routes: those of fixed path (a templated one stays with aiohttp)."""
+    """The front door's routes: those of fixed path (a templated one stays with aiohttp)."""
     return {(method.encode(), path.encode()): (path, family, field)
             for method, path, family, field in table if "{" not in path}
 
