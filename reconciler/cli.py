@@ -19,6 +19,7 @@ from reconciler import __version__
 from reconciler.console import Refused, gate_child, log_tail, render, simulations
 from reconciler.console.demo_model import ModelFormat
 from reconciler.console.demo_model import write as write_demo_model
+from reconciler.console.gate_supervisor import GateSupervisor
 from reconciler.console.signals import on_signals
 from reconciler.console.simulations import SimEngine
 from reconciler.domain import desired, status
@@ -27,6 +28,7 @@ from reconciler.kit import clock, sdnotify
 from reconciler.kit.lock import AlreadyRunning, StateLock
 from reconciler.kit.logs import ActivityLog
 from reconciler.kit.schemas import InvalidFile
+from reconciler.plan.report import GateFacts
 from reconciler.store import desired_file
 
 if TYPE_CHECKING:
@@ -182,18 +184,25 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
     # clean-up below, not Python's default death.
     stop = threading.Event()
     down_asked = on_signals(stop, rec.wake)
+
+    def gate_changed(facts: GateFacts) -> None:  # the state shows it at the next write: now
+        rec.publisher.gate = facts
+        rec.wake.set()
+
+    gate = GateSupervisor(gate_proc, where, port, log, gate_changed, stop)  # a gate that dies comes back
+    gate.start()
     typer.echo(render.banner(catalog, url, config, demo), err=True)
     sdnotify.notify("READY=1", f"STATUS=gate listening on {url}")
     try:
         rec.run(stop)
     finally:
         sdnotify.notify("STOPPING=1")
-        gate_proc.terminate()
+        gate.stop()  # first: a gate being stopped is never restarted
         if stop_on_exit or down_asked.is_set():
             log.event("stopping managed engines" + (" (ailayer down)" if down_asked.is_set() else ""))
             rec.stop_engines()
         rec.mark_stopped(engines_stopped=stop_on_exit or down_asked.is_set())
-        gate_child.stop(gate_proc)
+        gate.join()
         log.event("ailayer stopped")
         log.close()
 

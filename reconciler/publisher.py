@@ -9,6 +9,9 @@ as a dead reconciler). It is written:
 * while a long kill waits for the kernel (``kill_progress``): who is still alive, and since when;
 * when a pass fails (``pass_failed``): the failure and the backoff, the last good state kept;
 * on a clean stop (``mark_stopped``): the gate need not wait for the heartbeat to age.
+
+Under ``ailayer up`` each write also carries the gate's facts (``gate``), which the gate's
+supervisor sets from its own thread: one immutable value, swapped whole.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from reconciler.domain.status import Status
 from reconciler.kit import clock
 from reconciler.kit.bootid import current_boot_id
 from reconciler.kit.logs import ActivityLog
-from reconciler.plan.report import PassInput, Stamp, compose
+from reconciler.plan.report import GateFacts, PassInput, Stamp, compose
 from reconciler.store import state_file
 
 # A pass that raises is retried after resync_interval_s, doubling up to this.
@@ -39,6 +42,7 @@ class Publisher:
         self.path = path
         self.log = log
         self.previous = self._load()  # the last state written (or found at start)
+        self.gate: GateFacts | None = None  # `up`'s gate, set by its supervisor
 
     def _load(self) -> Status | None:
         try:
@@ -48,7 +52,8 @@ class Publisher:
 
     def publish(self, p: PassInput, gpu: Gpu) -> Status:
         """A pass's state, with what changed since the last in the log."""
-        new = compose(p, self.previous, gpu, Stamp(clock.now(), os.getpid(), current_boot_id()))
+        stamp = Stamp(clock.now(), os.getpid(), current_boot_id(), self.gate)
+        new = compose(p, self.previous, gpu, stamp)
         old = self.previous
         if old is None or old.phase != new.phase or old.message != new.message:
             self.log.event(f"phase {new.phase.value}: {new.message}")
@@ -99,7 +104,9 @@ class Publisher:
 
     def _beat(self, changed: Status) -> None:
         """``changed`` (the last state with a new message or error) with a fresh heartbeat."""
-        beat = {**changed.reconciler, "heartbeat": clock.iso()}
+        gate = self.gate
+        beat = {**changed.reconciler, "heartbeat": clock.iso(),
+                **({"gate": gate.to_dict()} if gate is not None else {})}
         self._write(status.with_revision(replace(changed, reconciler=beat), self.previous))
 
     def _write(self, new: Status) -> None:

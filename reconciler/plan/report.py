@@ -31,12 +31,28 @@ from reconciler.plan.planner import Plan
 
 
 @dataclass(frozen=True)
+class GateFacts:
+    """``ailayer up``'s gate as its supervisor last saw it (reconciler.console.gate_supervisor):
+    a gate that died and was started again must show in the state, not only in the log."""
+
+    pid: int | None  # the running gate's; None while a dead one waits for its restart
+    restarts: int = 0
+    last_exit: str | None = None  # how the last one ended: "pid 12 killed by SIGKILL", "pid 12 exit 1"
+    last_restart_at: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"pid": self.pid, "restarts": self.restarts, "last_exit": self.last_exit,
+                "last_restart_at": self.last_restart_at}
+
+
+@dataclass(frozen=True)
 class Stamp:
     """Who writes the document, and when: read by the caller, so the report reads nothing."""
 
     now: datetime  # the clock seam's, as clock.now()
     pid: int  # the reconciler's
     boot_id: str | None  # this boot of the machine (kit.bootid), None where unreadable
+    gate: GateFacts | None = None  # `up`'s gate; None under `reconcile`, which runs none
 
 
 @dataclass(frozen=True)
@@ -157,7 +173,8 @@ def compose(p: PassInput, previous: Status | None, gpu: Gpu, stamp: Stamp) -> St
         strays=strays,
         recap=p.recap,
         reconciler={"pid": stamp.pid, "heartbeat": now, "version": __version__,
-                    "resync_interval_s": catalog.resync_interval_s, "boot_id": stamp.boot_id},
+                    "resync_interval_s": catalog.resync_interval_s, "boot_id": stamp.boot_id,
+                    **({"gate": stamp.gate.to_dict()} if stamp.gate is not None else {})},
         config=catalog.source,
     )
     return with_revision(status, previous)
