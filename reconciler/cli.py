@@ -171,15 +171,8 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
     log = ActivityLog(catalog.log_file, catalog.state_dir, terminal=sys.stdout)
     rec = _reconciler(catalog, log)
     rec.lock = lock
-    gate_proc = gate_child.start(where)  # its own process, which dies with us
     host, port = catalog.gate.host, catalog.gate.port
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    if not gate_child.listening(gate_proc, port):
-        gate_child.stop(gate_proc)
-        _err(f"ailayer: the gate could not listen on {host}:{port} (exit {gate_proc.returncode}; "
-             "its reason is above); ailayer is not up")
-        log.close()
-        raise typer.Exit(EXIT_FAILED)
+    gate_proc = gate_child.start_listening(where, host, port)  # its own process, which dies with us
     # Our handlers before READY=1: a SIGTERM right after it (systemctl stop) must run the
     # clean-up below, not Python's default death.
     stop = threading.Event()
@@ -188,9 +181,9 @@ def up(config: ConfigOpt = None, demo: DemoOpt = False,
     def gate_changed(facts: GateFacts) -> None:  # the state shows it at the next write: now
         rec.publisher.gate = facts
         rec.wake.set()
-
     gate = GateSupervisor(gate_proc, where, port, log, gate_changed, stop)  # a gate that dies comes back
     gate.start()
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     typer.echo(render.banner(catalog, url, config, demo), err=True)
     sdnotify.notify("READY=1", f"STATUS=gate listening on {url}")
     try:

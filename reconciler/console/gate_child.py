@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+from reconciler.console import Refused
 from reconciler.kit import clock
 
 # The gate drains in-flight requests on SIGTERM; past this it is killed so Ctrl-C never hangs.
@@ -68,3 +69,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def start_listening(where: list[str], host: str, port: int) -> subprocess.Popen[bytes]:
+    """``start``, then wait until it listens; Refused (with the gate's exit) if it never does."""
+    proc = start(where)
+    if not listening(proc, port):
+        stop(proc)
+        raise Refused(f"the gate could not listen on {host}:{port} (exit {proc.returncode}; "
+                      "its reason is above); ailayer is not up")
+    return proc
