@@ -156,6 +156,9 @@ class Guard:
         scheme, _, given = authorization.partition(" ")
         right = hmac.compare_digest(_digest(given.strip()), self._digest)  # on every try
         if wait is not None:
+            # Counted like a wrong token, right or not (it moves nothing: the window stays), so
+            # a limited answer does the very work of a wrong one and never looks at the guess.
+            self._limiter.fail(key, now)
             return Decision(Access.LIMITED, wait)
         if right and scheme.lower() == "bearer":
             return Decision(Access.GRANTED)
