@@ -88,7 +88,7 @@ def test_the_token_is_compared_on_every_try_limited_or_not(monkeypatch: pytest.M
         calls.append(1)
         return compare(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    monkeypatch.setattr(hmac, "compare_digest", counting)
     g, _ = guard()
     g.check(header, HERE)
     for _ in range(LIMIT):
