@@ -19,7 +19,7 @@ The limit is per address, and per gate worker process (``gate.workers``: each ke
 table, so W workers allow up to W times the limit). IPv6 clients are counted per /64, the
 block one host is usually given. Behind a reverse proxy every client has the proxy's address:
 one attacker there can lock everyone out of the token for a minute (the token-free reads keep
-working); rate-limit at the proxy too (docs/DEPLOY.md).
+working); rate-limit at the proxy too (nginx: limit_req).
 """
 
 from __future__ import annotations
