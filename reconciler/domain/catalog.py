@@ -57,6 +57,9 @@ DEFAULT_CLIENT_HEADER_TIMEOUT_S = 15.0
 DEFAULT_CLIENT_BODY_IDLE_S = 30.0
 # The reconciler writes a heartbeat every resync; three missed ones mean it is gone.
 DEFAULT_STALE_AFTER_S = 30.0
+# Wrong tokens one client address may send a minute before it gets 429 (reconciler/gate/auth.py):
+# a person who mistypes is never stopped, a guesser gets 14,400 tries a day instead of ~1,000 a second.
+DEFAULT_TOKEN_FAILURES_PER_MINUTE = 10
 DEFAULT_LOG_FILE = Path("/var/log/ai_layer_activity.log")
 # Engine output copied to the terminal and the activity log: an engine that floods its log
 # (50 MB/s was seen in a review) must not fill the disk or hold the follower behind. A boot
@@ -163,6 +166,7 @@ class GateConfig:
     client_header_timeout_s: float = DEFAULT_CLIENT_HEADER_TIMEOUT_S
     client_body_idle_s: float = DEFAULT_CLIENT_BODY_IDLE_S
     workers: int | None = None  # gate worker processes; None: reconciler.gate.workers.default_workers()
+    token_failures_per_minute: int = DEFAULT_TOKEN_FAILURES_PER_MINUTE
 
 
 IDENTITY_MODES = ("auto", "cgroup", "record")
@@ -358,6 +362,7 @@ def _gate(raw: Mapping[str, Any]) -> GateConfig:
         client_body_idle_s=float(raw.get("client_body_idle_s", DEFAULT_CLIENT_BODY_IDLE_S)),
         allowed_hosts=tuple(str(h).lower() for h in raw.get("allowed_hosts", ())),
         workers=int(raw["workers"]) if "workers" in raw else None,
+        token_failures_per_minute=int(raw.get("token_failures_per_minute", DEFAULT_TOKEN_FAILURES_PER_MINUTE)),
     )
 
 

@@ -69,8 +69,8 @@ def _progress(follower: StateFollower, data: dict[str, Any]) -> dict[str, Any]:
         )
         if isinstance(boot.get("progress"), dict):
             detail["progress"] = boot["progress"]  # {"percent", "stage"} from the engine's output
-    if data.get("last_log_line"):
-        detail["last_log_line"] = data["last_log_line"]
+    # Never the engine's last line: anyone may send a prompt, and that line may be another
+    # user's prompt (issue 25, 5); /status shows it to a token holder.
     return detail
 
 

@@ -27,6 +27,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from reconciler.domain.catalog import Catalog, CatalogSource, GateConfig
 from reconciler.gate import compiled, errors
+from reconciler.gate.auth import Guard
 from reconciler.gate.clients import MAX_REQUEST_BYTES
 from reconciler.gate.dashboard import Dashboard
 from reconciler.gate.errors import OLLAMA, OPENAI, Code, Refusal
@@ -91,7 +92,7 @@ def _host_check(gate: GateConfig) -> Callable[..., Any]:
 
 
 async def _follow_catalog(source: CatalogSource, proxy: Proxy, toggle: Toggle,
-                          dashboard: Dashboard) -> None:
+                          dashboard: Dashboard, guard: Guard) -> None:
     """Pick up engines added to (or removed from) the catalog without a restart, as the loop
     does: a model added to engines.yaml got 422 from /toggle until the gate restarted."""
     error = None
@@ -101,6 +102,7 @@ async def _follow_catalog(source: CatalogSource, proxy: Proxy, toggle: Toggle,
             proxy.use(source.catalog)
             toggle.use(source.catalog)
             dashboard.use(source.catalog)
+            guard.use(source.catalog.gate)
             log.info("catalog %s reloaded: models %s", source.path, ", ".join(source.catalog.names()))
         if source.error != error and source.error:
             log.warning("catalog not reloaded: %s", source.error)
@@ -126,8 +128,9 @@ def build_app(catalog: Catalog) -> web.Application:
     metrics = GateMetrics()
     proxy = Proxy(catalog, follower, metrics)
     app[PARTS] = Parts(proxy, follower, metrics)
-    status_api = StatusApi(follower, metrics, lambda: proxy.inflight, lambda: proxy.budget.free)
-    toggle = Toggle(catalog, metrics, follower.stale, lambda: follower.revision)
+    guard = Guard(gate)  # the token check and its limiter: /toggle and the reads of engine output
+    status_api = StatusApi(follower, metrics, lambda: proxy.inflight, lambda: proxy.budget.free, guard)
+    toggle = Toggle(catalog, metrics, follower.stale, lambda: follower.revision, guard)
 
     for method, path, family, field in INFERENCE_ROUTES:
         route = path.split("{")[0].rstrip("/") + ("/*" if "{" in path else "")
@@ -137,7 +140,7 @@ def build_app(catalog: Catalog) -> web.Application:
     app.router.add_get("/healthz", status_api.healthz)
     app.router.add_post("/toggle", toggle.handle)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
-    dashboard = Dashboard(catalog, follower, metrics)
+    dashboard = Dashboard(catalog, follower, metrics, guard)
     dashboard.install(app)  # GET / (the page), /ui/*, /logs, /switches
 
     async def lifetime(_: web.Application) -> AsyncIterator[None]:
@@ -145,7 +148,7 @@ def build_app(catalog: Catalog) -> web.Application:
         metrics.watch(follower)
         await proxy.start()
         watcher = asyncio.create_task(_follow_catalog(CatalogSource(catalog, catalog.path), proxy, toggle,
-                                                      dashboard))
+                                                      dashboard, guard))
         yield
         watcher.cancel()
         await proxy.close()

@@ -9,7 +9,9 @@ what a hostile log line or model name could do even if it slipped past ``textCon
 Routes: ``GET /`` (the page), ``GET /ui/{asset}``, ``GET /ui/info`` (the catalog's models and
 whether toggling is possible), ``GET /logs`` (the activity log over Server-Sent Events,
 ``?model=NAME`` to filter) and ``GET /switches`` (recent switches and their durations).
-Changing state stays with ``POST /toggle`` and its bearer token.
+Changing state stays with ``POST /toggle`` and its bearer token. The activity log holds engine
+output (a prompt an engine logged), so with a token configured ``/logs`` needs it too, in the
+same header (reconciler/gate/auth.py); the page sends it with ``fetch``, never in the URL.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from aiohttp import web
 
 from reconciler import __version__
 from reconciler.domain.catalog import Catalog
-from reconciler.gate import errors
+from reconciler.gate import auth, errors
+from reconciler.gate.auth import Guard
 from reconciler.gate.errors import Code
 from reconciler.gate.logtail import LogTail
 from reconciler.gate.metrics import GateMetrics
@@ -75,7 +78,8 @@ def load_assets() -> dict[str, Asset]:
 class Dashboard:
     """The page, its catalog summary, the log stream and the switch history."""
 
-    def __init__(self, catalog: Catalog, follower: StateFollower, metrics: GateMetrics) -> None:
+    def __init__(self, catalog: Catalog, follower: StateFollower, metrics: GateMetrics, guard: Guard) -> None:
+        self._guard = guard
         self._follower = follower
         self._metrics = metrics
         self._assets = load_assets()
@@ -145,6 +149,8 @@ class Dashboard:
                         "boot_timeout_s": e.boot_timeout_s} for e in catalog.engines.values()],
             "toggle": {"enabled": gate.token is not None, "reason": reason,
                        "token_env": gate.token_env},
+            # /logs and the engine's last line in /status and /events: the same token.
+            "reads_need_token": gate.token is not None,
             "log_file": str(self.logs.path) if self.logs.path else None,
         }
         return web.json_response(body, headers={**SECURITY_HEADERS, "Cache-Control": "no-cache"})
@@ -156,6 +162,11 @@ class Dashboard:
 
     async def log_events(self, request: web.Request) -> web.StreamResponse:
         """The activity log as Server-Sent Events: the last lines, then each new batch."""
+        decision = self._guard.check(request.headers.get("Authorization"), request.remote)
+        denied = auth.refusal(decision, "GET /logs (engine output)")
+        if denied is not None:
+            self._metrics.request("/logs", denied.code)
+            return errors.respond(denied, errors.OPENAI, stale=self._follower.stale())
         model = request.query.get("model") or None
         headers = {"Content-Type": "text/event-stream", **errors.NO_BUFFERING}
         resp = web.StreamResponse(headers=headers)

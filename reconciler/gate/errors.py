@@ -38,6 +38,7 @@ _TYPES = {
     409: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    429: "rate_limit_error",
     428: "invalid_request_error",
     431: "invalid_request_error",
     502: "server_error",
@@ -65,6 +66,7 @@ class Code(StrEnum):
     RECONCILER_NOT_RUNNING = "reconciler_not_running"
     TOGGLE_DISABLED = "toggle_disabled"
     UNAUTHORIZED = "unauthorized"
+    TOO_MANY_TOKEN_FAILURES = "too_many_token_failures"  # noqa: S105 (a code, not a password)
     UNKNOWN_MODEL = "unknown_model"
     WRITE_FAILED = "write_failed"
     ENGINE_ERROR = "engine_error"

@@ -5,6 +5,12 @@ proxy's timeout: ``GET /status?wait=50&since=REVISION`` answers at once if the o
 state's ``revision`` moved past REVISION, otherwise at the next change, otherwise after
 ``wait``. ``revision`` is the one counter to follow (the desired ``generation`` counts
 toggles, not state changes).
+
+With a token configured, engine output (``last_log_line``, which can hold a prompt) is shown
+only to a request with ``Authorization: Bearer TOKEN`` (reconciler/gate/auth.py). Without the
+header, /status and /events answer every other field, so a long-poll loop needs no token, and
+say what they left out in ``gate.withheld``; a wrong token gets 401 (and is counted), not the
+token-free view, so a guess cannot pass unnoticed.
 """
 
 from __future__ import annotations
@@ -17,11 +23,15 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from reconciler.gate import errors
+from reconciler.gate import auth, errors
+from reconciler.gate.auth import Access, Decision, Guard
 from reconciler.gate.errors import Code, Refusal
 from reconciler.gate.metrics import GateMetrics
-from reconciler.gate.statefollow import StateFollower
+from reconciler.gate.statefollow import Snapshot, StateFollower
 from reconciler.kit import clock
+
+# Fields of the observed state that carry engine output: shown with the token only.
+WITHHELD = ("last_log_line",)
 
 # The longest a blocking query is held: below nginx's default proxy_read_timeout (60 s), so a
 # long-poll behind a default nginx never gets a 504. A longer ``wait`` is cut to this, and
@@ -48,8 +58,9 @@ def parse_duration(raw: str) -> float:
     return float(match.group(1)) * _UNIT[match.group(2)]
 
 
-def render(follower: StateFollower) -> str:
-    """The observed state plus the gate's verdict on it, as one line of JSON."""
+def render(follower: StateFollower, state_json: str, withheld: tuple[str, ...] = ()) -> str:
+    """The observed state (``state_json``, the follower's or one without ``withheld``) plus the
+    gate's verdict on it, as one line of JSON."""
     snap = follower.snapshot
     age = follower.heartbeat_age()
     gate = {
@@ -61,11 +72,13 @@ def render(follower: StateFollower) -> str:
         "read_error": follower.read_error,
         "pid": os.getpid(),  # which gate worker answered (gate.workers)
     }
+    if withheld:
+        gate["withheld"] = list(withheld)  # "send the token to see these"
     head = '{"stale":%s,"gate":%s' % (  # noqa: UP031 (splicing cached JSON, not formatting)
         "true" if follower.stale() else "false", json.dumps(gate, separators=(",", ":")))
     if snap.data is None:
         return head + ',"phase":null}'
-    return head + "," + snap.json_text[1:]
+    return head + "," + state_json[1:]
 
 
 def state_headers(follower: StateFollower) -> dict[str, str]:
@@ -82,19 +95,44 @@ class StatusApi:
 
     def __init__(
         self, follower: StateFollower, metrics: GateMetrics, inflight: Callable[[], int],
-        budget_free: Callable[[], int],
+        budget_free: Callable[[], int], guard: Guard,
     ) -> None:
+        self._guard = guard
+        self._public: tuple[Snapshot, str] | None = None  # the last state without WITHHELD
         self._follower = follower
         self._metrics = metrics
         self._inflight = inflight
         self._budget_free = budget_free
 
     def _bad(self, message: str) -> web.Response:
-        refusal = Refusal(400, Code.BAD_QUERY, message)
+        return self._refuse(Refusal(400, Code.BAD_QUERY, message))
+
+    def _refuse(self, refusal: Refusal) -> web.Response:
         return errors.respond(refusal, errors.OPENAI, stale=self._follower.stale())
+
+    def _access(self, request: web.Request) -> Decision | Refusal:
+        """Who may see what: no header is the token-free view; a wrong token is refused."""
+        decision = self._guard.check(request.headers.get("Authorization"), request.remote)
+        if decision.access is Access.ANONYMOUS:
+            return decision
+        return auth.refusal(decision, f"engine output in GET {request.path} (send no token for the rest)") or decision
+
+    def _text(self, decision: Decision) -> str:
+        follower = self._follower
+        if decision.may_read:
+            return render(follower, follower.snapshot.json_text)
+        snap = follower.snapshot
+        if self._public is None or self._public[0] is not snap:
+            public = {} if snap.data is None else {k: v for k, v in snap.data.items() if k not in WITHHELD}
+            self._public = (snap, json.dumps(public, separators=(",", ":")))
+        return render(follower, self._public[1], WITHHELD)
 
     async def status(self, request: web.Request) -> web.Response:
         follower = self._follower
+        decision = self._access(request)
+        if isinstance(decision, Refusal):
+            self._metrics.request("/status", decision.code)
+            return self._refuse(decision)
         try:
             since = int(request.query["since"]) if "since" in request.query else None
             wait = parse_duration(request.query["wait"]) if "wait" in request.query else None
@@ -107,7 +145,7 @@ class StatusApi:
         headers = state_headers(follower)
         if asked > MAX_WAIT_S:
             headers = {**headers, WAIT_CAPPED_HEADER: f"{MAX_WAIT_S:g}"}
-        return web.Response(text=render(follower), content_type="application/json", headers=headers)
+        return web.Response(text=self._text(decision), content_type="application/json", headers=headers)
 
     async def _wait(self, seconds: float) -> None:
         change = self._follower.change_event()
@@ -123,6 +161,10 @@ class StatusApi:
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: the state now, then at every change, with heartbeat comments."""
         follower = self._follower
+        decision = self._access(request)
+        if isinstance(decision, Refusal):
+            self._metrics.request("/events", decision.code)
+            return self._refuse(decision)
         headers = {"Content-Type": "text/event-stream", **state_headers(follower)}
         resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
@@ -130,7 +172,7 @@ class StatusApi:
         self._metrics.waiters.inc()
         try:
             change = follower.change_event()
-            await resp.write(f"retry: {EVENTS_RETRY_MS}\n\n".encode() + self._event())
+            await resp.write(f"retry: {EVENTS_RETRY_MS}\n\n".encode() + self._event(decision))
             while not follower.closing:
                 try:
                     async with asyncio.timeout(clock.real_seconds(EVENTS_HEARTBEAT_S)):
@@ -140,7 +182,7 @@ class StatusApi:
                     continue
                 change = follower.change_event()
                 if not follower.closing:
-                    await resp.write(self._event())
+                    await resp.write(self._event(decision))
             await resp.write_eof()
         except ConnectionResetError:
             pass  # the client went away
@@ -148,9 +190,9 @@ class StatusApi:
             self._metrics.waiters.dec()
         return resp
 
-    def _event(self) -> bytes:
-        follower = self._follower
-        return f"event: status\nid: {follower.revision}\ndata: {render(follower)}\n\n".encode()
+    def _event(self, decision: Decision) -> bytes:
+        revision = self._follower.revision
+        return f"event: status\nid: {revision}\ndata: {self._text(decision)}\n\n".encode()
 
     async def healthz(self, _: web.Request) -> web.Response:
         """The gate itself is up; the reconciler's state is reported, not judged, here."""

@@ -7,7 +7,6 @@ token; with no token configured the endpoint is off rather than open.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +16,8 @@ from aiohttp import web
 from reconciler.domain import desired
 from reconciler.domain.catalog import DEFAULT_TOKEN_ENV as TOKEN_ENV
 from reconciler.domain.catalog import Catalog
-from reconciler.gate import errors
+from reconciler.gate import auth, errors
+from reconciler.gate.auth import Access, Guard
 from reconciler.gate.errors import Code, Refusal
 from reconciler.gate.metrics import GateMetrics
 from reconciler.kit.schemas import InvalidFile
@@ -31,8 +31,9 @@ MAX_REQUESTED_BY = 200
 class Toggle:
     def __init__(
         self, catalog: Catalog, metrics: GateMetrics, stale: Callable[[], bool],
-        revision: Callable[[], int],
+        revision: Callable[[], int], guard: Guard,
     ) -> None:
+        self._guard = guard  # the token check and its limiter, shared with the reads
         self._stale = stale
         self._revision = revision  # the observed state's: what GET /status?since= compares
         self._metrics = metrics
@@ -41,24 +42,18 @@ class Toggle:
     def use(self, catalog: Catalog) -> None:
         """Validate toggles against this catalog from now on (the file changed)."""
         self._catalog = catalog
-        token = catalog.gate.token
-        self._token = token.encode() if token else None
 
     def _refuse(self, refusal: Refusal) -> web.Response:
         self._metrics.request("/toggle", refusal.code)
         return errors.respond(refusal, errors.OPENAI, stale=self._stale())
 
     def _authorized(self, request: web.Request) -> Refusal | None:
-        if self._token is None:
+        decision = self._guard.check(request.headers.get("Authorization"), request.remote)
+        if decision.access is Access.OPEN:
             return Refusal(403, Code.TOGGLE_DISABLED,
                            f"POST /toggle is disabled: no token is configured (set gate.token "
                            f"or gate.token_env in the catalog, default ${TOKEN_ENV})")
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                 self._token):
-            return Refusal(401, Code.UNAUTHORIZED, "POST /toggle needs 'Authorization: Bearer TOKEN'",
-                           headers={"WWW-Authenticate": 'Bearer realm="ailayer"'})
-        return None
+        return auth.refusal(decision, "POST /toggle")
 
     async def handle(self, request: web.Request) -> web.Response:
         denied = self._authorized(request)

@@ -12,7 +12,7 @@ from reconciler.kit.atomicfile import ensure_dir, write_atomic
 
 def write(path: Path, status: Status) -> None:
     ensure_dir(path.parent)
-    write_atomic(path, status.to_json(), durable=False)  # rewritten every pass
+    write_atomic(path, status.to_json(), mode=0o640, durable=False)  # rewritten every pass
 
 
 def read_raw(path: Path) -> dict[str, Any]:

@@ -151,6 +151,8 @@ def test_toggle_from_the_page_loads_with_moving_progress_then_ready(
 
 def test_log_lines_appear_live_and_filter_by_model(stack: GatedStack, browser: chrome.Browser) -> None:
     open_page(browser, stack.gate_url + "/")
+    enter_token(browser, TOKEN)  # the log is engine output: it needs the token (issue 25)
+    browser.wait("the log backlog", lambda: browser.text("log-file").startswith("from "))
     before = len(log_rows(browser))
     # A line the page cannot have had at load: appended now, as the reconciler appends.
     marker = "dashboard-live-marker"
@@ -259,8 +261,8 @@ def test_the_page_works_under_a_sub_path(stack: GatedStack, browser: chrome.Brow
         assert http_status(base) is not None
         open_page(browser, base)
         assert phase(browser) == "IDLE"
-        browser.wait("the log backlog", lambda: browser.text("log-file").startswith("from "))
         enter_token(browser, TOKEN)
+        browser.wait("the log backlog", lambda: browser.text("log-file").startswith("from "))
         click_model(browser, "gemma2")
         browser.wait("the toggle through the proxy", lambda: "Requested gemma2" in browser.text("toggle-result"))
         wait_for_phase(browser, stack, "READY")

@@ -2,6 +2,10 @@
 // page works under a sub-path behind a reverse proxy. State arrives over Server-Sent Events
 // (`events`), the activity log over `logs`; nothing here polls for state changes. Text from
 // the server is only ever set with textContent, never parsed as HTML.
+// With a token configured, engine output (the log, the engine's last line) needs it, in the
+// same Authorization header POST /toggle takes. EventSource cannot send a header, so both
+// streams are read with fetch (`stream` below); the token never goes into a URL, where a
+// proxy's access log or the browser's history would keep it.
 "use strict";
 
 (function () {
@@ -14,7 +18,9 @@
   let info = null;          // GET ui/info: models, whether toggling is possible
   let state = null;         // the last observed state (GET status / event "status")
   let stateAt = 0;          // performance.now() when it arrived
-  let logSource = null;
+  let logSource = null;     // the /logs stream (its close())
+  let stateSource = null;   // the /events stream
+  let logStale = false;     // the token changed: reopen the log once the state stream says how it went
 
   // ---------------------------------------------------------------- formatting
 
@@ -187,6 +193,79 @@
 
   function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
 
+  // A token the streams were refused is not sent again by them (each wrong try counts towards
+  // the gate's limit); they fall back to what needs none. A toggle still sends it, and forgets
+  // it on 401.
+  let refusedToken = "";
+  function usableToken() { return token() && token() !== refusedToken ? token() : ""; }
+  function authHeaders() { return usableToken() ? { "Authorization": "Bearer " + usableToken() } : {}; }
+
+  function tokenRefused() {
+    refusedToken = token();
+    renderToken();
+    logStale = true;
+    connect();  // token-free, then the log's note (see the open handler)
+  }
+
+  // ---------------------------------------------------------------- streams
+
+  // Server-Sent Events over fetch, with the token's header: calls on.<event name>(data),
+  // on.open(), on.error(status), on.refused(status, retryAfterS); reconnects after the
+  // server's `retry:` hint unless closed or refused (401: the caller decides what next).
+  function stream(path, on) {
+    let closed = false, controller = null, retryMs = 2000;
+    async function run() {
+      while (!closed) {
+        controller = new AbortController();
+        let wait = retryMs;
+        try {
+          const resp = await fetch(path, { headers: authHeaders(), cache: "no-store", signal: controller.signal });
+          if (resp.status === 401 || resp.status === 429) {
+            const after = Number(resp.headers.get("Retry-After")) || 0;
+            if (on.refused) on.refused(resp.status, after);
+            if (resp.status === 401) return;
+            wait = Math.max(wait, after * 1000);
+          } else if (!resp.ok || !resp.body) {
+            if (on.error) on.error(resp.status);
+          } else {
+            if (on.open) on.open();
+            await readEvents(resp.body.getReader(), on, (ms) => { retryMs = ms; });
+            if (on.error && !closed) on.error(0);
+          }
+        } catch (exc) {
+          if (closed) return;
+          if (on.error) on.error(0);
+        }
+        await new Promise((resolve) => setTimeout(resolve, wait));
+      }
+    }
+    run();
+    return { close() { closed = true; if (controller) controller.abort(); } };
+  }
+
+  async function readEvents(reader, on, setRetry) {
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let name = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event: ")) name = line.slice(7);
+          else if (line.startsWith("data: ")) data.push(line.slice(6));
+          else if (line.startsWith("retry: ")) setRetry(Number(line.slice(7)) || 2000);
+        }
+        if (data.length && on[name]) on[name](JSON.parse(data.join("\n")));
+      }
+    }
+  }
+
   function say(kind, message) {
     const el = $("toggle-result");
     el.dataset.kind = kind;
@@ -194,8 +273,13 @@
   }
 
   function renderToken() {
-    text("token-state", token() ? "A token is set for this tab (kept in sessionStorage)." : "No token entered yet.");
+    const refused = token() && token() === refusedToken ? " The gate refused it: check it and enter it again." : "";
+    text("token-state", token() ? "A token is set for this tab (kept in sessionStorage)." + refused
+      : readsNeedToken() ? "No token entered yet: the activity log and the engine's last line need it."
+        : "No token entered yet.");
   }
+
+  function readsNeedToken() { return !!(info && info.reads_need_token); }
 
   function renderButtons() {
     if (!info) return;
@@ -260,6 +344,9 @@
       renderToken();
       say("error", "Wrong token: the gate refused it (401 Unauthorized). Enter the value of $" + env + ".");
       $("token").focus();
+    } else if (resp.status === 429) {
+      say("error", "Too many wrong tokens from this address: the gate refuses every token for "
+        + (resp.headers.get("Retry-After") || "a few") + " s (429).");
     } else {
       say("error", "The gate refused (" + resp.status + "): " + (errorMessage(body) || resp.statusText));
     }
@@ -325,12 +412,27 @@
 
   function openLog() {
     if (logSource) logSource.close();
+    logSource = null;
+    if (!info) return;  // loadInfo opens it: whether the log needs the token is in ui/info
+    if (readsNeedToken() && !usableToken()) {
+      $("log-lines").replaceChildren();
+      text("log-file", token() ? "the gate refused the token: the activity log needs the right one"
+        : "the activity log shows engine output: enter the token above to see it");
+      return;
+    }
     const model = $("log-filter").value;
-    logSource = new EventSource("logs" + (model ? "?model=" + encodeURIComponent(model) : ""));
-    logSource.addEventListener("log", (ev) => {
-      const data = JSON.parse(ev.data);
-      if (data.backlog) text("log-file", data.file ? "from " + data.file : "no log file yet");
-      addLines(Array.isArray(data.lines) ? data.lines : [], !!data.backlog, data.dropped || 0);
+    logSource = stream("logs" + (model ? "?model=" + encodeURIComponent(model) : ""), {
+      log: (data) => {
+        if (data.backlog) text("log-file", data.file ? "from " + data.file : "no log file yet");
+        addLines(Array.isArray(data.lines) ? data.lines : [], !!data.backlog, data.dropped || 0);
+      },
+      refused: (status, after) => {
+        if (status === 401) {
+          tokenRefused();
+        } else {
+          text("log-file", "too many wrong tokens from this address: retrying in " + after + " s");
+        }
+      },
     });
   }
 
@@ -349,6 +451,7 @@
   // ---------------------------------------------------------------- wiring
 
   async function loadInfo() {
+    const first = !info;
     try {
       info = await (await fetch("ui/info", { cache: "no-store" })).json();
     } catch (exc) {
@@ -356,12 +459,15 @@
     }
     fillLogFilter();
     renderButtons();
+    renderToken();
+    if (first) openLog();
   }
 
   async function refreshVolatile() {
     if (document.hidden) return;
     try {
-      render(await (await fetch("status", { cache: "no-store" })).json());
+      const resp = await fetch("status", { cache: "no-store", headers: authHeaders() });
+      if (resp.ok) render(await resp.json());
     } catch (exc) {
       /* the event stream reports the outage */
     }
@@ -369,20 +475,41 @@
 
   function connect() {
     const conn = $("conn");
-    const source = new EventSource("events");
-    source.addEventListener("status", (ev) => {
-      render(JSON.parse(ev.data));
-      loadSwitches();
+    if (stateSource) stateSource.close();
+    stateSource = stream("events", {
+      status: (data) => {
+        render(data);
+        loadSwitches();
+      },
+      open: () => {
+        conn.dataset.conn = "live";
+        conn.textContent = "live";
+        loadInfo();
+        if (logStale) {
+          logStale = false;
+          openLog();
+        }
+      },
+      error: () => {
+        conn.dataset.conn = "down";
+        conn.textContent = "gate unreachable, reconnecting…";
+      },
+      refused: (status, after) => {
+        if (status === 401) {
+          tokenRefused();
+        } else {
+          conn.dataset.conn = "down";
+          conn.textContent = "too many wrong tokens from this address: retrying in " + after + " s";
+        }
+      },
     });
-    source.onopen = () => {
-      conn.dataset.conn = "live";
-      conn.textContent = "live";
-      loadInfo();
-    };
-    source.onerror = () => {
-      conn.dataset.conn = "down";
-      conn.textContent = "gate unreachable, reconnecting…";
-    };
+  }
+
+  // The token changed: the state stream again, with it or without it, then the log (one
+  // wrong token costs one try, not one per stream).
+  function reconnect() {
+    logStale = true;
+    connect();
   }
 
   $("token-form").addEventListener("submit", (ev) => {
@@ -392,18 +519,19 @@
     $("token").value = "";
     renderToken();
     say("", value ? "Token set; pick a model." : "");
+    if (value) reconnect();
   });
   $("token-forget").addEventListener("click", () => {
     sessionStorage.removeItem(TOKEN_KEY);
     renderToken();
     say("", "Token forgotten.");
+    reconnect();
   });
   $("log-filter").addEventListener("change", openLog);
 
   renderToken();
   loadInfo();
   connect();
-  openLog();
   setInterval(renderClock, 1000);
   setInterval(refreshVolatile, VOLATILE_REFRESH_MS);
 })();
