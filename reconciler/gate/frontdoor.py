@@ -64,7 +64,7 @@ from reconciler.gate.rules import (
     Rules,
     Tracked,
     ending,
-    upstream_refusal,
+    engine_failed,
 )
 from reconciler.gate.statefollow import Snapshot, StateFollower, Target
 from reconciler.kit import clock
@@ -758,7 +758,8 @@ class Flight:
         self._finish(Code.CLIENT_GONE, None, quiet=True)
 
     def _failed(self, exc: upstream.UpstreamError) -> None:
-        self._end_with(upstream_refusal(exc, self.target))
+        door = self.front.door
+        self._end_with(engine_failed(exc, self, door.tracked, door.follower))
 
     def _end_with(self, refusal: Refusal) -> None:
         """Say what happened: an error answer, an error item in the stream, or a cut."""

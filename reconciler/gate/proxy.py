@@ -50,7 +50,7 @@ from reconciler.gate.rules import (
     Tracked,
     cancel_switched,
     ending,
-    upstream_refusal,
+    engine_failed,
 )
 from reconciler.gate.statefollow import StateFollower, Target
 from reconciler.kit import clock
@@ -208,7 +208,7 @@ class Proxy:
                 self._metrics.streams.labels(Code.CLIENT_GONE).inc()
                 self._metrics.request(route, Code.CLIENT_GONE)
                 return resp
-            refusal = upstream_refusal(exc, target)
+            refusal = engine_failed(exc, flight, self.flights, self._follower)
             self._metrics.request(route, refusal.code)
             return await self._end_with(request, resp, ctype, refusal, family)
 

@@ -25,7 +25,7 @@ from reconciler.gate.admission import SELECT_HINT
 from reconciler.gate.bodies import names_served
 from reconciler.gate.clients import Body
 from reconciler.gate.errors import OLLAMA, Code, Refusal
-from reconciler.gate.statefollow import Snapshot, Target
+from reconciler.gate.statefollow import Snapshot, StateFollower, Target
 
 # A request that met a dead pooled connection before any answer is sent once more.
 SEND_ATTEMPTS = 2
@@ -99,6 +99,20 @@ def cancel_switched(flights: Iterable[Tracked], new: Snapshot) -> None:
         if flight.target != new.target and flight.refusal is None:
             flight.refusal = switch_refusal(flight.target, new)
             flight.cancel()
+
+
+def engine_failed(exc: BaseException, flight: Tracked, flights: set[Tracked], follower: StateFollower) -> Refusal:
+    """The answer for a request whose engine failed it. The reconciler writes STOPPING before
+    it kills an engine, but the gate reads that a few milliseconds later: an engine that died
+    in between looked like a broken engine (502) to 11 of 20 requests in flight across a
+    switch. So the state file is read again now; if it no longer routes to this request's
+    engine, the failure was the switch, and the request ends with the switch's error."""
+    flights.discard(flight)  # judged here, not cancelled by the re-read's listeners
+    follower.reload()
+    new = follower.snapshot
+    if new.data is not None and new.target != flight.target:
+        return switch_refusal(flight.target, new)
+    return upstream_refusal(exc, flight.target)
 
 
 def upstream_refusal(exc: BaseException, target: Target) -> Refusal:
