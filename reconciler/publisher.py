@@ -134,9 +134,10 @@ class Publisher:
         if self.state_write is not None:
             beat["state_write"] = self.state_write
         old = self.previous
-        moved = old is not None and old.reconciler.get("state_write") != beat.get("state_write")
-        bump = 1 if moved and old is not None and new.revision == old.revision else 0
-        return replace(new, reconciler=beat, revision=new.revision + bump)
+        if (old is not None and old.reconciler.get("state_write") != beat.get("state_write")
+                and new.revision == old.revision):
+            new = replace(new, revision=new.revision + 1)
+        return replace(new, reconciler=beat)
 
     def _note(self, full: OSError | None) -> bool:
         """Follow the write's outcome; True when the marking changed (logged once each way)."""
