@@ -12,14 +12,19 @@ as a dead reconciler). It is written:
 
 Under ``ailayer up`` each write also carries the gate's facts (``gate``), which the gate's
 supervisor sets from its own thread: one immutable value, swapped whole.
+On a full filesystem the file is written from its reserve (reconciler/store/state_file.py),
+so the heartbeat keeps flowing, and ``reconciler.state_write`` says why: a full disk is
+reported as what it is, never as a dead reconciler.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from reconciler.act import killer
 from reconciler.domain import status
@@ -43,6 +48,7 @@ class Publisher:
         self.log = log
         self.previous = self._load()  # the last state written (or found at start)
         self.gate: GateFacts | None = None  # `up`'s gate, set by its supervisor
+        self.state_write: dict[str, Any] | None = None  # while written from the reserve
 
     def _load(self) -> Status | None:
         try:
@@ -61,12 +67,8 @@ class Publisher:
             self.log.event(f"error {new.last_error.reason}: {new.last_error.message}", "error")
         self.log.event(f"pass: phase {new.phase.value}, revision {new.revision}, recap {new.recap}",
                        "debug")
-        try:
-            state_file.write(self.path, new)
-        except OSError as exc:
-            self.log.event(f"cannot write {self.path}: {exc}; will retry", "error")
-        self.previous = new
-        return new
+        self.previous = self._store(new, loud=True)
+        return self.previous
 
     def kill_progress(self, alive: tuple[int, ...], waited_s: float) -> None:
         """A kill that waits long (a driver freeing tens of GB of VRAM) keeps the state
@@ -110,6 +112,54 @@ class Publisher:
         self._write(status.with_revision(replace(changed, reconciler=beat), self.previous))
 
     def _write(self, new: Status) -> None:
-        with contextlib.suppress(OSError):
-            state_file.write(self.path, new)
-        self.previous = new
+        self.previous = self._store(new, loud=False)
+
+    def _store(self, new: Status, loud: bool) -> Status:
+        """Write ``new`` with the state-write marking; when a write starts or stops needing
+        the reserve, the marking moves and the state is written again at once with it."""
+        marked = self._marked(new)
+        try:
+            full = state_file.write(self.path, marked)
+        except OSError as exc:
+            if loud:
+                self.log.event(f"cannot write {self.path}: {exc}; will retry", "error")
+            return marked
+        if full is None:
+            with contextlib.suppress(OSError):
+                state_file.keep_reserve(self.path)
+        if self._note(full):
+            marked = self._marked(new)
+            with contextlib.suppress(OSError):
+                state_file.write(self.path, marked)
+        return marked
+
+    def _marked(self, new: Status) -> Status:
+        """``new`` with ``reconciler.state_write`` as it stands; its coming or going bumps
+        the revision, so long-polls and /events see it."""
+        beat = {k: v for k, v in new.reconciler.items() if k != "state_write"}
+        if self.state_write is not None:
+            beat["state_write"] = self.state_write
+        old = self.previous
+        if (old is not None and old.reconciler.get("state_write") != beat.get("state_write")
+                and new.revision == old.revision):
+            new = replace(new, revision=new.revision + 1)
+        return replace(new, reconciler=beat)
+
+    def _note(self, full: OSError | None) -> bool:
+        """Follow the write's outcome; True when the marking changed (logged once each way)."""
+        if full is None:
+            if self.state_write is None:
+                return False
+            self.log.event(f"{self.path} is written normally again: there is room again "
+                           f"(it was written from its reserve since {self.state_write['since']})")
+            self.state_write = None
+            return True
+        code = errno.errorcode.get(full.errno or 0, str(full.errno))
+        if self.state_write is not None and self.state_write["error"] == code:
+            return False
+        message = (f"cannot create files in {self.path.parent} ({full.strerror}): the state is "
+                   "written into the room kept for it. The reconciler runs on; engines' output "
+                   "cannot be kept until there is room")
+        self.log.event(f"{message} [{code}]", "error")
+        self.state_write = {"error": code, "message": message, "since": clock.iso()}
+        return True
