@@ -40,13 +40,30 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 PATHS = ("front door", "aiohttp")
 
 
-def send(client: httpx.Client, path: str, url: str, body: dict[str, Any]) -> httpx.Response:
-    """POST ``body`` by the request path named: a chunked body is handed to aiohttp."""
+def wait_read(gate: Gate, revision: int) -> None:
+    """Until the gate has read the state of ``revision`` (on a connection of its own: a GET
+    /status is no inference request, so the front door hands its whole connection to aiohttp)."""
+    with gate.client() as client:
+        wait_until("the gate to read the state",
+                   lambda: client.get("/status").json().get("revision") == revision, CONDITION_DEADLINE_S)
+
+
+def content(path: str, body: dict[str, Any]) -> bytes | Iterator[bytes]:
+    """``body`` as the request path named takes it: a chunked body is handed to aiohttp."""
     raw = json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if path == "aiohttp":
-        return client.post(url, content=iter([raw]), headers=headers)
-    return client.post(url, content=raw, headers=headers)
+    return iter([raw]) if path == "aiohttp" else raw
+
+
+def served_by(resp: httpx.Response) -> str:
+    """Which path answered: aiohttp names itself in a Server header; the front door sends none
+    (and drops the engine's)."""
+    return "aiohttp" if "aiohttp" in resp.headers.get("Server", "") else "front door"
+
+
+def send(gate: Gate, path: str, url: str, body: dict[str, Any]) -> httpx.Response:
+    """POST ``body`` on a fresh connection, by the request path named."""
+    with gate.client() as client:
+        return client.post(url, content=content(path, body), headers={"Content-Type": "application/json"})
 
 
 @dataclass(frozen=True)
@@ -113,11 +130,9 @@ def engines(vllm: DemoEngine, ollama_engine: DemoEngine) -> tuple[DemoEngine, De
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
 def test_both_paths_answer_alike(row: Row, path: str, gate: Gate,
                                  engines: tuple[DemoEngine, DemoEngine]) -> None:
-    revision = row.state(gate, *engines)
-    with gate.client() as client:
-        wait_until("the gate to read the state",
-                   lambda: client.get("/status").json().get("revision") == revision, CONDITION_DEADLINE_S)
-        resp = send(client, path, row.url, row.body)
+    wait_read(gate, row.state(gate, *engines))
+    resp = send(gate, path, row.url, row.body)
+    assert served_by(resp) == path
     assert resp.status_code == row.status, resp.text
     if row.code is not None:
         error = resp.json()["error"]
@@ -128,15 +143,13 @@ def test_both_paths_answer_alike(row: Row, path: str, gate: Gate,
 
 def test_the_ollama_keep_alive_is_pinned_on_both_paths(gate: Gate, ollama_engine: DemoEngine) -> None:
     """A client's keep_alive: 0 would unload the model behind the reconciler's back."""
-    revision = gate.state.ready(ollama_engine, "gemma2", OLLAMA_SERVED)
+    wait_read(gate, gate.state.ready(ollama_engine, "gemma2", OLLAMA_SERVED))
     body = {"model": "gemma2:9b", "prompt": "hi", "stream": False, "keep_alive": 0}
-    with gate.client() as client:
-        wait_until("the gate to read the state",
-                   lambda: client.get("/status").json().get("revision") == revision, CONDITION_DEADLINE_S)
-        for path in PATHS:
-            assert send(client, path, "/api/generate", body).status_code == 200
-            loaded = httpx.get(ollama_engine.url + "/api/ps", timeout=CONDITION_DEADLINE_S).json()["models"]
-            assert [m["name"] for m in loaded] == [OLLAMA_SERVED], f"{path}: the model was unloaded"
+    for path in PATHS:
+        resp = send(gate, path, "/api/generate", body)
+        assert resp.status_code == 200 and served_by(resp) == path
+        loaded = httpx.get(ollama_engine.url + "/api/ps", timeout=CONDITION_DEADLINE_S).json()["models"]
+        assert [m["name"] for m in loaded] == [OLLAMA_SERVED], f"{path}: the model was unloaded"
 
 
 def kill_tree(url: str) -> None:
@@ -169,20 +182,17 @@ def test_an_engine_killed_before_the_gate_read_the_switch_ends_its_requests_with
     """The reconciler writes STOPPING, then kills. When the kill wins the race against the
     gate's read, the request's engine fails first: it was the switch, not a broken engine
     (CI saw 11 of 20 such requests end engine_error)."""
-    revision = gate.state.ready(vllm, "gpt-oss", VLLM_SERVED)
+    wait_read(gate, gate.state.ready(vllm, "gpt-oss", VLLM_SERVED))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    raw = json.dumps(chat_body(stream=True, tokens=400)).encode()
-    content: bytes | Iterator[bytes] = iter([raw]) if path == "aiohttp" else raw
-    with gate.client() as client:
-        wait_until("the gate to read the state",
-                   lambda: client.get("/status").json().get("revision") == revision, CONDITION_DEADLINE_S)
-        with client.stream("POST", "/v1/chat/completions", content=content,
-                           headers={"Content-Type": "application/json"}) as resp:
-            lines = resp.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
-            silently(gate.state, scratch, Phase.STOPPING, desired_model="gemma2", active_model="gpt-oss")
-            kill_tree(vllm.url)
-            rest = [line for line in lines if line.startswith("data: ")]
+    with gate.client() as client, client.stream(
+            "POST", "/v1/chat/completions", content=content(path, chat_body(stream=True, tokens=400)),
+            headers={"Content-Type": "application/json"}) as resp:
+        assert served_by(resp) == path
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        silently(gate.state, scratch, Phase.STOPPING, desired_model="gemma2", active_model="gpt-oss")
+        kill_tree(vllm.url)
+        rest = [line for line in lines if line.startswith("data: ")]
     last = json.loads(rest[-1][6:])
     assert last["error"]["code"] == Code.MODEL_SWITCHED, last
