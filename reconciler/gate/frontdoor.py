@@ -17,16 +17,13 @@ aiohttp's own protocol on the same socket: the requests are re-serialised from w
 parsed (method, target, version, headers as received; bodies re-chunked when chunked), so
 aiohttp sees canonical HTTP/1.1 and nothing here parses HTTP by hand.
 
-What the front door keeps of the aiohttp path (reconciler/gate/proxy.py), from the rules both
-import (reconciler/gate/rules.py) and pinned by one table test over both paths
-(tests/e2e/test_request_rules.py): the same admission (428/503 with the same bodies, the 428
-cached per state snapshot), the catalog check of the state's engine URL, the 409 model check,
-Ollama's keep_alive pin, the body budget, the head deadline (``gate.client_header_timeout_s``), the body idle timeout
-(``gate.client_body_idle_s``, 408), the keep-alive idle close, the engine's connect/read
-timeouts, one resend on a dead pooled connection, backpressure both ways (a slow client
-pauses the engine's socket; pipelined requests pause the client's), a switch ending the
-request with the same error item, a client that leaves closing the engine's connection,
-and the same metrics.
+Both paths judge and end a request by the same rules (reconciler/gate/rules.py: the trusted
+engine URL, the model check, Ollama's keep_alive pin, the answer for a failed engine, a switch
+ending the request, how a begun answer is ended), and one table of requests runs through both
+(tests/e2e/test_request_rules.py). What only a connection's side can do is done here the way
+aiohttp does it there: the head deadline (``gate.client_header_timeout_s``), the body idle
+timeout (408), the keep-alive idle close, backpressure both ways, the same metrics
+(tests/e2e/test_front_door.py).
 """
 
 from __future__ import annotations
