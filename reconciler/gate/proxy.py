@@ -290,7 +290,9 @@ class Proxy:
         refusal: Refusal, family: str,
     ) -> web.StreamResponse:
         """Say what happened (rules.ending): an error answer, an error item in the stream, or a cut."""
-        how, chunk = ending(refusal, resp is not None and resp.prepared, ctype)
+        began = resp is not None and resp.prepared
+        # Only a body without a declared length can carry one more item (as on the front door).
+        how, chunk = ending(refusal, began, ctype, began and resp is not None and resp.content_length is None)
         if how is Ending.ANSWER or resp is None:
             return errors.respond(refusal, family, stale=self._follower.stale())
         self._metrics.streams.labels(refusal.code).inc()
