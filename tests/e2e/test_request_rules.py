@@ -9,9 +9,12 @@ A real gate process, demo engines, the observed state written by ``FakeReconcile
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,3 +199,46 @@ def test_an_engine_killed_before_the_gate_read_the_switch_ends_its_requests_with
         rest = [line for line in lines if line.startswith("data: ")]
     last = json.loads(rest[-1][6:])
     assert last["error"]["code"] == Code.MODEL_SWITCHED, last
+
+
+class FixedLengthEngine(threading.Thread):
+    """An engine that starts a stream with a declared Content-Length and then goes quiet:
+    what a switch ends mid-body. Listens where the catalog says the vLLM engine is."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.server = socket.create_server(("127.0.0.1", port))
+        self.server.settimeout(CONDITION_DEADLINE_S)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError), self.server:
+            conn, _ = self.server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 4096\r\n\r\n"
+                             b'data: {"choices": []}\n\n')
+                self.done.wait(CONDITION_DEADLINE_S)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_fixed_length_answer_ended_by_a_switch_is_cut_not_padded(
+        path: str, gate: Gate, procs: Processes, tmp_path: Path) -> None:
+    """An error item cannot fit in a declared length: the connection is cut, so the client sees
+    a truncated answer at once (aiohttp's path wrote the item inside the length, and the
+    client waited for the rest)."""
+    engine = FixedLengthEngine(procs.port_for("vllm"))
+    engine.start()
+    try:
+        wait_read(gate, gate.state.ready(DemoEngine(f"http://127.0.0.1:{procs.port_for('vllm')}",
+                                                    tmp_path / "fixed.log"), "gpt-oss", VLLM_SERVED))
+        with gate.client() as client, client.stream(
+                "POST", "/v1/chat/completions", content=content(path, chat_body(stream=True)),
+                headers={"Content-Type": "application/json"}) as resp:
+            assert served_by(resp) == path and resp.headers["Content-Length"] == "4096"
+            gate.state.write(Phase.STOPPING, desired_model="gemma2", active_model="gpt-oss")
+            with pytest.raises(httpx.RemoteProtocolError):
+                resp.read()
+    finally:
+        engine.done.set()
+        engine.join()
