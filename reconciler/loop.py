@@ -103,9 +103,8 @@ class Reconciler:
             self.log.event(taken.note)
         errors.extend(taken.failures)
         wanted = taken.desired.model
-        self.executor.reap()
         obs, view = self.scanner.look(wanted, self.memory.ready_since is not None, self.executor.warmups,
-                                      self.executor.exits)
+                                      self.executor.reaped)
         # Plan: pure, from the observation alone.
         the_plan = plan(wanted, self.catalog.engines, obs, self.memory, self.namespace, view)
         if check:
@@ -121,7 +120,7 @@ class Reconciler:
         outcome = self.executor.run(the_plan.actions, self.catalog.engines)
         self.memory = self._remember(the_plan, outcome, wanted, obs.now)
         errors.extend(outcome.errors)
-        units, started = self.scanner.units_after(the_plan.actions, outcome, view.units, self.executor.exits)
+        units, started = self.scanner.units_after(the_plan.actions, outcome, view.units, self.executor.reaped)
         after = the_plan if outcome.stopped_early or the_plan.then is None else replace(the_plan, verdict=the_plan.then)
         if started is not None:
             after = replace(after, active=started)
@@ -294,7 +293,7 @@ class Reconciler:
     def stop_engines(self) -> None:
         """--stop-on-exit: converge to nothing before leaving. Quietly: no pass is running whose
         state a long kill could keep flowing (the CLI marks the state stopped next)."""
-        obs = self.scanner.snapshot(self.executor.exits)
+        obs = self.scanner.snapshot(self.executor.reaped)
         idle = plan(None, self.catalog.engines, obs, Memory(), self.namespace)
         self.executor.run(idle.actions, self.catalog.engines, quiet=True)
         self.follower.poll()

@@ -9,7 +9,7 @@ above act/: our instances are known by the records and cgroups the executor keep
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +26,9 @@ from reconciler.observe import gather, gpu, ports, probe
 from reconciler.plan.ownership import Unit, View, classify
 from reconciler.plan.planner import Action, Kill
 
+# Reaps our exited children and returns how each instance's main process ended.
+Exits = Callable[[], Mapping[str, str]]
+
 # GPU memory is informational; sampling NVML on every 1 s boot pass is not needed.
 GPU_EVERY_S = 10.0
 
@@ -40,19 +43,23 @@ class Scanner:
         self._gpu_at = -GPU_EVERY_S
         self._failed_check: tuple[str, Probe] | None = None  # found between passes, for the next
 
-    def snapshot(self, exits: Mapping[str, str]) -> Observation:
-        """The process table with our instance records and their cgroups' members."""
+    def snapshot(self, exits: Exits) -> Observation:
+        """The process table with our instance records and their cgroups' members.
+
+        ``exits`` reaps our children and says how they ended: called after the table is read,
+        so an engine the table shows dead has its exit known (reaped before the read, one that
+        died in between was reported "gone" without its exit code)."""
         records = self.records.load()
         procs = gather.processes()  # before the members: a fork in between is then in the cgroup
         members = {r.instance: cgroups.procs(Path(r.cgroup)) for r in records if r.cgroup}
         return Observation(now=clock.now().timestamp(), procs=procs,
                            self_pids=gather.self_and_ancestors(), self_uid=os.geteuid(),
-                           records=records, members=members, exits=dict(exits),
+                           records=records, members=members, exits=dict(exits()),
                            gpu=self.gpu_sample(), identity=self.mode.name)
 
     def procs_of(self, units: tuple[tuple[str, str | None], ...]) -> list[Proc]:
         """The processes of these (model, instance) units in a fresh scan."""
-        view = classify(self.snapshot({}), self.source.catalog.engines, self.namespace)
+        view = classify(self.snapshot(dict), self.source.catalog.engines, self.namespace)
         return [p for u in view.units if (u.model, u.instance) in units for p in u.procs]
 
     def failed_check(self, instance: str, result: Probe) -> None:
@@ -60,7 +67,7 @@ class Scanner:
         self._failed_check = (instance, result)
 
     def look(self, wanted: str | None, ready: bool, warmups: Warmups,
-             exits: Mapping[str, str]) -> tuple[Observation, View]:
+             exits: Exits) -> tuple[Observation, View]:
         """The pass's observation and its one classification (the planner is handed it:
         classifying 2,000 processes costs ~20 ms, and it was done four times a pass).
         ``ready``: the wanted engine was READY (then its liveness timeout applies)."""
@@ -100,7 +107,7 @@ class Scanner:
                        warmup=warmed.get(instance) if instance else None), view
 
     def units_after(self, actions: Iterable[Action], outcome: Outcome, before: Iterable[Unit],
-                    exits: Mapping[str, str]) -> tuple[tuple[Unit, ...], Unit | None]:
+                    exits: Exits) -> tuple[tuple[Unit, ...], Unit | None]:
         """The units once the actions ran, and the one started if any: what the state then
         reports. A scan only where something did not go as planned."""
         if outcome.stopped_early:

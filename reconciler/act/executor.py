@@ -74,6 +74,11 @@ class Executor:
         self.exits: dict[str, str] = {}
         self.warmups = Warmups(log)
 
+    def reaped(self) -> dict[str, str]:
+        """``reap``, then how each reaped instance ended (instance id -> its exit, in words)."""
+        self.reap()
+        return dict(self.exits)
+
     def reap(self) -> None:
         """Collect exit statuses of engines we spawned (no zombies, and we learn why they died)."""
         for instance, child in list(self.children.items()):
