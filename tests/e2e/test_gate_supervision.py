@@ -79,12 +79,18 @@ def gate_section(state: Path) -> dict[str, Any]:
     return dict(doc.get("reconciler", {}).get("gate") or {})
 
 
-def test_a_sigkilled_gate_is_restarted_and_the_state_and_log_say_so(tmp_path: Path) -> None:
+def write_catalog(root: Path) -> tuple[Path, int]:
+    """A one-engine demo catalog in ``root`` with the gate on a free port: (its path, the port)."""
     gate_port = free_port()
-    config = tmp_path / "engines.yaml"
+    config = root / "engines.yaml"
     config.write_text(yaml.safe_dump({
         "state_dir": "run", "log_file": "activity.log", "gate": {"listen": f"127.0.0.1:{gate_port}"},
         "engines": {"gpt-oss": demo_engine("vllm", free_port())}}))
+    return config, gate_port
+
+
+def test_a_sigkilled_gate_is_restarted_and_the_state_and_log_say_so(tmp_path: Path) -> None:
+    config, gate_port = write_catalog(tmp_path)
     state, activity = tmp_path / "run" / "observed_state.json", tmp_path / "activity.log"
     cli = [sys.executable, "-m", "reconciler"]
     with (tmp_path / "up.out").open("wb") as out:
@@ -136,11 +142,7 @@ def test_a_sigkilled_gate_is_restarted_and_the_state_and_log_say_so(tmp_path: Pa
 def test_a_restarted_gate_still_dies_with_a_sigkilled_up(tmp_path: Path) -> None:
     """The kernel's parent-death signal follows the thread that started the gate: a gate the
     supervisor started must still die with `up`, never serve on as an orphan."""
-    gate_port = free_port()
-    config = tmp_path / "engines.yaml"
-    config.write_text(yaml.safe_dump({
-        "state_dir": "run", "log_file": "activity.log", "gate": {"listen": f"127.0.0.1:{gate_port}"},
-        "engines": {"gpt-oss": demo_engine("vllm", free_port())}}))
+    config, gate_port = write_catalog(tmp_path)
     up = subprocess.Popen([sys.executable, "-m", "reconciler", "up", "--config", str(config)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     try:
@@ -164,11 +166,7 @@ def test_a_restarted_gate_still_dies_with_a_sigkilled_up(tmp_path: Path) -> None
 def test_a_stop_sent_to_the_whole_group_restarts_no_gate(tmp_path: Path, sig: signal.Signals) -> None:
     """Ctrl-C in a terminal (SIGINT) and `systemctl stop` (SIGTERM to the whole cgroup) reach
     the gate too, which then exits on its own: that is `up` stopping, not a gate dying."""
-    gate_port = free_port()
-    config = tmp_path / "engines.yaml"
-    config.write_text(yaml.safe_dump({
-        "state_dir": "run", "log_file": "activity.log", "gate": {"listen": f"127.0.0.1:{gate_port}"},
-        "engines": {"gpt-oss": demo_engine("vllm", free_port())}}))
+    config, gate_port = write_catalog(tmp_path)
     up = subprocess.Popen([sys.executable, "-m", "reconciler", "up", "--config", str(config)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
                           start_new_session=True)
